@@ -1,0 +1,1 @@
+"""Offline data preparation: raw files -> deterministic WebDataset shards + manifest."""

@@ -1,0 +1,572 @@
+"""The one shard writer shared by image, audio and text prep.
+
+A modality supplies a list of ``WorkItem`` and a pure, module-level item processor
+``process_fn(*item.args) -> sample`` that raises ``SkipItem(reason)`` for bad input.
+This module does the rest: deterministic shard assignment, parallel workers, atomic
+and resumable tar writing, per-shard sidecars and the manifest.
+
+Sample dict returned by a processor: ``{field: value}`` where ``field`` becomes the
+tar member suffix (``jpg``, ``cls``, ``json`` ...) and ``value`` is bytes, str, int or
+a JSON-able dict/list. Reserved fields: ``__key__`` is ignored (the key comes from the
+WorkItem); ``__stats__`` is a dict of numbers summed into the manifest totals and not
+written to the tar.
+
+Layout of ``OUT``:
+    <name>-000000.tar ...        WebDataset shards, shard i = items[i*S:(i+1)*S]
+    .<name>-000000.tar.json      sidecar record (samples, bytes, sha256, skipped, inputs)
+    manifest.json                see ``write_shards``
+
+Importable without torch: the training code uses ``read_manifest``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from tqdm import tqdm
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+KEY_FORMAT = "%09d"
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")  # no dots: WebDataset splits key/field at the first dot
+_FIELD_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_RESERVED = {"format", "modality", "name", "shards", "totals", "params", "skipped", "task"}
+_BASE_TOTALS = ("shards", "samples", "bytes", "skipped")
+
+
+class SkipItem(Exception):
+    """Raised by an item processor for bad input; ``str(exc)`` is the short human reason."""
+
+
+class PrepError(ValueError):
+    """A problem with the user's inputs or options; entry points print it without a traceback."""
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One input item. Must be picklable (it travels to worker processes)."""
+
+    key: str  # the sample's __key__, normally item_key(global index)
+    source: str  # human identifier (e.g. relative path) used in the skipped list
+    args: tuple  # positional arguments of process_fn
+    stamp: str = ""  # cheap change detector (e.g. "size:mtime_ns"); part of the shard fingerprint
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    name: str
+    samples: int
+    bytes: int
+    sha256: str
+    skipped: list = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+    reused: bool = False
+
+    def record(self) -> dict:
+        return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+
+
+@dataclass
+class PrepReport:
+    """What ``write_shards`` did; ``summary()`` is the console report."""
+
+    manifest: dict
+    path: Path
+    written: int
+    reused: int
+
+    def summary(self, max_skipped: int = 10) -> str:
+        totals, skipped = self.manifest["totals"], self.manifest["skipped"]
+        lines = [
+            f"{self.manifest['name']}: {totals['shards']} shards ({self.written} written, "
+            f"{self.reused} reused), {totals['samples']} samples, {totals['bytes'] / 1e6:.1f} MB, "
+            f"{totals['skipped']} skipped -> {self.path}"
+        ]
+        lines += [f"  skipped {s['path']}: {s['reason']}" for s in skipped[:max_skipped]]
+        if len(skipped) > max_skipped:
+            lines.append(f"  ... and {len(skipped) - max_skipped} more skipped (see {self.path.name})")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _ShardJob:
+    name: str  # tar file name
+    out_dir: Path
+    items: list
+    process_fn: Callable[..., dict]
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is safe as a shard-name prefix, else raise PrepError."""
+    if not _NAME_RE.fullmatch(name or "") or name.startswith(".") or ".." in name:
+        raise PrepError(
+            f"invalid dataset name {name!r}: use only letters, digits, '_', '.' and '-' "
+            "(not starting with '.', no '..')"
+        )
+    return name
+
+
+def shard_filename(name: str, index: int) -> str:
+    return f"{name}-{index:06d}.tar"
+
+
+def item_key(index: int) -> str:
+    """Sample key for the item at ``index`` of the sorted input list."""
+    return KEY_FORMAT % index
+
+
+def resolve_workers(workers: int) -> int:
+    """``workers`` if positive, else the number of CPUs this process may use."""
+    if workers > 0:
+        return workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- SLURM arrays
+
+
+def task_items(items: Sequence, shard_size: int, task_index: int, num_tasks: int) -> tuple[list, int]:
+    """The items of array task ``task_index`` and its first shard number.
+
+    Shards are split into contiguous disjoint blocks, numbered exactly as in a single
+    run, so ``merge_manifests`` over all tasks equals the single-run manifest.
+    """
+    if num_tasks < 1 or not 0 <= task_index < num_tasks:
+        raise PrepError(f"task index {task_index} is not in [0, {num_tasks})")
+    if shard_size < 1:
+        raise PrepError(f"shard size must be >= 1, got {shard_size}")
+    n_shards = math.ceil(len(items) / shard_size)
+    first = n_shards * task_index // num_tasks
+    stop = n_shards * (task_index + 1) // num_tasks
+    return list(items[first * shard_size : stop * shard_size]), first
+
+
+def task_manifest_name(task_index: int, num_tasks: int) -> str:
+    """``manifest.json`` for a single run, else a per-task name for ``merge_manifests``."""
+    if num_tasks == 1:
+        return MANIFEST
+    return f"manifest.task-{task_index:05d}-of-{num_tasks:05d}.json"
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_shards(
+    items: Sequence[WorkItem],
+    process_fn: Callable[..., dict],
+    out_dir: str | os.PathLike,
+    name: str,
+    *,
+    modality: str,
+    shard_size: int = 1000,
+    workers: int = 1,
+    params: dict | None = None,
+    extra: dict | None = None,
+    extra_totals: dict | None = None,
+    pre_skipped: Sequence[dict] = (),
+    shard_offset: int = 0,
+    manifest_name: str = MANIFEST,
+    task: dict | None = None,
+    progress: bool = True,
+) -> PrepReport:
+    """Write ``items`` as WebDataset shards into ``out_dir`` and write the manifest.
+
+    Shard ``shard_offset + i`` holds ``items[i*shard_size:(i+1)*shard_size]`` minus the
+    skipped ones. ``process_fn`` must be a module-level function (spawned workers
+    import it). ``pre_skipped`` are ``{"path", "reason"}`` records found before
+    processing (e.g. unsupported files). ``extra`` adds top-level manifest fields
+    (e.g. ``classes``); ``extra_totals`` adds additive totals.
+
+    Manifest: ``{"format": 1, "modality", "name", "shards": [{"name", "samples",
+    "bytes", "sha256"}], "totals": {"shards", "samples", "bytes", "skipped", ...},
+    "params", **extra, "skipped": [{"path", "reason"}], "task"?}``.
+    """
+    check_name(name)
+    _check_plain_filename(manifest_name)
+    if shard_size < 1 or workers < 1 or shard_offset < 0:
+        raise PrepError("shard_size and workers must be >= 1 and shard_offset >= 0")
+    out = _prepare_out_dir(out_dir)
+    _remove_stale_temps(out / manifest_name)
+    jobs = [
+        _ShardJob(shard_filename(name, shard_offset + i), out, list(items[s : s + shard_size]), process_fn)
+        for i, s in enumerate(range(0, len(items), shard_size))
+    ]
+    results = _run_jobs(jobs, workers, desc=name, progress=progress)
+    manifest = _build_manifest(
+        results, modality=modality, name=name, params=params or {}, extra=extra or {},
+        extra_totals=extra_totals or {}, pre_skipped=pre_skipped, task=task,
+    )
+    path = out / manifest_name
+    atomic_write_json(path, manifest)
+    reused = sum(r.reused for r in results)
+    return PrepReport(manifest, path, written=len(results) - reused, reused=reused)
+
+
+def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise PrepError(f"output path exists and is not a directory: {out}")
+    out.mkdir(parents=True, exist_ok=True)
+    return out.resolve()
+
+
+def _run_jobs(jobs: list[_ShardJob], workers: int, desc: str, progress: bool) -> list[ShardResult]:
+    total = sum(len(j.items) for j in jobs)
+    results = []
+    with tqdm(total=total, unit="item", desc=desc, file=sys.stderr, disable=not progress) as bar:
+        for job, result in zip(jobs, _imap_shards(jobs, workers)):
+            results.append(result)
+            bar.update(len(job.items))
+    return results
+
+
+def _imap_shards(jobs: list[_ShardJob], workers: int) -> Iterator[ShardResult]:
+    if workers == 1 or len(jobs) <= 1:
+        yield from map(_write_shard, jobs)
+        return
+    # spawn, not fork: safe with threads (tqdm, torch) in the parent and on every OS.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(jobs))) as pool:
+        yield from pool.imap(_write_shard, jobs, chunksize=1)
+
+
+def _write_shard(job: _ShardJob) -> ShardResult:
+    """Worker: reuse the shard if its tar matches its sidecar, else (re)write both."""
+    tar_path = job.out_dir / job.name
+    sidecar = sidecar_path(tar_path)
+    _remove_stale_temps(tar_path)
+    _remove_stale_temps(sidecar)
+    fingerprint = _fingerprint(job.items, job.process_fn)
+    reused = _reusable_result(tar_path, sidecar, fingerprint)
+    if reused is not None:
+        return reused
+    sidecar.unlink(missing_ok=True)  # from now on the old record no longer describes the tar
+    samples, skipped, stats = _write_tar_atomic(tar_path, job.items, job.process_fn)
+    result = ShardResult(job.name, samples, tar_path.stat().st_size, sha256_file(tar_path), skipped, stats)
+    # The sidecar is written after the tar rename, so its presence marks a complete shard.
+    atomic_write_json(sidecar, {"format": FORMAT, **result.record(), "skipped": skipped,
+                                "stats": stats, "inputs": fingerprint})
+    return result
+
+
+def sidecar_path(tar_path: Path) -> Path:
+    return tar_path.parent / f".{tar_path.name}.json"
+
+
+def _temp_path(path: Path) -> Path:
+    return path.parent / f".{path.name.lstrip('.')}.tmp-{os.getpid()}"
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Remove temp files left for ``path`` by killed runs (any pid)."""
+    for stale in path.parent.glob(f".{path.name.lstrip('.')}.tmp-*"):
+        stale.unlink(missing_ok=True)
+
+
+def _fingerprint(items: list[WorkItem], process_fn: Callable) -> str:
+    """Hash of what a shard is made from: processor, keys, sources, stamps and arguments."""
+    spec = {
+        "format": FORMAT,
+        "fn": f"{process_fn.__module__}.{process_fn.__qualname__}",
+        "items": [[i.key, i.source, i.stamp, repr(i.args)] for i in items],
+    }
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def _reusable_result(tar_path: Path, sidecar: Path, fingerprint: str) -> ShardResult | None:
+    try:
+        record = json.loads(sidecar.read_text("utf-8"))
+        if record["inputs"] != fingerprint or tar_path.stat().st_size != record["bytes"]:
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if sha256_file(tar_path) != record["sha256"]:
+        return None
+    return ShardResult(tar_path.name, record["samples"], record["bytes"], record["sha256"],
+                       record["skipped"], record.get("stats", {}), reused=True)
+
+
+def _write_tar_atomic(tar_path: Path, items: list[WorkItem], process_fn: Callable) -> tuple[int, list, dict]:
+    tmp = _temp_path(tar_path)
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                counts = _fill_tar(tar, items, process_fn)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, tar_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return counts
+
+
+def _fill_tar(tar: tarfile.TarFile, items: list[WorkItem], process_fn: Callable) -> tuple[int, list, dict]:
+    samples, skipped, stats = 0, [], {}
+    for item in items:
+        try:
+            sample = dict(process_fn(*item.args))
+        except SkipItem as exc:
+            skipped.append({"path": item.source, "reason": str(exc) or "skipped"})
+            continue
+        except Exception as exc:  # a bug, not bad data: stop, naming the item
+            raise RuntimeError(f"processing {item.source!r} failed: {exc!r}") from exc
+        _add_stats(stats, sample.pop("__stats__", {}))
+        for member, data in encode_sample(item.key, sample):
+            tar.addfile(_tarinfo(member, len(data)), io.BytesIO(data))
+        samples += 1
+    return samples, skipped, stats
+
+
+def encode_sample(key: str, sample: dict) -> list[tuple[str, bytes]]:
+    """Tar members ``(f"{key}.{field}", bytes)`` of one sample, in sorted field order."""
+    if not _KEY_RE.fullmatch(key):
+        raise ValueError(f"invalid sample key {key!r}")
+    members = []
+    for name in sorted(sample):
+        if name.startswith("__"):
+            continue
+        if not _FIELD_RE.fullmatch(name):
+            raise ValueError(f"invalid sample field {name!r}")
+        members.append((f"{key}.{name}", _encode_value(sample[name])))
+    if not members:
+        raise ValueError(f"sample {key!r} has no fields")
+    return members
+
+
+def _encode_value(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value).encode("ascii")
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    raise TypeError(f"cannot encode sample value of type {type(value).__name__}")
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    """Deterministic header: identical inputs give byte-identical shards."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _add_stats(acc: dict, stats: dict) -> None:
+    for k, v in stats.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"__stats__[{k!r}] must be a number, got {v!r}")
+        acc[k] = acc.get(k, 0) + v
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _build_manifest(results: list[ShardResult], *, modality: str, name: str, params: dict, extra: dict,
+                    extra_totals: dict, pre_skipped: Sequence[dict], task: dict | None) -> dict:
+    clash = _RESERVED & set(extra)
+    if clash:
+        raise ValueError(f"extra manifest fields clash with reserved ones: {sorted(clash)}")
+    skipped = _merge_skipped([list(pre_skipped)] + [r.skipped for r in results])
+    stats: dict = {}
+    for r in results:
+        _add_stats(stats, r.stats)
+    manifest = {
+        "format": FORMAT, "modality": modality, "name": name,
+        "shards": [r.record() for r in results],
+        "totals": _totals([r.record() for r in results], skipped, {**stats, **extra_totals}),
+        "params": params, **extra, "skipped": skipped,
+    }
+    if task is not None:
+        manifest["task"] = task
+    return manifest
+
+
+def _totals(shards: list[dict], skipped: list, additive: dict) -> dict:
+    return {"shards": len(shards), "samples": sum(s["samples"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards), "skipped": len(skipped), **additive}
+
+
+def _merge_skipped(lists: list[list[dict]]) -> list[dict]:
+    unique = {(s["path"], s["reason"]) for lst in lists for s in lst}
+    return [{"path": p, "reason": r} for p, r in sorted(unique)]
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temp file + ``os.replace`` (readers never see half a file)."""
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_plain_filename(name: str) -> None:
+    if not _NAME_RE.fullmatch(name or "") or ".." in name:
+        raise PrepError(f"invalid manifest file name {name!r}")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_manifest(path_or_dir: str | os.PathLike, *, verify: bool = False) -> dict:
+    """Load and validate a manifest (a file, or a directory holding ``manifest.json``).
+
+    Returns the manifest with ``"dir"`` (absolute) and an absolute ``"path"`` added to
+    each shard. Raises ValueError for an unsafe shard name (path separator, ``..``,
+    resolving outside the manifest's directory), a missing shard, a shard whose size
+    differs from the manifest, or (``verify=True``) a sha256 mismatch.
+    """
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / MANIFEST
+    manifest = _load_manifest(path)
+    base = path.parent.resolve()
+    shards = [{**s, "path": str(_shard_path(base, s, path, verify))} for s in manifest["shards"]]
+    return {**manifest, "shards": shards, "dir": str(base)}
+
+
+def _load_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"manifest not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read manifest {path}: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a format-{FORMAT} data_prep manifest")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(_valid_shard_record(s) for s in shards):
+        raise ValueError(f"{path}: 'shards' must be a list of {{name, samples, bytes, sha256}}")
+    return manifest
+
+
+def _valid_shard_record(s: Any) -> bool:
+    return (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("sha256"), str)
+            and all(isinstance(s.get(k), int) and s[k] >= 0 for k in ("samples", "bytes")))
+
+
+def _shard_path(base: Path, shard: dict, manifest_path: Path, verify: bool) -> Path:
+    name = shard["name"]
+    if not name or "/" in name or "\\" in name or ".." in name or os.sep in name:
+        raise ValueError(f"{manifest_path}: unsafe shard name {name!r}")
+    path = base / name
+    if path.resolve().parent != base:
+        raise ValueError(f"{manifest_path}: shard {name!r} resolves outside {base}")
+    if not path.is_file():
+        raise ValueError(f"{manifest_path}: shard {name!r} is missing")
+    if path.stat().st_size != shard["bytes"]:
+        raise ValueError(f"{manifest_path}: shard {name!r} size differs from the manifest (stale or partial)")
+    if verify and sha256_file(path) != shard["sha256"]:
+        raise ValueError(f"{manifest_path}: shard {name!r} sha256 differs from the manifest")
+    return path
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def merge_manifests(paths: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict:
+    """Merge per-task manifests (same directory, same name/params) into ``out``.
+
+    Shards must be disjoint; if the parts carry ``task`` records, all tasks must be present.
+    """
+    paths = [Path(p) for p in paths]
+    out = Path(out)
+    if not paths:
+        raise PrepError("no manifests to merge")
+    if any(p.resolve().parent != out.resolve().parent for p in paths):
+        raise PrepError("merged manifest must be in the same directory as its parts")
+    for p in paths:
+        read_manifest(p)  # validates shard names and presence
+    parts = [_load_manifest(p) for p in paths]
+    _check_same_dataset(parts)
+    _check_all_tasks(parts)
+    shards = sorted((s for m in parts for s in m["shards"]), key=lambda s: s["name"])
+    if len({s["name"] for s in shards}) != len(shards):
+        raise PrepError("manifests to merge list the same shard more than once")
+    skipped = _merge_skipped([m["skipped"] for m in parts])
+    additive: dict = {}
+    for m in parts:
+        _add_stats(additive, {k: v for k, v in m["totals"].items() if k not in _BASE_TOTALS})
+    merged = {**_identity(parts[0]), "shards": shards, "totals": _totals(shards, skipped, additive),
+              "skipped": skipped}
+    atomic_write_json(out, merged)
+    return merged
+
+
+def _identity(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k not in {"shards", "totals", "skipped", "task"}}
+
+
+def _check_same_dataset(parts: list[dict]) -> None:
+    first = _identity(parts[0])
+    for m in parts[1:]:
+        if _identity(m) != first:
+            raise PrepError("manifests to merge differ in name, modality, params or extra fields")
+
+
+def _check_all_tasks(parts: list[dict]) -> None:
+    tasks = [m.get("task") for m in parts]
+    if all(t is None for t in tasks):
+        return
+    if any(t is None for t in tasks) or len({t["count"] for t in tasks}) != 1:
+        raise PrepError("manifests to merge come from different task arrays")
+    missing = sorted(set(range(tasks[0]["count"])) - {t["index"] for t in tasks})
+    if missing:
+        raise PrepError(f"task manifests missing for task indices {missing}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m data_prep.core merge OUT``: merge SLURM array task manifests."""
+    parser = argparse.ArgumentParser(prog="python -m data_prep.core", description=main.__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    merge = sub.add_parser("merge", help="merge OUT/manifest.task-*.json into OUT/manifest.json")
+    merge.add_argument("output", type=Path, help="directory holding the per-task manifests")
+    args = parser.parse_args(argv)
+    parts = sorted(args.output.glob("manifest.task-*.json"))
+    try:
+        merged = merge_manifests(parts, args.output / MANIFEST)
+    except ValueError as exc:  # PrepError or an invalid part
+        raise SystemExit(f"error: {exc}") from None
+    totals = merged["totals"]
+    print(f"merged {len(parts)} manifests: {totals['shards']} shards, {totals['samples']} samples, "
+          f"{totals['skipped']} skipped -> {args.output / MANIFEST}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Image prep: an ImageNet-style tree or a flat folder of images -> WebDataset shards.
+
+    python -m data_prep.images --input DIR --output OUT [--resize 256] [--workers 8]
+
+Each good image becomes one sample:
+  __key__  "%09d" index of the file in the sorted list of candidate files
+  jpg|png|webp  the original bytes, keyed by the format Pillow detects (not the file name);
+           with --resize an RGB JPEG re-encode under "jpg"
+  cls      label index as ASCII text (class layout only)
+  json     {"path", "label", "width", "height", "mode"} of the stored image
+Bad files are listed in OUT/manifest.json "skipped" with a reason.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from data_prep import core
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+# MPO is the multi-picture JPEG some cameras write: plain JPEG bytes for every decoder.
+FORMAT_KEYS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
+
+
+class ClassLabel(NamedTuple):
+    index: int
+    name: str
+
+
+@dataclass
+class Discovery:
+    files: list[tuple[Path, str, ClassLabel | None]]  # (path, relative posix path, label), sorted by rel
+    classes: list[str] | None  # None for the flat layout
+    skipped: list[dict]  # {"path", "reason"} found while listing
+    layout: str  # "classes" or "flat"
+
+
+# ----------------------------------------------------------------------------- item processor
+
+
+def process_image(path: str, rel: str, label: ClassLabel | None, resize: int | None, quality: int) -> dict:
+    """Worker entry point: read ``path`` and build its sample (see ``image_sample``)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise core.SkipItem(f"unreadable: {exc.strerror or exc}") from None
+    return image_sample(data, rel, label, resize, quality)
+
+
+def image_sample(data: bytes, rel: str, label: ClassLabel | None,
+                 resize: int | None = None, quality: int = 95) -> dict:
+    """Pure: encoded bytes in, sample dict out; raises ``core.SkipItem`` for bad input."""
+    img = decode_image(data)
+    if resize is None:
+        ext, payload = FORMAT_KEYS[img.format], data
+    else:
+        img = _reencode_input(img, resize)
+        ext, payload = "jpg", encode_jpeg(img, quality)
+    meta = {"path": rel, "label": label.name if label else None,
+            "width": img.width, "height": img.height, "mode": img.mode}
+    sample = {ext: payload, "json": meta}
+    if label is not None:
+        sample["cls"] = str(label.index)
+    return sample
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Open and fully decode ``data``; SkipItem for empty, non-image, unsupported or corrupt input."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone flipped Pillow's global switch: truncated files would decode "fine" (grey fill).
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to validate images")
+    if not data:
+        raise core.SkipItem("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+        if img.format not in FORMAT_KEYS:
+            raise core.SkipItem(f"unsupported format: {img.format}")
+        img.load()  # open() only reads the header; load() decodes every pixel
+    except UnidentifiedImageError:
+        raise core.SkipItem("not an image: Pillow cannot identify the data") from None
+    except Image.DecompressionBombError as exc:
+        raise core.SkipItem(f"too large: {exc}") from None
+    except _DECODE_ERRORS as exc:
+        raise core.SkipItem(f"corrupt or truncated: {exc}") from None
+    return img
+
+
+def _reencode_input(img: Image.Image, short_side: int) -> Image.Image:
+    try:
+        return to_rgb_short_side(img, short_side)
+    except _DECODE_ERRORS as exc:
+        raise core.SkipItem(f"cannot convert to RGB: {exc}") from None
+
+
+def to_rgb_short_side(img: Image.Image, short_side: int) -> Image.Image:
+    """Upright (EXIF) RGB image whose shorter side is at most ``short_side``, aspect kept."""
+    img = _flatten_to_rgb(ImageOps.exif_transpose(img))
+    w, h = img.size
+    if min(w, h) <= short_side:
+        return img
+    scale = short_side / min(w, h)
+    size = (short_side, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), short_side)
+    return img.resize(size, Image.Resampling.BICUBIC)
+
+
+def _flatten_to_rgb(img: Image.Image) -> Image.Image:
+    """RGB; transparent pixels become white rather than whatever colour they hid."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def encode_jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- discovery
+
+
+def discover(input_dir: Path, layout: str = "auto") -> Discovery:
+    """List candidate files under ``input_dir`` (sorted) with labels, and what was skipped."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise core.PrepError(f"input directory not found: {root}")
+    root = root.resolve()
+    files, skipped = _walk(root)
+    layout = _choose_layout(root, files, layout)
+    if layout == "flat":
+        labeled, classes = [(p, rel, None) for p, rel in files], None
+    else:
+        classes = _class_names(root)
+        labeled, outside_classes = _label(files, classes)
+        skipped += outside_classes
+    if not labeled:
+        raise core.PrepError(f"no supported image files ({' '.join(EXTENSIONS)}) found under {root}")
+    return Discovery(labeled, classes, skipped, layout)
+
+
+def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
+    """Recursive listing; follows symlinks that stay inside ``root``, skips hidden directories."""
+    files, skipped, seen = [], [], {root}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = _enter_dirs(root, Path(dirpath), dirnames, seen, skipped)
+        for name in filenames:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            reason = _file_problem(root, path)
+            if reason:
+                skipped.append({"path": rel, "reason": reason})
+            else:
+                files.append((path, rel))
+    files.sort(key=lambda f: f[1])
+    return files, skipped
+
+
+def _enter_dirs(root: Path, parent: Path, names: list[str], seen: set, skipped: list) -> list[str]:
+    keep = []
+    for name in sorted(names):
+        if name.startswith("."):
+            continue
+        real = (parent / name).resolve()
+        rel = (parent / name).relative_to(root).as_posix()
+        if not real.is_relative_to(root):
+            skipped.append({"path": rel, "reason": "outside input directory"})
+        elif real in seen:
+            skipped.append({"path": rel, "reason": "directory already listed (symlink)"})
+        else:
+            seen.add(real)
+            keep.append(name)
+    return keep
+
+
+def _file_problem(root: Path, path: Path) -> str | None:
+    if not path.resolve().is_relative_to(root):
+        return "outside input directory"
+    if path.suffix.lower() not in EXTENSIONS:
+        return "unsupported extension"
+    if not path.is_file():
+        return "not a regular file"
+    return None
+
+
+def _choose_layout(root: Path, files: list[tuple[Path, str]], layout: str) -> str:
+    """auto: "classes" when the top level has folders and no images of its own, else "flat"."""
+    if layout != "auto":
+        return layout
+    top_level_images = any("/" not in rel for _, rel in files)
+    return "classes" if _class_names(root) and not top_level_images else "flat"
+
+
+def _class_names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _label(files: list[tuple[Path, str]], classes: list[str]) -> tuple[list, list[dict]]:
+    index = {name: i for i, name in enumerate(classes)}
+    labeled, skipped = [], []
+    for path, rel in files:
+        top, sep, _ = rel.partition("/")
+        if not sep or top not in index:
+            skipped.append({"path": rel, "reason": "not inside a class folder"})
+        else:
+            labeled.append((path, rel, ClassLabel(index[top], top)))
+    return labeled, skipped
+
+
+def make_items(found: Discovery, resize: int | None, quality: int) -> list[core.WorkItem]:
+    """One WorkItem per candidate file; the key is its index in the sorted list."""
+    return [
+        core.WorkItem(core.item_key(i), rel, (str(path), rel, label, resize, quality), _stamp(path))
+        for i, (path, rel, label) in enumerate(found.files)
+    ]
+
+
+def _stamp(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return ""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep.images", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", type=Path, required=True, metavar="DIR",
+                   help="DIR/<class>/<file> tree (label = index in the sorted class folder names) or a "
+                        "flat folder; searched recursively for .jpg .jpeg .png .webp (any case)")
+    p.add_argument("--output", type=Path, required=True, metavar="OUT",
+                   help="directory for shards, sidecars and manifest.json; must not be inside DIR")
+    p.add_argument("--name", type=_name_arg, default="images",
+                   help="shard prefix, OUT/<name>-000000.tar; letters, digits, _ . - (default: %(default)s)")
+    p.add_argument("--shard-size", type=_int_at_least(1), default=1000, metavar="N",
+                   help="input files per shard; bad files only make a shard smaller (default: %(default)s)")
+    p.add_argument("--workers", type=_int_at_least(0), default=1, metavar="N",
+                   help="worker processes, each writing one shard at a time; 0 = all usable CPUs "
+                        "(default: %(default)s)")
+    p.add_argument("--resize", type=_int_at_least(1), metavar="SHORT_SIDE",
+                   help="re-encode as RGB JPEG, shrinking the shorter side to SHORT_SIDE if larger "
+                        "(default: keep the original bytes)")
+    p.add_argument("--quality", type=_int_at_least(1, 100), default=95,
+                   help="JPEG quality (1-100) used with --resize (default: %(default)s)")
+    p.add_argument("--layout", choices=("auto", "classes", "flat"), default="auto",
+                   help="auto: classes if DIR holds only folders at its top level, else flat "
+                        "(default: %(default)s)")
+    p.add_argument("--task-index", type=_int_at_least(0), default=0, metavar="I",
+                   help="SLURM array task index (e.g. $SLURM_ARRAY_TASK_ID); writes a disjoint block of shards")
+    p.add_argument("--num-tasks", type=_int_at_least(1), default=1, metavar="N",
+                   help="SLURM array size; with N > 1 each task writes manifest.task-I-of-N.json, then "
+                        "run `python -m data_prep.core merge OUT` (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _name_arg(value: str) -> str:
+    try:
+        return core.check_name(value)
+    except core.PrepError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _int_at_least(low: int, high: int | None = None):
+    def parse(value: str) -> int:
+        ok = value.lstrip("-").isdigit() and int(value) >= low and (high is None or int(value) <= high)
+        if not ok:
+            bound = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {value!r}")
+        return int(value)
+    parse.__name__ = "int"
+    return parse
+
+
+def run(args: argparse.Namespace) -> core.PrepReport:
+    """Discover, check, and hand the items to the shared shard writer."""
+    if args.task_index >= args.num_tasks:
+        raise core.PrepError(f"--task-index {args.task_index} must be < --num-tasks {args.num_tasks}")
+    found = discover(args.input, args.layout)
+    out = _check_output(args.output, args.input)
+    items, first = core.task_items(make_items(found, args.resize, args.quality),
+                                   args.shard_size, args.task_index, args.num_tasks)
+    task = None
+    if args.num_tasks > 1:
+        task = {"index": args.task_index, "count": args.num_tasks, "first_shard": first,
+                "num_shards": math.ceil(len(items) / args.shard_size)}
+    return core.write_shards(
+        items, process_image, out, args.name, modality="image", shard_size=args.shard_size,
+        workers=core.resolve_workers(args.workers), params=_params(args, found),
+        extra={"classes": found.classes}, pre_skipped=found.skipped, shard_offset=first,
+        manifest_name=core.task_manifest_name(args.task_index, args.num_tasks), task=task,
+        progress=not args.quiet,
+    )
+
+
+def _check_output(output: Path, input_dir: Path) -> Path:
+    out = output.resolve()
+    if out.is_relative_to(input_dir.resolve()):
+        raise core.PrepError(f"output directory {output} must not be inside the input directory {input_dir}")
+    return out
+
+
+def _params(args: argparse.Namespace, found: Discovery) -> dict:
+    return {"input": str(args.input.resolve()), "layout": found.layout, "shard_size": args.shard_size,
+            "resize": args.resize, "quality": args.quality, "key_format": core.KEY_FORMAT}
+
+
+def main(argv: Sequence[str] | None = None) -> core.PrepReport:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except core.PrepError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(report.summary())
+    return report
+
+
+if __name__ == "__main__":
+    # Import ourselves by module name so worker processes pickle
+    # data_prep.images.process_image rather than __main__.process_image.
+    from data_prep.images import main as _main
+
+    _main()

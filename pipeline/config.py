@@ -1,0 +1,226 @@
+"""Experiment configuration: small validated dataclasses per component, YAML presets, dotted overrides.
+
+Every component owns its config dataclass (next to the code that uses it, or here when it is
+shared). Presets in ``configs/*.yaml`` fill them; ``key.sub=value`` arguments override single
+fields. Unknown keys and invalid values are rejected with a message that says what to change,
+before any process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message says how."""
+
+
+def doc(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
+    """A dataclass field with a help text (shown by ``python -m pipeline.train --help``)."""
+    if default is not dataclasses.MISSING and isinstance(default, (list, dict, tuple)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def one_of(name: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    choices = tuple(choices)
+    require(value in choices, f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+@dataclass
+class EncoderConfig:
+    """The transformer encoder shared by every modality."""
+
+    dim: int = doc("model width D", 768)
+    depth: int = doc("number of transformer blocks", 12)
+    heads: int = doc("attention heads (must divide dim, and be divisible by parallel.tp)", 12)
+    ffn_dim: int = doc("hidden width of the feed-forward block", 3072)
+    norm_first: bool = doc("pre-LN blocks (BEiT/data2vec vision) if true, post-LN (RoBERTa, wav2vec 2.0) if false", True)
+    layer_scale_init: float = doc("initial value of the per-channel layer scale (BEiT); 0 disables it", 0.0)
+    key_bias: bool = doc("bias on the key projection (BEiT has q and v biases only)", True)
+    dropout: float = doc("dropout after attention and FFN (student only)", 0.0)
+    attn_dropout: float = doc("dropout on attention probabilities (student only)", 0.0)
+    drop_path: float = doc("stochastic depth rate, linearly increasing over depth (student only)", 0.0)
+    layer_norm_eps: float = doc("LayerNorm epsilon", 1e-6)
+    tap: str = doc("what each block gives the teacher's targets: 'block' (output after the residual, v1 vision) "
+                   "or 'ffn' (FFN output before the last residual and post-LN, v1 speech/text)", "block")
+
+    def __post_init__(self):
+        require(self.dim > 0 and self.depth > 0 and self.heads > 0 and self.ffn_dim > 0,
+                "encoder.dim, depth, heads and ffn_dim must be positive")
+        require(self.dim % self.heads == 0, f"encoder.dim={self.dim} must be divisible by encoder.heads={self.heads}")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            value = getattr(self, name)
+            require(0.0 <= value < 1.0, f"encoder.{name}={value} must be in [0, 1)")
+        one_of("encoder.tap", self.tap, ("block", "ffn"))
+
+
+@dataclass
+class ParallelConfig:
+    """How ranks are arranged. DP = world size / tp."""
+
+    tp: int = doc("tensor-parallel size (megatron-core); must divide the world size and encoder.heads", 1)
+
+    def __post_init__(self):
+        require(self.tp >= 1, f"parallel.tp={self.tp} must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they are streamed."""
+
+    manifest: str = doc("path to a data_prep manifest.json (or the directory holding it)", "")
+    workers: int = doc("DataLoader worker processes per rank (decode + augment + masking run there)", 2)
+    shuffle_buffer: int = doc("samples held in each worker's shuffle buffer", 1000)
+    prefetch: int = doc("batches prefetched per worker", 2)
+
+    def __post_init__(self):
+        require(self.workers >= 0, "data.workers must be >= 0")
+        require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
+        require(self.prefetch >= 1, "data.prefetch must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, logging and checkpointing."""
+
+    steps: int = doc("optimizer steps to run", 1000)
+    micro_batch_size: int = doc("samples per rank per forward pass", 8)
+    grad_accum: int = doc("micro-batches per optimizer step", 1)
+    lr: float = doc("peak learning rate", 1e-3)
+    min_lr: float = doc("learning rate at the end of the cosine decay", 1e-6)
+    warmup_steps: int = doc("linear warmup steps", 0)
+    schedule: str = doc("'cosine' (warmup then cosine decay to min_lr) or 'constant' (warmup then constant)", "cosine")
+    weight_decay: float = doc("AdamW weight decay (biases, norms and other 1-D parameters are excluded)", 0.05)
+    betas: list = doc("AdamW betas", [0.9, 0.999])
+    eps: float = doc("AdamW epsilon", 1e-8)
+    seed: int = doc("seed for initialisation, data order, augmentation and masks", 0)
+    precision: str = doc("'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'. The EMA teacher is always fp32", "auto")
+    ds_config: str = doc("DeepSpeed JSON (ZeRO-3); batch keys must agree with this section", "ds_configs/zero3.json")
+    output_dir: str = doc("checkpoints, logs and TensorBoard events go here", "runs/default")
+    log_every: int = doc("steps between log lines", 10)
+    save_every: int = doc("steps between checkpoints (0: only the final one)", 1000)
+    keep_checkpoints: int = doc("complete checkpoints to keep (older ones are deleted; 0 keeps all)", 3)
+
+    def __post_init__(self):
+        require(self.steps >= 1, "train.steps must be >= 1")
+        require(self.micro_batch_size >= 1, "train.micro_batch_size must be >= 1")
+        require(self.grad_accum >= 1, "train.grad_accum must be >= 1")
+        require(self.lr > 0 and self.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
+        require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+        one_of("train.schedule", self.schedule, ("cosine", "constant"))
+        one_of("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"train.betas={self.betas} must be two numbers in [0, 1)")
+        require(self.log_every >= 1, "train.log_every must be >= 1")
+        require(self.save_every >= 0, "train.save_every must be >= 0")
+        require(self.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic dict -> dataclass with clear errors
+# ---------------------------------------------------------------------------------------------
+
+def build_dataclass(cls: type, raw: Any, where: str) -> Any:
+    """Build ``cls`` from a dict, recursing into nested dataclasses; reject unknown keys."""
+    if dataclasses.is_dataclass(raw):
+        return raw
+    if raw is None:
+        raw = {}
+    require(isinstance(raw, dict), f"'{where}' must be a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
+            raise ConfigError(f"unknown config key '{_join(where, key)}'.{hint} "
+                              f"Valid keys here: {', '.join(sorted(fields))}")
+        kwargs[key] = _coerce(hints[key], value, _join(where, key))
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"bad config section '{where}': {exc}") from None
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"'{where}' must be {hint.__name__}, got {value!r}")
+    if hint is list and not isinstance(value, list):
+        raise ConfigError(f"'{where}' must be a list, got {value!r}")
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def field_help(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted key, default, help) for every field of a dataclass tree, for --help."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = _join(prefix, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += field_help(hints[f.name], key)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((key, default, f.metadata.get("help", "")))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML presets and overrides
+# ---------------------------------------------------------------------------------------------
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; presets live in configs/ (e.g. configs/vision_tiny.yaml)")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f) or {}
+    require(isinstance(raw, dict), f"{path} must hold a YAML mapping at the top level")
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings; values are parsed as YAML scalars/lists (safe_load)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value (e.g. train.lr=3e-4)")
+        key, text = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        require(bool(parts), f"override '{item}' has an empty key")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            require(isinstance(node, dict), f"override '{item}': '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    return raw
+
+
+def dump(obj: Any) -> str:
+    return json.dumps(to_dict(obj), indent=2, sort_keys=False, default=str)

@@ -1,0 +1,117 @@
+"""WebDataset shards -> batches, split by data-parallel rank and DataLoader worker, resumable exactly.
+
+Every (data-parallel rank, worker) pair reads an infinite stream: in epoch e it takes its slice
+``perm_e[dp_rank::dp][worker::workers]`` of a seeded shard permutation, shuffles samples through a
+seeded buffer and yields whole batches. The DataLoader visits workers round-robin, so batch i of a
+rank comes from worker ``i % workers`` and the whole stream is a function of (seed, layout). The data
+position saved in a checkpoint is just the number of batches consumed; on resume each worker skips
+its share of raw samples *before* decoding. Tensor-parallel peers share a data-parallel rank and so
+see identical batches (we do not use webdataset's RANK-based node splitter for that reason).
+Decoding, augmentation and masking run in the workers; sample bytes are never unpickled.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline.config import ConfigError, DataConfig
+from pipeline.modalities.base import Modality
+
+
+def resolve_shards(manifest: str) -> list[str]:
+    """Absolute shard paths from a data_prep manifest (file or directory), validated."""
+    from data_prep.core import read_manifest
+    if not manifest:
+        raise ConfigError("data.manifest is empty: point it at a data_prep output (e.g. data.manifest=runs/shards)")
+    path = Path(manifest)
+    if not path.exists():
+        raise ConfigError(f"data.manifest={manifest} does not exist; create shards with python -m data_prep.images")
+    try:
+        info = read_manifest(path)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"data.manifest={manifest}: {exc}") from None
+    shards = [s["path"] for s in info["shards"] if s["samples"] > 0]
+    if not shards:
+        raise ConfigError(f"data.manifest={manifest} lists no shards: the data prep produced no samples")
+    return shards
+
+
+def check_shard_count(num_shards: int, dp: int, workers: int) -> None:
+    needed = dp * max(workers, 1)
+    if num_shards < needed:
+        raise ConfigError(
+            f"{num_shards} shard(s) for {dp} data-parallel rank(s) x {max(workers, 1)} worker(s): need at least "
+            f"{needed}. Re-shard with a smaller --shard-size, or lower data.workers")
+
+
+def raw_samples(paths: list[str]) -> Iterator[dict]:
+    """Samples (dict of key -> bytes) from local tar shards. Files are opened here, never via a URL
+    handler, so a shard name cannot run a command (webdataset's 'pipe:')."""
+    for path in paths:
+        with open(path, "rb") as stream:
+            yield from group_by_keys(tar_file_expander([{"url": path, "stream": stream}]))
+
+
+def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    buffer: list[dict] = []
+    for sample in samples:
+        buffer.append(sample)
+        if len(buffer) >= size:
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class ShardStream(IterableDataset):
+    def __init__(self, shards: list[str], modality: Modality, cfg: DataConfig, batch_size: int, seed: int,
+                 dp_rank: int, dp: int, start_batch: int = 0):
+        self.shards, self.modality, self.cfg = list(shards), modality, cfg
+        self.batch_size, self.seed, self.dp_rank, self.dp = batch_size, seed, dp_rank, dp
+        self.start_batch = start_batch
+
+    def worker_shards(self, epoch: int, worker: int, workers: int) -> list[str]:
+        order = list(self.shards)
+        random.Random(f"shards/{self.seed}/{epoch}").shuffle(order)
+        return order[self.dp_rank::self.dp][worker::workers]
+
+    def worker_samples(self, worker: int, workers: int) -> Iterator[dict]:
+        epoch = 0
+        while True:
+            rng = random.Random(f"shuffle/{self.seed}/{epoch}/{self.dp_rank}/{worker}")
+            yield from shuffled(raw_samples(self.worker_shards(epoch, worker, workers)), self.cfg.shuffle_buffer, rng)
+            epoch += 1
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        skip = self.batch_size * len(range(worker, self.start_batch, workers))  # this worker's share
+        batch, index = [], 0
+        for sample in self.worker_samples(worker, workers):
+            index += 1
+            if index <= skip:
+                continue
+            rng = random.Random(f"sample/{self.seed}/{self.dp_rank}/{worker}/{index}")
+            batch.append(self.modality.example(sample, rng))
+            if len(batch) == self.batch_size:
+                yield self.modality.collate(batch)
+                batch = []
+
+
+def make_loader(shards: list[str], modality: Modality, cfg: DataConfig, batch_size: int, seed: int,
+                dp_rank: int, dp: int, start_batch: int = 0) -> DataLoader:
+    stream = ShardStream(shards, modality, cfg, batch_size, seed, dp_rank, dp, start_batch)
+    kwargs = {"prefetch_factor": cfg.prefetch, "persistent_workers": False} if cfg.workers else {}
+    return DataLoader(stream, batch_size=None, num_workers=cfg.workers, **kwargs)
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Move a batch; floating inputs take the compute dtype, masks and ids keep theirs."""
+    return {k: v.to(device, dtype if v.is_floating_point() else v.dtype, non_blocking=True) for k, v in batch.items()}

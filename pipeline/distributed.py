@@ -1,0 +1,250 @@
+"""The one place that knows about the cluster.
+
+Rendezvous (torchrun, SLURM or a single process), the device / dtype / backend choice, megatron-core
+parallel state, the ``mpu`` object DeepSpeed uses for the data-parallel group, and the DeepSpeed
+JSON derived for student and teacher. Model code never imports this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.config import ConfigError, require
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch environment (read before any process group exists)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_env(environ: dict | None = None) -> LaunchEnv:
+    """Ranks from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK), else SLURM, else one process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return LaunchEnv(0, 1, 0)
+
+
+def export_rendezvous(env: LaunchEnv) -> None:
+    """Make torch.distributed's env:// rendezvous work for every launcher (SLURM sets none of it)."""
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = slurm_master_addr() or "127.0.0.1"
+    if "MASTER_PORT" not in os.environ:
+        job = os.environ.get("SLURM_JOB_ID")
+        os.environ["MASTER_PORT"] = str(20000 + int(job) % 20000) if job else str(free_port())
+
+
+def slurm_master_addr() -> str | None:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes:
+        return None
+    import subprocess
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodes.split(",")[0].split("[")[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, dtype, backend: decided here only
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device_type: str  # 'cuda', 'cpu', ... as DeepSpeed's accelerator names it
+    dtype: torch.dtype  # student compute dtype; the teacher is always fp32
+    backend: str
+
+    @property
+    def autocast(self) -> bool:
+        return self.dtype != torch.float32
+
+
+def choose_device(precision: str) -> DeviceChoice:
+    from deepspeed.accelerator import get_accelerator
+    accel = get_accelerator()
+    kind = accel.device_name()
+    on_cpu = kind == "cpu"
+    if precision == "auto":
+        dtype = torch.float32 if on_cpu or not accel.is_bf16_supported() else torch.bfloat16
+    elif precision == "bf16":
+        require(not on_cpu and accel.is_bf16_supported(),
+                "train.precision=bf16 needs a GPU with bf16 support; use train.precision=auto on CPU")
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
+    return DeviceChoice(kind, dtype, accel.communication_backend_name())
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed JSON: DeepSpeed's own file; we derive and check only what must agree
+# ---------------------------------------------------------------------------------------------
+
+BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+
+
+def load_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    require(path.is_file(), f"DeepSpeed config {path} does not exist (see ds_configs/)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
+
+
+def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.dtype) -> dict:
+    """Fill batch and precision keys; reject settings that contradict the experiment config."""
+    cfg = copy.deepcopy(base)
+    want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
+            "train_batch_size": micro * accum * dp}
+    for key, value in want.items():
+        if key in cfg and cfg[key] != "auto" and cfg[key] != value:
+            raise ConfigError(
+                f"DeepSpeed config sets {key}={cfg[key]} but the experiment needs {value} "
+                f"(train.micro_batch_size={micro} x train.grad_accum={accum} x data-parallel size {dp}); "
+                f"remove {key} from the JSON or change train.micro_batch_size / train.grad_accum")
+        cfg[key] = value
+    for section in ("optimizer", "scheduler"):
+        require(section not in cfg, f"DeepSpeed config has an '{section}' section; the optimizer and LR schedule "
+                                    f"are set in the experiment YAML (train.lr, train.schedule, ...): remove it")
+    stage = cfg.get("zero_optimization", {}).get("stage")
+    require(stage == 3, f"DeepSpeed config must use ZeRO stage 3 (zero_optimization.stage=3), got {stage}")
+    bf16 = dtype == torch.bfloat16
+    for section, wanted in (("bf16", bf16), ("fp16", False)):
+        declared = cfg.get(section, {}).get("enabled", wanted)
+        if declared not in ("auto", wanted):
+            raise ConfigError(f"DeepSpeed config sets {section}.enabled={declared}, but this run computes in "
+                              f"{str(dtype).replace('torch.', '')} (train.precision); remove it from the JSON")
+        cfg[section] = {**cfg.get(section, {}), "enabled": wanted}
+    cfg["zero_allow_untested_optimizer"] = True
+    return cfg
+
+
+def teacher_ds_config(student: dict) -> dict:
+    """The teacher engine: same ZeRO-3 partitioning, fp32, no optimizer and no gradients."""
+    cfg = copy.deepcopy(student)
+    cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}
+    cfg.pop("gradient_clipping", None)
+    # Every teacher parameter must live only as a partition: a "persistent" (always gathered) parameter
+    # would keep a full copy that the shard-local EMA update never touches.
+    zero = cfg.setdefault("zero_optimization", {})
+    zero["stage3_param_persistence_threshold"] = 0
+    zero["stage3_model_persistence_threshold"] = 0
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Process groups
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    tp: int
+    tp_rank: int
+    dp: int
+    dp_rank: int
+    device: torch.device
+    choice: DeviceChoice
+    dp_group: object
+    mpu: object
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def check_layout(world_size: int, tp: int) -> int:
+    """Data-parallel size for this world, or a ConfigError saying what to change."""
+    if world_size % tp:
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp={tp}: launch a multiple of {tp} "
+                          f"ranks or change parallel.tp")
+    return world_size // tp
+
+
+def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0) -> Runtime:
+    """Start the process group, megatron-core parallel state and the device; returns the layout."""
+    import datetime
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from megatron.core import parallel_state as ps
+
+    env = launch_env()
+    export_rendezvous(env)
+    check_layout(env.world_size, tp)
+    accel = get_accelerator()
+    if choice.device_type != "cpu":
+        accel.set_device(env.local_rank)
+    deepspeed.init_distributed(dist_backend=choice.backend, timeout=datetime.timedelta(seconds=timeout_s))
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
+    device = torch.device(accel.device_name(env.local_rank) if choice.device_type != "cpu" else "cpu")
+    return Runtime(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, tp=tp,
+                   tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
+                   dp_rank=ps.get_data_parallel_rank(), device=device, choice=choice,
+                   dp_group=ps.get_data_parallel_group(), mpu=MegatronMPU())
+
+
+class MegatronMPU:
+    """The ``mpu`` interface DeepSpeed expects, backed by megatron-core's parallel state."""
+
+    def __getattr__(self, name):
+        from megatron.core import parallel_state as ps
+        aliases = {"get_model_parallel_group": ps.get_tensor_model_parallel_group,
+                   "get_model_parallel_world_size": ps.get_tensor_model_parallel_world_size,
+                   "get_model_parallel_rank": ps.get_tensor_model_parallel_rank}
+        if name in aliases:
+            return aliases[name]
+        return getattr(ps, name)
+
+
+def model_parallel_config(tp: int):
+    """megatron-core layer config. Weights are always initialised on the CPU from the default RNG
+    (one device-agnostic path: megatron's GPU init needs its CUDA RNG tracker) and then placed by
+    ZeRO-3; the dtype of the parameters is set by DeepSpeed."""
+    from megatron.core.model_parallel_config import ModelParallelConfig
+    return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
+                               perform_initialization=True)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        try:
+            from megatron.core import parallel_state as ps
+            ps.destroy_model_parallel()
+        finally:
+            dist.destroy_process_group()

@@ -1,0 +1,112 @@
+"""The EMA teacher, kept sharded: each rank updates only its own partition, in fp32, with no communication.
+
+Under ZeRO-3 every teacher parameter ``t`` holds this rank's flat partition in ``t.ds_tensor`` and the
+student's optimizer holds the matching fp32 master partition (``safe_get_local_fp32_param``). Both
+were partitioned the same way (same shapes, same data-parallel group), so
+``t_part = tau * t_part + (1 - tau) * s_part`` is local. The teacher's forward then gathers layer by
+layer exactly like the student's. Note the trap this avoids: editing parameters inside
+``deepspeed.zero.GatheredParameters`` without ``modifier_rank`` silently discards the edits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from pipeline.config import doc, require
+
+
+@dataclass
+class EMAConfig:
+    tau0: float = doc("EMA decay at step 0", 0.999)
+    tau_end: float = doc("EMA decay after anneal_steps", 0.9999)
+    anneal_steps: int = doc("steps of the linear tau0 -> tau_end anneal (0: constant tau_end)", 30000)
+    copy: list = doc("fnmatch patterns of teacher parameter names copied from the student each step "
+                     "instead of averaged (e.g. 'embed.*' for shared embeddings)", [])
+
+    def __post_init__(self):
+        require(0.0 <= self.tau0 <= 1.0 and 0.0 <= self.tau_end <= 1.0, "ema.tau0 and ema.tau_end must be in [0, 1]")
+        require(self.anneal_steps >= 0, "ema.anneal_steps must be >= 0")
+        require(all(isinstance(p, str) for p in self.copy), "ema.copy must be a list of name patterns")
+
+
+def tau_at(step: int, cfg: EMAConfig) -> float:
+    """Linear anneal from tau0 to tau_end over anneal_steps updates, then constant."""
+    if cfg.anneal_steps == 0 or step >= cfg.anneal_steps:
+        return cfg.tau_end
+    return cfg.tau0 + (cfg.tau_end - cfg.tau0) * step / cfg.anneal_steps
+
+
+def zero3_partition(param: nn.Parameter) -> torch.Tensor:
+    """This rank's partition of a ZeRO-3 parameter (the teacher's EMA state)."""
+    return param.ds_tensor.data
+
+
+def zero3_master_partition(param: nn.Parameter) -> torch.Tensor:
+    """This rank's fp32 master partition of a ZeRO-3 student parameter (no communication)."""
+    from deepspeed.utils import safe_get_local_fp32_param
+    return safe_get_local_fp32_param(param)
+
+
+class ShardedEMA:
+    """EMA of the student into the teacher, one local partition per parameter.
+
+    ``teacher_state`` / ``student_state`` map a parameter to the local tensor to read or write; the
+    defaults are the ZeRO-3 partitions. Passing ``lambda p: p.data`` for both gives a dense EMA.
+    """
+
+    def __init__(self, teacher: nn.Module, student_params: dict[str, nn.Parameter], cfg: EMAConfig,
+                 teacher_state: Callable = zero3_partition, student_state: Callable = zero3_master_partition):
+        self.cfg = cfg
+        self.student_state = student_state
+        self.names, self.teacher_parts, self.student_params, self.copied = [], [], [], []
+        for name, t in teacher.named_parameters():
+            require(name in student_params, f"teacher parameter {name} has no student counterpart")
+            part = teacher_state(t)
+            require(part.dtype == torch.float32, f"teacher partition {name} is {part.dtype}; the EMA must be fp32")
+            self.names.append(name)
+            self.teacher_parts.append(part)
+            self.student_params.append(student_params[name])
+            self.copied.append(any(fnmatch.fnmatchcase(name, pat) for pat in cfg.copy))
+
+    def state_numel(self) -> int:
+        return sum(p.numel() for p in self.teacher_parts)
+
+    @torch.no_grad()
+    def update(self, tau: float) -> None:
+        """teacher <- tau * teacher + (1 - tau) * student for averaged params; copy for the others."""
+        avg_t, avg_s = [], []
+        for t, s, copied in zip(self.teacher_parts, self.student_params, self.copied):
+            src = self.student_state(s)
+            require(src.shape == t.shape, f"student/teacher partitions differ: {tuple(src.shape)} vs {tuple(t.shape)}")
+            if copied:
+                t.copy_(src)
+            else:
+                avg_t.append(t)
+                avg_s.append(src.to(t.device, torch.float32))
+        if avg_t:
+            torch._foreach_mul_(avg_t, tau)
+            torch._foreach_add_(avg_t, avg_s, alpha=1.0 - tau)
+
+    @torch.no_grad()
+    def copy_student(self) -> None:
+        """Initialise the teacher as an exact copy of the student."""
+        for t, s in zip(self.teacher_parts, self.student_params):
+            t.copy_(self.student_state(s))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: part.detach().cpu().clone() for name, part in zip(self.names, self.teacher_parts)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.names) - set(state)
+        require(not missing, f"teacher checkpoint lacks {sorted(missing)[:5]}")
+        for name, part in zip(self.names, self.teacher_parts):
+            require(state[name].shape == part.shape,
+                    f"teacher partition {name} has shape {tuple(state[name].shape)} in the checkpoint but "
+                    f"{tuple(part.shape)} here: resume with the same data-parallel size, or consolidate first")
+            part.copy_(state[name])

@@ -1,0 +1,82 @@
+"""The whole experiment config: one dataclass per component, filled from a YAML preset + overrides."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import (ConfigError, DataConfig, EncoderConfig, ParallelConfig, TrainConfig, apply_overrides,
+                             build_dataclass, field_help, load_yaml, require)
+from pipeline.ema import EMAConfig
+from pipeline.modalities import MODALITIES
+from pipeline.objective import CollapseConfig, ObjectiveConfig
+
+
+@dataclass
+class ExperimentConfig:
+    modality: str
+    model: Any  # the modality's own config dataclass
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def make_modality(self):
+        return MODALITIES[self.modality](self.model)
+
+
+SECTIONS = {"encoder": EncoderConfig, "objective": ObjectiveConfig, "ema": EMAConfig, "collapse": CollapseConfig,
+            "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
+
+
+def build_experiment(raw: dict) -> ExperimentConfig:
+    raw = dict(raw)
+    name = raw.pop("modality", None)
+    require(name in MODALITIES, f"'modality' must be one of {sorted(MODALITIES)}, got {name!r}")
+    model = build_dataclass(MODALITIES[name].Config, raw.pop("model", {}), "model")
+    unknown = set(raw) - set(SECTIONS)
+    require(not unknown, f"unknown config section(s) {sorted(unknown)}; valid: modality, model, {', '.join(SECTIONS)}")
+    sections = {key: build_dataclass(cls, raw.get(key, {}), key) for key, cls in SECTIONS.items()}
+    cfg = ExperimentConfig(modality=name, model=model, **sections)
+    check_consistency(cfg)
+    return cfg
+
+
+def check_consistency(cfg: ExperimentConfig) -> None:
+    """Cross-component rules (each component validated its own fields already)."""
+    enc = cfg.encoder
+    require(cfg.objective.top_k <= enc.depth,
+            f"objective.top_k={cfg.objective.top_k} exceeds encoder.depth={enc.depth}")
+    require(enc.heads % cfg.parallel.tp == 0,
+            f"encoder.heads={enc.heads} is not divisible by parallel.tp={cfg.parallel.tp}")
+    require(enc.ffn_dim % cfg.parallel.tp == 0,
+            f"encoder.ffn_dim={enc.ffn_dim} is not divisible by parallel.tp={cfg.parallel.tp}")
+
+
+def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    return build_experiment(apply_overrides(load_yaml(path), list(overrides)))
+
+
+def experiment_dict(cfg: ExperimentConfig) -> dict:
+    from dataclasses import asdict
+    return asdict(cfg)
+
+
+def config_help() -> str:
+    """Every config key with its default and help text, per section (for --help)."""
+    lines = ["config keys (set in the YAML preset or override as key.sub=value):"]
+    for modality in MODALITIES.values():
+        lines.append(f"  [model] for modality={modality.name}")
+        lines += [f"    {k} (default {json.dumps(d)}): {h}" for k, d, h in field_help(modality.Config, "model")]
+    for key, cls in SECTIONS.items():
+        lines.append(f"  [{key}]")
+        lines += [f"    {k} (default {json.dumps(d)}): {h}" for k, d, h in field_help(cls, key)]
+    return "\n".join(lines)
+
+
+__all__ = ["ExperimentConfig", "ConfigError", "build_experiment", "load_experiment", "config_help"]

@@ -1,0 +1,68 @@
+"""One log line per interval (console), the same record as JSONL, and TensorBoard scalars (rank 0)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("pipeline")
+
+
+class MetricsLogger:
+    def __init__(self, output: Path, enabled: bool, start_step: int = 0):
+        self.enabled = enabled
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.samples = self.tokens = self.flops = 0.0
+        self.devices = 1
+        self.last_time = time.perf_counter()
+        self.jsonl = self.tb = None
+        if enabled:
+            output.mkdir(parents=True, exist_ok=True)
+            self.jsonl = open(output / "metrics.jsonl", "a", encoding="utf-8")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(output / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:  # tensorboard is a declared dependency; keep training if it is missing
+                log.warning("tensorboard is not installed: no TensorBoard scalars")
+
+    def record(self, step: int, metrics: dict, samples: int, tokens: int, flops: float, devices: int) -> None:
+        for key in ("loss", "lr", "tau", "target_std", "prediction_std"):
+            self.sums[key] = self.sums.get(key, 0.0) + float(metrics[key])
+        self.count += 1
+        self.samples += samples
+        self.tokens += tokens
+        self.flops += flops
+        self.devices = devices
+
+    def flush(self, step: int, total_steps: int) -> dict | None:
+        now = time.perf_counter()
+        elapsed = max(now - self.last_time, 1e-9)
+        if self.count == 0:
+            return None
+        rec = {k: v / self.count for k, v in self.sums.items()}
+        rec.update(step=step, samples_per_s=self.samples / elapsed, tokens_per_s=self.tokens / elapsed,
+                   tflops=self.flops / elapsed / 1e12, tflops_per_device=self.flops / elapsed / 1e12 / self.devices)
+        self.sums, self.count, self.samples, self.tokens, self.flops = {}, 0, 0.0, 0.0, 0.0
+        self.last_time = now
+        if self.enabled:
+            log.info("step %d/%d | loss %.4f | lr %.3e | tau %.5f | target_std %.3f | pred_std %.3f | "
+                     "%.1f samples/s | %.0f tokens/s | %.3f TFLOP/s (%.3f per device)",
+                     step, total_steps, rec["loss"], rec["lr"], rec["tau"], rec["target_std"], rec["prediction_std"],
+                     rec["samples_per_s"], rec["tokens_per_s"], rec["tflops"], rec["tflops_per_device"])
+            self.jsonl.write(json.dumps(rec) + "\n")
+            self.jsonl.flush()
+            if self.tb is not None:
+                for key, value in rec.items():
+                    if key != "step":
+                        self.tb.add_scalar(f"train/{key}", value, step)
+                self.tb.flush()
+        return rec
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,6 @@
+"""Registry of modalities: adding one is a new file and one line here."""
+
+from pipeline.modalities.base import Modality
+from pipeline.modalities.vision import Vision
+
+MODALITIES: dict[str, type[Modality]] = {Vision.name: Vision}

@@ -1,0 +1,57 @@
+"""The one interface every modality implements.
+
+A modality supplies the parts of data2vec that differ between speech, vision and text: how a raw
+shard sample becomes an example (decode, augment, mask: runs in DataLoader workers), the local
+encoder that turns inputs into tokens (with the learned mask embedding), the student head, and
+the numbers the trainer reports (tokens and FLOPs per sample). Everything else (encoder, targets,
+loss, EMA, distribution) is shared. Adding a modality = a new file + one registry entry.
+"""
+
+from __future__ import annotations
+
+import abc
+import random
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from pipeline.config import EncoderConfig
+
+
+class Modality(abc.ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type]  # the modality's own dataclass (the ``model:`` section of a preset)
+    prefix_tokens: ClassVar[int] = 0  # tokens prepended by the embedder (e.g. CLS), excluded from targets
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+
+    # -- data side (DataLoader workers) -------------------------------------------------------
+    @abc.abstractmethod
+    def example(self, sample: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
+        """Raw shard sample (bytes per key) -> tensors, including a bool ``mask`` (True = masked).
+        ``rng`` is seeded per sample, so decoding is reproducible for exact resume."""
+
+    def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]}
+
+    # -- model side ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def build_embedder(self, enc: EncoderConfig, mp: ModelParallelConfig) -> nn.Module:
+        """Module: ``forward(batch, mask) -> (tokens (B, prefix+T, D), attn_bias or None)``; masked
+        positions (mask (B, T) True) are replaced by the learned mask embedding when mask is given."""
+
+    def build_head(self, enc: EncoderConfig, mp: ModelParallelConfig) -> nn.Module:
+        """Student regression head (v1 audio/vision: Linear(D, D))."""
+        return nn.Linear(enc.dim, enc.dim)
+
+    # -- accounting ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def tokens_per_sample(self) -> int:
+        """Positions the encoder sees per sample (excluding prefix tokens)."""
+
+    def embed_flops_per_sample(self, enc: EncoderConfig) -> float:
+        """Forward FLOPs of the local encoder per sample."""
+        return 0.0

@@ -1,0 +1,198 @@
+"""Vision: data2vec v1 / BEiT-style ViT with block-wise masking.
+
+Patch 16 embedding, CLS token, learned mask token, pre-LN blocks with layer scale and a
+relative position bias shared by all blocks (q and v biases, no k bias): the shapes of
+transformers' ``Data2VecVisionModel``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from pipeline.config import EncoderConfig, doc, require
+from pipeline.modalities.base import Modality
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = doc("square crop size fed to the model", 224)
+    patch_size: int = doc("ViT patch size", 16)
+    in_chans: int = doc("image channels", 3)
+    mask_ratio: float = doc("fraction of patches masked (BEiT/data2vec: 0.6 = 120 of 196)", 0.6)
+    min_block_patches: int = doc("smallest block of the block-wise mask, in patches", 16)
+    min_aspect: float = doc("smallest block aspect ratio (the largest is its inverse)", 0.3)
+    crop_scale: list = doc("RandomResizedCrop area range", [0.08, 1.0])
+    hflip: bool = doc("random horizontal flip", True)
+    mean: list = doc("per-channel normalisation mean", [0.485, 0.456, 0.406])
+    std: list = doc("per-channel normalisation std", [0.229, 0.224, 0.225])
+
+    def __post_init__(self):
+        require(self.patch_size > 0 and self.image_size % self.patch_size == 0,
+                f"model.image_size={self.image_size} must be a multiple of model.patch_size={self.patch_size}")
+        require(0.0 < self.mask_ratio < 1.0, f"model.mask_ratio={self.mask_ratio} must be in (0, 1)")
+        require(1 <= self.min_block_patches <= self.num_masked,
+                f"model.min_block_patches={self.min_block_patches} must be in [1, {self.num_masked}]")
+        require(0 < self.min_aspect <= 1, "model.min_aspect must be in (0, 1]")
+        require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+                "model.crop_scale must be [min, max] with 0 < min <= max <= 1")
+        require(len(self.mean) == self.in_chans and len(self.std) == self.in_chans,
+                "model.mean and model.std need one value per channel")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_masked(self) -> int:
+        return int(round(self.mask_ratio * self.grid * self.grid))
+
+
+# ---------------------------------------------------------------------------------------------
+# Block-wise masking (BEiT's MaskingGenerator), topped up to an exact count per image
+# ---------------------------------------------------------------------------------------------
+
+def add_block(mask: list[list[bool]], budget: int, min_patches: int, min_aspect: float,
+              rng: random.Random) -> int:
+    """Try (10 times) to mask one random rectangle adding 1..budget new patches; return how many."""
+    height, width = len(mask), len(mask[0])
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    for _ in range(10):
+        area = rng.uniform(min_patches, budget)
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if not (0 < h < height and 0 < w < width):
+            continue
+        top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+        new = [(i, j) for i in range(top, top + h) for j in range(left, left + w) if not mask[i][j]]
+        if 0 < len(new) <= budget:
+            for i, j in new:
+                mask[i][j] = True
+            return len(new)
+    return 0
+
+
+def block_mask(grid: int, num_masked: int, min_patches: int, min_aspect: float,
+               rng: random.Random) -> torch.Tensor:
+    """(grid*grid,) bool mask with exactly ``num_masked`` True, grown as rectangles of >= min_patches.
+
+    BEiT stops when no block fits and can fall short; we top up with random single patches so every
+    image in a batch has the same masked count (needed to batch targets without padding).
+    """
+    mask = [[False] * grid for _ in range(grid)]
+    count = 0
+    while count < num_masked:
+        added = add_block(mask, num_masked - count, min(min_patches, num_masked - count), min_aspect, rng)
+        if added == 0:
+            break
+        count += added
+    flat = torch.tensor(mask, dtype=torch.bool).flatten()
+    if count < num_masked:
+        free = [i for i in range(flat.numel()) if not flat[i]]
+        flat[rng.sample(free, num_masked - count)] = True
+    return flat
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation (PIL, driven by the per-sample rng so it replays exactly on resume)
+# ---------------------------------------------------------------------------------------------
+
+def random_resized_crop(img: Image.Image, size: int, scale: list, rng: random.Random) -> Image.Image:
+    width, height = img.size
+    area = width * height
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
+            return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+    side = min(width, height)  # fallback: centre crop
+    left, top = (width - side) // 2, (height - side) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+
+
+def to_tensor(img: Image.Image, mean: list, std: list) -> torch.Tensor:
+    """PIL RGB -> normalised float32 (C, H, W)."""
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    x = data.view(img.size[1], img.size[0], len(img.getbands())).permute(2, 0, 1).float() / 255.0
+    return (x - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model parts
+# ---------------------------------------------------------------------------------------------
+
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias shared by all blocks: table ((2H-1)(2W-1)+3, heads) -> (heads, T, T)
+    for T = 1 + H*W (the 3 extra entries are cls->token, token->cls and cls->cls)."""
+
+    def __init__(self, grid: int, heads: int):
+        super().__init__()
+        size = (2 * grid - 1) ** 2 + 3
+        self.table = nn.Parameter(torch.zeros(size, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)  # (N, N, 2)
+        index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)
+        index[1:, 1:] = rel[..., 0] * (2 * grid - 1) + rel[..., 1]
+        index[0, :], index[:, 0], index[0, 0] = size - 3, size - 2, size - 1
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self) -> torch.Tensor:
+        t = self.index.shape[0]
+        return self.table[self.index.reshape(-1)].view(t, t, -1).permute(2, 0, 1).contiguous()  # (heads, T, T)
+
+
+class PatchEmbedder(nn.Module):
+    def __init__(self, cfg: VisionConfig, enc: EncoderConfig):
+        super().__init__()
+        self.patch = nn.Conv2d(cfg.in_chans, enc.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, enc.dim))
+        self.mask_token = nn.Parameter(torch.empty(1, 1, enc.dim))
+        for p in (self.cls_token, self.mask_token):
+            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+        self.rel_pos_bias = RelativePositionBias(cfg.grid, enc.heads)
+
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
+        x = self.patch(batch["image"]).flatten(2).transpose(1, 2)  # (B, N, D)
+        if mask is not None:
+            w = mask.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        return x, self.rel_pos_bias()
+
+
+class Vision(Modality):
+    name = "vision"
+    Config = VisionConfig
+    prefix_tokens = 1  # CLS
+
+    def example(self, sample, rng):
+        cfg = self.cfg
+        key = next((k for k in IMAGE_KEYS if k in sample), None)
+        if key is None:
+            raise ValueError(f"sample {sample.get('__key__')} has no image (expected one of {IMAGE_KEYS})")
+        with Image.open(io.BytesIO(sample[key])) as img:
+            img = random_resized_crop(img.convert("RGB"), cfg.image_size, cfg.crop_scale, rng)
+        if cfg.hflip and rng.random() < 0.5:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        mask = block_mask(cfg.grid, cfg.num_masked, cfg.min_block_patches, cfg.min_aspect, rng)
+        return {"image": to_tensor(img, cfg.mean, cfg.std), "mask": mask}
+
+    def build_embedder(self, enc, mp):
+        return PatchEmbedder(self.cfg, enc)
+
+    def tokens_per_sample(self):
+        return self.cfg.grid ** 2
+
+    def embed_flops_per_sample(self, enc):
+        return 2.0 * self.tokens_per_sample() * self.cfg.in_chans * self.cfg.patch_size ** 2 * enc.dim

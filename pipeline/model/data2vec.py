@@ -1,0 +1,50 @@
+"""Student and teacher networks. Both are plain ``nn.Module``s; sharding is applied from outside."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from megatron.core.model_parallel_config import ModelParallelConfig
+
+from pipeline.config import EncoderConfig
+from pipeline.modalities.base import Modality
+from pipeline.model.transformer import Encoder
+
+
+class Backbone(nn.Module):
+    """Local encoder (modality) + transformer encoder. The teacher is exactly this."""
+
+    def __init__(self, modality: Modality, enc: EncoderConfig, mp: ModelParallelConfig, tp_rank: int = 0):
+        super().__init__()
+        self.prefix = modality.prefix_tokens
+        self.embed = modality.build_embedder(enc, mp)
+        self.encoder = Encoder(enc, mp, tp_rank)
+
+    def encode(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None):
+        """-> (final (B, T, D), taps: list of (B, T, D)), prefix tokens (CLS) removed."""
+        x, attn_bias = self.embed(batch, mask)
+        final, taps = self.encoder(x, attn_bias)
+        p = self.prefix
+        return final[:, p:], [t[:, p:] for t in taps]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Teacher mode: the unmasked input's per-block taps."""
+        return self.encode(batch, None)[1]
+
+
+class Student(nn.Module):
+    def __init__(self, modality: Modality, enc: EncoderConfig, mp: ModelParallelConfig, tp_rank: int = 0):
+        super().__init__()
+        self.backbone = Backbone(modality, enc, mp, tp_rank)
+        self.head = modality.build_head(enc, mp)
+
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """Predictions at the masked positions, (M, D) in row-major (batch, time) order."""
+        final, _ = self.backbone.encode(batch, mask)
+        return self.head(final[mask])
+
+
+def teacher_parameter_name(student_name: str) -> str | None:
+    """Teacher parameter matching a student parameter (the teacher has no head)."""
+    prefix = "backbone."
+    return student_name[len(prefix):] if student_name.startswith(prefix) else None

@@ -1,0 +1,153 @@
+"""Transformer encoder on megatron-core parallel linears.
+
+Attention heads and the FFN hidden layer are split across tensor-parallel ranks by
+``ColumnParallelLinear`` -> ``RowParallelLinear`` pairs; layer norms are replicated. With
+``tp = 1`` the layers are plain dense layers. Blocks return the features the data2vec teacher
+taps, so the objective never reaches into the block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+from pipeline.config import EncoderConfig
+
+
+def trunc_normal_init(std: float = 0.02):
+    def init(weight: torch.Tensor) -> None:
+        nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+    return init
+
+
+def column(in_dim: int, out_dim: int, mp: ModelParallelConfig, bias: bool = True, std: float = 0.02):
+    return ColumnParallelLinear(in_dim, out_dim, config=mp, init_method=trunc_normal_init(std), bias=bias,
+                                gather_output=False)
+
+
+def row(in_dim: int, out_dim: int, mp: ModelParallelConfig, std: float = 0.02):
+    return RowParallelLinear(in_dim, out_dim, config=mp, init_method=trunc_normal_init(std), bias=True,
+                             input_is_parallel=True, skip_bias_add=False)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), dtype=x.dtype, device=x.device)
+        return x * keep.bernoulli_(1 - self.p) / (1 - self.p)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; this rank holds heads [head_offset, head_offset + local_heads)."""
+
+    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, out_std: float, tp_rank: int = 0):
+        super().__init__()
+        tp = mp.tensor_model_parallel_size
+        self.local_heads = cfg.heads // tp
+        self.head_offset = tp_rank * self.local_heads
+        self.head_dim = cfg.dim // cfg.heads
+        self.attn_dropout = cfg.attn_dropout
+        self.query = column(cfg.dim, cfg.dim, mp)
+        self.key = column(cfg.dim, cfg.dim, mp, bias=cfg.key_bias)
+        self.value = column(cfg.dim, cfg.dim, mp)
+        self.out = row(cfg.dim, cfg.dim, mp, std=out_std)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, h*hd) -> (B, h, T, hd)
+        b, t, _ = x.shape
+        return x.view(b, t, self.local_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        q, k, v = (self.split_heads(proj(x)[0]) for proj in (self.query, self.key, self.value))
+        if attn_bias is not None and attn_bias.dim() >= 3 and attn_bias.shape[-3] != self.local_heads:
+            # per-head bias (e.g. relative positions) computed for all heads: keep this rank's heads
+            attn_bias = attn_bias[..., self.head_offset:self.head_offset + self.local_heads, :, :]
+        if attn_bias is not None:
+            attn_bias = attn_bias.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        b, _, t, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))[0]  # (B, T, D)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, out_std: float):
+        super().__init__()
+        self.fc1 = column(cfg.dim, cfg.ffn_dim, mp)
+        self.fc2 = row(cfg.ffn_dim, cfg.dim, mp, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)[0]))[0]
+
+
+class Block(nn.Module):
+    """One encoder block. ``forward`` returns (output, ffn_branch) where ffn_branch is the FFN output
+    before the last residual (and before the post-LN), the tap data2vec uses for speech and text."""
+
+    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, layer_id: int, drop_path: float,
+                 tp_rank: int = 0):
+        super().__init__()
+        self.norm_first = cfg.norm_first
+        out_std = 0.02 / math.sqrt(2.0 * layer_id) if cfg.norm_first else 0.02  # BEiT's rescaled init
+        self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg, mp, out_std, tp_rank)
+        self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
+        self.ffn = FeedForward(cfg, mp, out_std)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.drop_path = DropPath(drop_path)
+        if cfg.layer_scale_init > 0:
+            self.gamma_1 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
+            self.gamma_2 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def scaled(self, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+        return self.drop_path(self.dropout(x) if gamma is None else gamma * self.dropout(x))
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None):
+        if self.norm_first:  # pre-LN (BEiT)
+            x = x + self.scaled(self.attn(self.attn_norm(x), attn_bias), self.gamma_1)
+            ffn = self.scaled(self.ffn(self.ffn_norm(x)), self.gamma_2)
+            return x + ffn, ffn
+        x = self.attn_norm(x + self.scaled(self.attn(x, attn_bias), self.gamma_1))  # post-LN
+        ffn = self.scaled(self.ffn(x), self.gamma_2)
+        return self.ffn_norm(x + ffn), ffn
+
+
+class Encoder(nn.Module):
+    """A stack of blocks (+ a final LayerNorm for pre-LN stacks).
+
+    ``forward`` returns (final (B, T, D), taps) where taps holds one (B, T, D) tensor per block:
+    the block output (``tap='block'``) or the FFN branch (``tap='ffn'``).
+    """
+
+    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, tp_rank: int = 0):
+        super().__init__()
+        self.tap = cfg.tap
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, mp, i + 1, rates[i], tp_rank) for i in range(cfg.depth))
+        self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None):
+        taps = []
+        for block in self.blocks:
+            x, ffn = block(x, attn_bias)
+            taps.append(x if self.tap == "block" else ffn)
+        return self.final_norm(x), taps
+
+
+def matmul_flops_per_token(cfg: EncoderConfig, seq_len: int) -> float:
+    """Forward multiply-add FLOPs (x2) per token of the encoder: projections, FFN and attention."""
+    d, f = cfg.dim, cfg.ffn_dim
+    return cfg.depth * (2 * 4 * d * d + 2 * 2 * d * f + 2 * 2 * seq_len * d)

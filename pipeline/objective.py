@@ -1,0 +1,118 @@
+"""The data2vec objective on plain tensors: targets from the teacher, regression loss, collapse stats.
+
+Nothing here talks to the cluster: the caller all-reduces the statistics these functions return
+(masked count, loss sum, first and second moments) over the data-parallel group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import doc, one_of, require
+
+
+@dataclass
+class ObjectiveConfig:
+    """How targets are built from the teacher and how the student is scored against them."""
+
+    top_k: int = doc("average the teacher's top K block outputs", 6)
+    layer_norm: str = doc("normalisation of each tapped layer: 'layer' (LayerNorm, no affine), "
+                          "'instance' (instance norm over time) or 'none'", "layer")
+    final_norm: str = doc("normalisation of the K-layer average: 'layer', 'instance' or 'none'", "layer")
+    loss: str = doc("'smooth_l1' or 'l2'", "smooth_l1")
+    beta: float = doc("Smooth L1 beta", 2.0)
+    reduce_dim: str = doc("per masked position: 'sum' or 'mean' over the D target dimensions", "mean")
+    scale: str = doc("per-position loss scale: 'none' or 'inv_sqrt_dim' (1/sqrt(D))", "none")
+
+    def __post_init__(self):
+        require(self.top_k >= 1, "objective.top_k must be >= 1")
+        one_of("objective.layer_norm", self.layer_norm, ("layer", "instance", "none"))
+        one_of("objective.final_norm", self.final_norm, ("layer", "instance", "none"))
+        one_of("objective.loss", self.loss, ("smooth_l1", "l2"))
+        require(self.beta > 0, "objective.beta must be > 0 (use objective.loss=l2 for a squared loss)")
+        one_of("objective.reduce_dim", self.reduce_dim, ("sum", "mean"))
+        one_of("objective.scale", self.scale, ("none", "inv_sqrt_dim"))
+
+
+def normalise(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """Normalise (B, T, D) features in fp32: per position over D, or per channel over time."""
+    x = x.float()
+    if kind == "layer":
+        return F.layer_norm(x, x.shape[-1:])
+    if kind == "instance":
+        return F.instance_norm(x.transpose(1, 2)).transpose(1, 2)
+    return x
+
+
+def teacher_targets(layer_outputs: list[torch.Tensor], cfg: ObjectiveConfig) -> torch.Tensor:
+    """Average of the top-K tapped teacher layers, each normalised, then optionally normalised again.
+
+    layer_outputs: one (B, T, D) tensor per block, bottom to top. Returns fp32 (B, T, D).
+    """
+    require(len(layer_outputs) >= cfg.top_k,
+            f"objective.top_k={cfg.top_k} exceeds the encoder depth {len(layer_outputs)}")
+    top = layer_outputs[-cfg.top_k:]
+    target = sum(normalise(y, cfg.layer_norm) for y in top) / len(top)
+    return normalise(target, cfg.final_norm)
+
+
+def regression_loss(prediction: torch.Tensor, target: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """Sum over masked positions of the per-position loss. prediction, target: (M, D).
+
+    The caller divides by the global masked count across data-parallel ranks.
+    """
+    prediction = prediction.float()
+    if cfg.loss == "l2":
+        per_element = F.mse_loss(prediction, target, reduction="none")
+    else:
+        per_element = F.smooth_l1_loss(prediction, target, reduction="none", beta=cfg.beta)
+    per_position = per_element.sum(-1) if cfg.reduce_dim == "sum" else per_element.mean(-1)  # (M,)
+    if cfg.scale == "inv_sqrt_dim":
+        per_position = per_position / math.sqrt(prediction.shape[-1])
+    return per_position.sum()
+
+
+def moment_stats(x: torch.Tensor) -> torch.Tensor:
+    """[count, sum over rows (D), sum of squares over rows (D)] of (M, D) features, for an all-reduce."""
+    x = x.detach().float().reshape(-1, x.shape[-1])
+    count = torch.tensor([float(x.shape[0])], device=x.device)
+    return torch.cat([count, x.sum(0), (x * x).sum(0)])
+
+
+def std_from_stats(stats: torch.Tensor) -> float:
+    """Mean over dimensions of the per-dimension std across positions (fairseq's compute_var)."""
+    dim = (stats.numel() - 1) // 2
+    n, s, ss = stats[0], stats[1:1 + dim], stats[1 + dim:]
+    if n < 2:
+        return float("nan")
+    var = ss / (n - 1) - s * s / (n * (n - 1))
+    return torch.sqrt(var.clamp_min(0) + 1e-6).mean().item()
+
+
+@dataclass
+class CollapseConfig:
+    """Representation-collapse monitor (the reference aborts when targets or predictions go flat)."""
+
+    min_target_std: float = doc("alarm when the all-reduced target std falls below this", 0.1)
+    min_prediction_std: float = doc("alarm when the all-reduced prediction std falls below this", 0.01)
+    after_steps: int = doc("start checking after this many steps", 5000)
+    action: str = doc("on alarm: 'log' (warn), 'skip' (skip the update) or 'stop' (save and exit non-zero)", "log")
+
+    def __post_init__(self):
+        one_of("collapse.action", self.action, ("log", "skip", "stop"))
+        require(self.after_steps >= 0, "collapse.after_steps must be >= 0")
+
+
+def collapse_alarm(step: int, target_std: float, prediction_std: float, cfg: CollapseConfig) -> str | None:
+    """A message when the representations look collapsed at this step, else None."""
+    if step < cfg.after_steps:
+        return None
+    if target_std < cfg.min_target_std:
+        return f"target std {target_std:.4g} < {cfg.min_target_std} (collapse.min_target_std)"
+    if prediction_std < cfg.min_prediction_std:
+        return f"prediction std {prediction_std:.4g} < {cfg.min_prediction_std} (collapse.min_prediction_std)"
+    return None

@@ -1,0 +1,88 @@
+"""Entry point: ``python -m pipeline.train --config configs/<preset>.yaml [key.sub=value ...]``.
+
+Run it under ``torchrun --nproc_per_node N`` (or ``srun``) for several ranks; a plain ``python -m``
+runs one rank. The config, the DeepSpeed JSON, the parallel layout and the shard list are all checked
+before any process group starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from pipeline.experiment import config_help
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.train", description="Pretrain a data2vec model with DeepSpeed ZeRO-3.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=config_help())
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/vision_tiny.yaml")
+    parser.add_argument("--resume", default=None,
+                        help="checkpoint directory to resume from (default: the latest complete one in "
+                             "<train.output_dir>/checkpoints, if any)")
+    parser.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as train.lr=3e-4 data.workers=4")
+    return parser.parse_args(argv)
+
+
+def prepare(args):
+    """Everything that can be checked without a process group: config, layout, DeepSpeed JSON, shards."""
+    from pipeline.data import check_shard_count, resolve_shards
+    from pipeline.distributed import check_layout, choose_device, launch_env, load_ds_config, student_ds_config
+    from pipeline.experiment import load_experiment
+
+    cfg = load_experiment(args.config, args.overrides)
+    env = launch_env()
+    dp = check_layout(env.world_size, cfg.parallel.tp)
+    choice = choose_device(cfg.train.precision)
+    ds_base = load_ds_config(cfg.train.ds_config)
+    student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, dp, choice.dtype)
+    shards = resolve_shards(cfg.data.manifest)
+    check_shard_count(len(shards), dp, cfg.data.workers)
+    if args.resume and not Path(args.resume).is_dir():
+        raise ConfigError(f"--resume {args.resume}: no such checkpoint directory")
+    return cfg, choice, ds_base, shards, env
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    log = logging.getLogger("pipeline")
+    try:
+        cfg, choice, ds_base, shards, env = prepare(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from pipeline import distributed
+    from pipeline.experiment import experiment_dict
+    from pipeline.trainer import Trainer
+
+    rt = distributed.init_runtime(cfg.parallel.tp, choice)
+    try:
+        if rt.is_main:
+            log.info("config: %s", distributed_summary(cfg, rt, experiment_dict))
+        trainer = Trainer(cfg, rt, ds_base, shards)
+        if not args.no_resume:
+            trainer.resume(Path(args.resume) if args.resume else None)
+        status = trainer.train()
+        if rt.is_main:
+            log.info("%s at step %d; checkpoints in %s", status, trainer.step, trainer.ckpt_root)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def distributed_summary(cfg, rt, experiment_dict) -> str:
+    import json
+    layout = {"world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp, "device": str(rt.device),
+              "dtype": str(rt.choice.dtype).replace("torch.", ""), "backend": rt.choice.backend,
+              "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * rt.dp}
+    return json.dumps({"layout": layout, **experiment_dict(cfg)})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The training loop: student_forward, teacher_targets, regression_loss, ema update, log, checkpoint.
+
+The trainer wraps plain modules with DeepSpeed from the outside: the student is a ZeRO-3 engine with
+an optimizer, the teacher a ZeRO-3 engine without one whose fp32 partitions are the EMA state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.data import make_loader, to_device
+from pipeline.distributed import Runtime, all_reduce_sum, model_parallel_config, student_ds_config, teacher_ds_config
+from pipeline.ema import ShardedEMA, tau_at
+from pipeline.experiment import ExperimentConfig, experiment_dict
+from pipeline.metrics import MetricsLogger
+from pipeline.model.data2vec import Backbone, Student, teacher_parameter_name
+from pipeline.model.transformer import matmul_flops_per_token
+from pipeline.objective import collapse_alarm, moment_stats, regression_loss, std_from_stats, teacher_targets
+
+log = logging.getLogger("pipeline")
+
+NO_DECAY_SUFFIXES = ("bias", "cls_token", "mask_token", "rel_pos_bias.table")
+
+
+class CollapseError(RuntimeError):
+    pass
+
+
+def full_shape(p: torch.nn.Parameter) -> torch.Size:
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are empty outside a gather
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay for biases, norms, tokens and other 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if len(full_shape(p)) <= 1 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_lambda(cfg):
+    """Warmup then cosine decay to min_lr (or constant), as a multiplier of train.lr."""
+    floor = cfg.min_lr / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, rt: Runtime, ds_base: dict, shards: list[str]):
+        self.cfg, self.rt, self.shards = cfg, rt, shards
+        self.modality = cfg.make_modality()
+        tcfg = cfg.train
+        self.ds_student = student_ds_config(ds_base, tcfg.micro_batch_size, tcfg.grad_accum, rt.dp, rt.choice.dtype)
+        self.ds_teacher = teacher_ds_config(self.ds_student)
+        self.output = Path(tcfg.output_dir)
+        self.ckpt_root = self.output / "checkpoints"
+        self.step = 0  # optimizer steps done
+        self.batches_consumed = 0  # data position (micro-batches taken from this rank's stream)
+        self.stop_requested = False
+        self.build()
+
+    # -- construction -------------------------------------------------------------------------
+    def build(self) -> None:
+        import deepspeed
+        cfg, rt = self.cfg, self.rt
+        mp = model_parallel_config(rt.tp)
+        torch.manual_seed(cfg.train.seed)
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_student, data_parallel_group=rt.dp_group,
+                                 dtype=rt.choice.dtype, mpu=rt.mpu):
+            student = Student(self.modality, cfg.encoder, mp, rt.tp_rank)
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_teacher, data_parallel_group=rt.dp_group,
+                                 dtype=torch.float32, mpu=rt.mpu):
+            teacher = Backbone(self.modality, cfg.encoder, mp, rt.tp_rank)
+        teacher.requires_grad_(False)
+        t = cfg.train
+        optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=student, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_student, mpu=rt.mpu)
+        self.teacher, *_ = deepspeed.initialize(model=teacher, config=self.ds_teacher, mpu=rt.mpu)
+        self.teacher.eval()  # no dropout / drop-path in the teacher
+        student_params = {teacher_parameter_name(n): p for n, p in student.named_parameters()}
+        self.ema = ShardedEMA(teacher, student_params, cfg.ema)
+        self.ema.copy_student()
+
+    # -- the data2vec step --------------------------------------------------------------------
+    @torch.no_grad()
+    def teacher_targets(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Teacher (fp32 weights, bf16 autocast on GPU) on the unmasked input -> (B, T, D) fp32 targets."""
+        with torch.autocast(self.rt.choice.device_type, dtype=self.rt.choice.dtype, enabled=self.rt.choice.autocast):
+            taps = self.teacher(inputs)
+        return teacher_targets(taps, self.cfg.objective)
+
+    def student_forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        return self.engine(inputs, mask)  # (M, D) predictions at masked positions
+
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict:
+        batch = to_device(batch, self.rt.device, self.rt.choice.dtype)
+        mask = batch.pop("mask")
+        targets = self.teacher_targets(batch)[mask]  # (M, D)
+        prediction = self.student_forward(batch, mask)  # (M, D)
+        loss_sum = regression_loss(prediction, targets, self.cfg.objective)
+        # one all-reduce over data-parallel ranks: loss, target and prediction moments, stop flag
+        stats = torch.cat([loss_sum.detach().float().view(1), moment_stats(targets), moment_stats(prediction),
+                           torch.tensor([float(self.stop_requested)], device=loss_sum.device)])
+        all_reduce_sum(stats, self.rt.dp_group)
+        dim = targets.shape[-1]
+        masked = stats[1]
+        metrics = {"loss": (stats[0] / masked).item(), "masked": masked.item(),
+                   "target_std": std_from_stats(stats[1:2 + 2 * dim]),
+                   "prediction_std": std_from_stats(stats[2 + 2 * dim:3 + 4 * dim]),
+                   "stop": stats[-1].item() > 0}
+        alarm = collapse_alarm(self.step, metrics["target_std"], metrics["prediction_std"], self.cfg.collapse)
+        if alarm:
+            self.handle_collapse(alarm)
+            if self.cfg.collapse.action == "skip":
+                metrics["skipped"] = True
+                return metrics
+        # The loss is normalised by the global masked count; DeepSpeed averages gradients over the
+        # data-parallel ranks, so scale by dp to get the gradient of the global loss.
+        self.engine.backward(loss_sum * (self.rt.dp / masked))
+        return metrics
+
+    def handle_collapse(self, alarm: str) -> None:
+        action = self.cfg.collapse.action
+        log.warning("step %d: representation collapse alarm: %s (collapse.action=%s)", self.step, alarm, action)
+        if action == "stop":
+            raise CollapseError(alarm)
+
+    def optimizer_step(self) -> dict:
+        """grad_accum micro-steps, one optimizer step, then the EMA update of the teacher partitions."""
+        metrics = []
+        for _ in range(self.cfg.train.grad_accum):
+            batch = next(self.batches)
+            self.batches_consumed += 1
+            m = self.micro_step(batch)
+            metrics.append(m)
+            if not m.get("skipped"):
+                self.engine.step()
+        if any(m.get("skipped") for m in metrics):
+            return {**metrics[-1], "skipped": True}
+        tau = tau_at(self.step, self.cfg.ema)
+        self.ema.update(tau)
+        self.step += 1
+        out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("loss", "target_std", "prediction_std")}
+        return {**out, "tau": tau, "stop": any(m["stop"] for m in metrics), "lr": self.scheduler.get_last_lr()[0]}
+
+    # -- the loop -----------------------------------------------------------------------------
+    def flops_per_sample(self) -> float:
+        """Model FLOPs of the full data2vec step per sample: student fwd+bwd (3x), teacher fwd (1x)."""
+        enc, mod = self.cfg.encoder, self.modality
+        seq = mod.tokens_per_sample() + mod.prefix_tokens
+        forward = mod.embed_flops_per_sample(enc) + seq * matmul_flops_per_token(enc, seq)
+        return 4 * forward
+
+    def resume(self, path: Path | None) -> None:
+        ckpt = path if path is not None else checkpoint.find_latest(self.ckpt_root)
+        if ckpt is None:
+            return
+        state = checkpoint.load(self.engine, self.ema, ckpt, self.rt.rank, self.rt.world_size,
+                                self.rt.choice.device_type)
+        self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        if self.rt.is_main:
+            log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def save(self) -> Path:
+        path = checkpoint.save(self.engine, self.ema, self.ckpt_root, self.step,
+                               {"step": self.step, "batches_consumed": self.batches_consumed,
+                                "config": experiment_dict(self.cfg)},
+                               self.rt.choice.device_type, self.rt.rank, self.rt.world_size,
+                               self.cfg.train.keep_checkpoints)
+        if self.rt.is_main:
+            log.info("checkpoint saved: %s", path)
+        return path
+
+    def install_signal_handlers(self) -> None:
+        def request_stop(signum, _frame):
+            self.stop_requested = True  # agreed on by all ranks through the next step's all-reduce
+        for sig in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(sig, request_stop)
+
+    def train(self) -> str:
+        """Run to train.steps. Returns 'done' or 'preempted' (checkpoint saved at an agreed step)."""
+        t = self.cfg.train
+        self.install_signal_handlers()
+        loader = make_loader(self.shards, self.modality, self.cfg.data, t.micro_batch_size, t.seed,
+                             self.rt.dp_rank, self.rt.dp, start_batch=self.batches_consumed)
+        self.batches = iter(loader)
+        logger = MetricsLogger(self.output, self.rt.is_main, start_step=self.step)
+        samples_per_step = t.micro_batch_size * t.grad_accum * self.rt.dp
+        status = "done"
+        try:
+            while self.step < t.steps:
+                metrics = self.optimizer_step()
+                if metrics.get("skipped"):
+                    continue
+                logger.record(self.step, metrics, samples=samples_per_step,
+                              tokens=samples_per_step * self.modality.tokens_per_sample(),
+                              flops=samples_per_step * self.flops_per_sample(), devices=self.rt.world_size)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    logger.flush(self.step, t.steps)
+                if metrics["stop"]:
+                    self.save()
+                    status = "preempted"
+                    break
+                if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
+                    self.save()
+            else:
+                self.save()
+        finally:
+            logger.close()
+        return status
