@@ -167,6 +167,11 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return build_dataclass(hint, value, where)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"'{where}' must be {hint.__name__}, got {value!r}")
     if hint is list and not isinstance(value, list):

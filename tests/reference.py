@@ -1,0 +1,115 @@
+"""An independent, dense, plain-PyTorch data2vec (vision) computation used as the test oracle.
+
+Written from the method description (data2vec paper, BEiT) without importing the pipeline's model
+code: explicit matmuls, explicit softmax, explicit layer norms and a relative position index built
+by loops. It reads weights from a plain state dict.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    return y if weight is None else y * weight + bias
+
+
+def instance_norm_time(x, eps=1e-5):  # (B, T, D): normalise each channel over time
+    mean = x.mean(1, keepdim=True)
+    var = ((x - mean) ** 2).mean(1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def relative_bias(table, grid):
+    """(heads, 1+N, 1+N) from BEiT's table, with the index built pair by pair."""
+    n = grid * grid
+    size = table.shape[0]
+    t = n + 1
+    idx = torch.empty(t, t, dtype=torch.long)
+    for a in range(t):
+        for b in range(t):
+            if a == 0 and b == 0:
+                idx[a, b] = size - 1
+            elif a == 0:
+                idx[a, b] = size - 3  # cls -> patch
+            elif b == 0:
+                idx[a, b] = size - 2  # patch -> cls
+            else:
+                ra, ca = divmod(a - 1, grid)
+                rb, cb = divmod(b - 1, grid)
+                idx[a, b] = (ra - rb + grid - 1) * (2 * grid - 1) + (ca - cb + grid - 1)
+    return table[idx].permute(2, 0, 1)
+
+
+def vit_forward(sd, prefix, images, mask, grid, patch, heads, depth, eps, norm_first=True, tap="block"):
+    """Returns (final (B, N, D) without CLS, taps list of (B, N, D) without CLS)."""
+    w = sd[f"{prefix}embed.patch.weight"]  # (D, C, p, p)
+    b_, c, h, wd = images.shape
+    patches = images.reshape(b_, c, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5).reshape(b_, grid * grid, -1)
+    x = patches @ w.reshape(w.shape[0], -1).T + sd[f"{prefix}embed.patch.bias"]  # (B, N, D)
+    if mask is not None:
+        x = torch.where(mask[..., None], sd[f"{prefix}embed.mask_token"].reshape(1, 1, -1).expand_as(x), x)
+    x = torch.cat([sd[f"{prefix}embed.cls_token"].reshape(1, 1, -1).expand(b_, 1, -1), x], 1)
+    bias = relative_bias(sd[f"{prefix}embed.rel_pos_bias.table"], grid)
+    d = x.shape[-1]
+    hd = d // heads
+    taps = []
+    for i in range(depth):
+        p = f"{prefix}encoder.blocks.{i}."
+
+        def lin(name, v):
+            y = v @ sd[p + name + ".weight"].T
+            return y + sd[p + name + ".bias"] if p + name + ".bias" in sd else y
+
+        def attention(v):
+            q, k, val = (lin(n, v).reshape(b_, -1, heads, hd).transpose(1, 2) for n in ("attn.query", "attn.key", "attn.value"))
+            scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + bias
+            probs = torch.exp(scores - scores.amax(-1, keepdim=True))
+            probs = probs / probs.sum(-1, keepdim=True)
+            return lin("attn.out", (probs @ val).transpose(1, 2).reshape(b_, -1, d))
+
+        def ffn(v):
+            return lin("ffn.fc2", gelu(lin("ffn.fc1", v)))
+
+        g1, g2 = sd.get(p + "gamma_1", 1.0), sd.get(p + "gamma_2", 1.0)
+        ln = lambda v, n: layer_norm(v, sd[p + n + ".weight"], sd[p + n + ".bias"], eps)  # noqa: E731
+        if norm_first:
+            x = x + g1 * attention(ln(x, "attn_norm"))
+            f = g2 * ffn(ln(x, "ffn_norm"))
+            x = x + f
+        else:
+            x = ln(x + g1 * attention(x), "attn_norm")
+            f = g2 * ffn(x)
+            x = ln(x + f, "ffn_norm")
+        taps.append((x if tap == "block" else f)[:, 1:])
+    if norm_first:
+        x = layer_norm(x, sd[f"{prefix}encoder.final_norm.weight"], sd[f"{prefix}encoder.final_norm.bias"], eps)
+    return x[:, 1:], taps
+
+
+def targets(taps, k, per_layer, final):
+    norm = {"layer": layer_norm, "instance": instance_norm_time, "none": lambda v: v}
+    top = [norm[per_layer](t) for t in taps[-k:]]
+    return norm[final](sum(top) / k)
+
+
+def loss(pred, target, kind, beta, reduce_dim, scale):
+    diff = pred - target
+    if kind == "l2":
+        per = diff ** 2
+    else:
+        a = diff.abs()
+        per = torch.where(a < beta, 0.5 * a * a / beta, a - 0.5 * beta)
+    per = per.sum(-1) if reduce_dim == "sum" else per.mean(-1)
+    if scale == "inv_sqrt_dim":
+        per = per / math.sqrt(pred.shape[-1])
+    return per.sum() / pred.shape[0]

@@ -1,0 +1,81 @@
+"""Every shipped preset and DeepSpeed JSON is loaded, validated and built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+from pipeline.config import ConfigError
+from pipeline.distributed import load_ds_config, model_parallel_config, student_ds_config, teacher_ds_config
+from pipeline.experiment import config_help, load_experiment
+from pipeline.model.data2vec import Backbone, Student
+
+PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
+DS_CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
+
+
+def expected_vit_params(cfg) -> int:
+    """Parameter count of a BEiT-style ViT + Linear(D, D) head, from the architecture description."""
+    d, f, h, L = cfg.encoder.dim, cfg.encoder.ffn_dim, cfg.encoder.heads, cfg.encoder.depth
+    g, p, c = cfg.model.grid, cfg.model.patch_size, cfg.model.in_chans
+    per_block = (4 * d * d + (3 + cfg.encoder.key_bias) * d  # q k v out (+ biases)
+                 + 2 * d * f + f + d  # FFN
+                 + 4 * d  # two LayerNorms
+                 + (2 * d if cfg.encoder.layer_scale_init > 0 else 0))  # layer scale
+    embed = c * p * p * d + d + 2 * d + ((2 * g - 1) ** 2 + 3) * h
+    return embed + L * per_block + 2 * d + (d * d + d)
+
+
+def test_presets_exist():
+    assert {p.stem for p in PRESETS} >= {"vision_tiny", "vision_base", "vision_large"}
+    assert DS_CONFIGS
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+def test_preset_builds(single_process_group, preset: Path):
+    cfg = load_experiment(preset)
+    modality = cfg.make_modality()
+    mp = model_parallel_config(cfg.parallel.tp)
+    with torch.device("meta"):  # full size, no memory
+        student = Student(modality, cfg.encoder, mp)
+        teacher = Backbone(modality, cfg.encoder, mp)
+    n = sum(p.numel() for p in student.parameters())
+    assert n == expected_vit_params(cfg)
+    assert sum(p.numel() for p in teacher.parameters()) == n - (cfg.encoder.dim ** 2 + cfg.encoder.dim)
+    if preset.stem == "vision_base":
+        assert 85e6 < n < 88e6  # ViT-B/16
+    if preset.stem == "vision_large":
+        assert 300e6 < n < 310e6  # ViT-L/16
+    ds = load_ds_config(ROOT / cfg.train.ds_config)
+    student_ds_config(ds, cfg.train.micro_batch_size, cfg.train.grad_accum, 2, torch.float32)
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=lambda p: p.stem)
+def test_ds_config_derivation(path: Path):
+    base = load_ds_config(path)
+    student = student_ds_config(base, micro=4, accum=2, dp=8, dtype=torch.bfloat16)
+    assert student["train_batch_size"] == 64 and student["bf16"]["enabled"] is True
+    assert student["zero_optimization"]["stage"] == 3
+    teacher = teacher_ds_config(student)
+    assert teacher["bf16"]["enabled"] is False  # the EMA teacher is fp32
+    assert teacher["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    assert "gradient_clipping" not in teacher
+
+
+def test_help_lists_every_section():
+    text = config_help()
+    for key in ("model.patch_size", "encoder.dim", "objective.top_k", "ema.tau0", "collapse.action",
+                "data.manifest", "train.lr", "parallel.tp"):
+        assert key in text
+
+
+def test_overrides_are_typed_and_checked():
+    cfg = load_experiment(ROOT / "configs/vision_tiny.yaml", ["train.lr=3e-4", "encoder.depth=6", "ema.copy=[embed.*]"])
+    assert cfg.train.lr == 3e-4 and cfg.encoder.depth == 6 and cfg.ema.copy == ["embed.*"]
+    with pytest.raises(ConfigError, match="must be int"):
+        load_experiment(ROOT / "configs/vision_tiny.yaml", ["encoder.depth=six"])
+    with pytest.raises(ConfigError, match="Did you mean 'encoder.depth'"):
+        load_experiment(ROOT / "configs/vision_tiny.yaml", ["encoder.dept=6"])
