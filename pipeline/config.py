@@ -115,6 +115,8 @@ class TrainConfig:
     log_every: int = doc("steps between log lines", 10)
     save_every: int = doc("steps between checkpoints (0: only the final one)", 1000)
     keep_checkpoints: int = doc("complete checkpoints to keep (older ones are deleted; 0 keeps all)", 3)
+    stop_after: int = doc("end this run (with a checkpoint) once this step is reached; the schedule still "
+                          "targets train.steps and a later run resumes (0: run to train.steps)", 0)
 
     def __post_init__(self):
         require(self.steps >= 1, "train.steps must be >= 1")
@@ -129,6 +131,7 @@ class TrainConfig:
         require(self.log_every >= 1, "train.log_every must be >= 1")
         require(self.save_every >= 0, "train.save_every must be >= 0")
         require(self.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0")
+        require(0 <= self.stop_after, "train.stop_after must be >= 0")
 
 
 # ---------------------------------------------------------------------------------------------

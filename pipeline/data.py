@@ -4,8 +4,8 @@ Every (data-parallel rank, worker) pair reads an infinite stream: in epoch e it 
 ``perm_e[dp_rank::dp][worker::workers]`` of a seeded shard permutation, shuffles samples through a
 seeded buffer and yields whole batches. The DataLoader visits workers round-robin, so batch i of a
 rank comes from worker ``i % workers`` and the whole stream is a function of (seed, layout). The data
-position saved in a checkpoint is just the number of batches consumed; on resume each worker skips
-its share of raw samples *before* decoding. Tensor-parallel peers share a data-parallel rank and so
+position saved in a checkpoint is just the number of batches consumed; on resume each worker takes
+over the stream whose turn it is and skips that stream's share of raw samples *before* decoding. Tensor-parallel peers share a data-parallel rank and so
 see identical batches (we do not use webdataset's RANK-based node splitter for that reason).
 Decoding, augmentation and masking run in the workers; sample bytes are never unpickled.
 """
@@ -91,8 +91,11 @@ class ShardStream(IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        skip = self.batch_size * len(range(worker, self.start_batch, workers))  # this worker's share
+        loader_worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        # The DataLoader always starts at its worker 0, but the next batch (index start_batch) belongs to
+        # stream start_batch % workers: rotate the roles so every stream continues where it stopped.
+        worker = (loader_worker + self.start_batch) % workers
+        skip = self.batch_size * len(range(worker, self.start_batch, workers))  # this stream's share
         batch, index = [], 0
         for sample in self.worker_samples(worker, workers):
             index += 1
@@ -109,7 +112,10 @@ def make_loader(shards: list[str], modality: Modality, cfg: DataConfig, batch_si
                 dp_rank: int, dp: int, start_batch: int = 0) -> DataLoader:
     stream = ShardStream(shards, modality, cfg, batch_size, seed, dp_rank, dp, start_batch)
     kwargs = {"prefetch_factor": cfg.prefetch, "persistent_workers": False} if cfg.workers else {}
-    return DataLoader(stream, batch_size=None, num_workers=cfg.workers, **kwargs)
+    # Own generator: creating the loader must not draw from the global RNG that dropout uses, or a
+    # resumed run (loader created after the RNG state is restored) would drift from an uninterrupted one.
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(stream, batch_size=None, num_workers=cfg.workers, generator=generator, **kwargs)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

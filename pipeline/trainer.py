@@ -205,24 +205,26 @@ class Trainer:
         logger = MetricsLogger(self.output, self.rt.is_main, start_step=self.step)
         samples_per_step = t.micro_batch_size * t.grad_accum * self.rt.dp
         status = "done"
+        last = min(t.steps, t.stop_after) if t.stop_after else t.steps
         try:
-            while self.step < t.steps:
+            while self.step < last:
                 metrics = self.optimizer_step()
                 if metrics.get("skipped"):
                     continue
                 logger.record(self.step, metrics, samples=samples_per_step,
                               tokens=samples_per_step * self.modality.tokens_per_sample(),
                               flops=samples_per_step * self.flops_per_sample(), devices=self.rt.world_size)
-                if self.step % t.log_every == 0 or self.step == t.steps:
+                if self.step % t.log_every == 0 or self.step == last:
                     logger.flush(self.step, t.steps)
                 if metrics["stop"]:
                     self.save()
                     status = "preempted"
                     break
-                if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
+                if t.save_every and self.step % t.save_every == 0 and self.step < last:
                     self.save()
             else:
                 self.save()
+                status = "done" if self.step >= t.steps else "stopped"
         finally:
             logger.close()
         return status

@@ -29,3 +29,25 @@ def single_process_group():
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=1)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Real image files -> data_prep shards (8 shards of 4 images); returns the shard directory."""
+    from data_prep import images
+    from pipeline.demo import make_images
+    root = tmp_path_factory.mktemp("tiny_data")
+    raw = make_images(root / "raw", count=32, size=40, seed=0)
+    out = root / "shards"
+    report = images.main(["--input", str(raw), "--output", str(out), "--shard-size", "4", "--quiet"])
+    assert report.manifest["totals"]["samples"] == 32
+    return out
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None, cwd: Path = ROOT):
+    """Run ``python -m torch.distributed.run --nproc_per_node N <args>`` and return the CompletedProcess."""
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)

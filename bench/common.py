@@ -1,0 +1,161 @@
+"""Shared helpers for the benchmark scripts: repo path, timing, matmul peak, machine info, tables.
+
+Imported as ``bench.common`` by ``bench/bench_*.py`` (each script puts the repository root on
+``sys.path`` first, so ``python bench/<script>.py`` works from any directory).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def command_line() -> str:
+    """The command as typed (relative to the repository root), for the report."""
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+
+def now() -> str:
+    return datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+def sync(device: str = "cpu") -> None:
+    """Wait for queued device work (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        import torch
+        torch.cuda.synchronize()
+
+
+def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 0, device: str = "cpu") -> list[float]:
+    """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+class Stopwatch:
+    """``with Stopwatch() as sw: ...`` then ``sw.seconds``."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device, self.seconds = device, 0.0
+
+    def __enter__(self):
+        sync(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.start
+        return False
+
+
+def summarize(times: Sequence[float]) -> dict:
+    return {"n": len(times), "total": sum(times), "mean": sum(times) / len(times),
+            "median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Matmul peak
+# ---------------------------------------------------------------------------------------------
+
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10, device: str | None = None, dtype=None) -> dict:
+    """Achievable dense matmul rate: ``torch.matmul`` of two n x n matrices, 2*n^3 FLOPs per call.
+
+    fp32 on the CPU, bf16 on a GPU (the dtypes the trainer computes in). Returns the best and the
+    median rate in TFLOP/s; the best is the "peak" the training figures are compared against.
+    """
+    import torch
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    times = time_calls(lambda: torch.matmul(a, b), repeats=repeats, warmup=2, device=device)
+    flops = 2.0 * n ** 3
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), "device": device, "repeats": repeats,
+            "best_tflops": flops / min(times) / 1e12, "median_tflops": flops / statistics.median(times) / 1e12}
+
+
+# ---------------------------------------------------------------------------------------------
+# Machine description
+# ---------------------------------------------------------------------------------------------
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info() -> str:
+    import torch
+    parts = [f"{os.cpu_count()} CPU cores ({cpu_model()})", f"torch {torch.__version__}",
+             f"{torch.get_num_threads()} torch threads"]
+    if torch.cuda.is_available():
+        parts.insert(1, torch.cuda.get_device_name(0))
+    else:
+        parts.insert(1, "no GPU")
+    try:
+        parts.append(f"load avg {os.getloadavg()[0]:.2f}")
+    except OSError:
+        pass
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A Markdown table (also readable on a terminal), columns padded to equal width."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *(line(r) for r in cells[1:])])
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    """Significant-digit formatting that keeps small and large numbers readable."""
+    if value is None:
+        return "-"
+    if value == 0:
+        return "0"
+    if abs(value) >= 10 ** digits:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+def report_header(title: str) -> str:
+    return f"## {title}\n\nmachine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}\n"

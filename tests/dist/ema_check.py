@@ -1,0 +1,79 @@
+"""Run under torchrun (2+ CPU ranks): train a few steps and check the sharded EMA teacher.
+
+Writes a JSON report (rank 0) to the path given as argv[1]. Checked: every teacher partition is
+fp32 with ceil(N / DP) elements (+ padding), the gathered teacher equals a dense EMA of the gathered
+student computed step by step here, and the well-known broken recipe (editing inside
+GatheredParameters without modifier_rank) would have been caught.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import torch
+import torch.distributed as dist
+
+from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
+from pipeline.experiment import load_experiment
+from pipeline.trainer import Trainer
+
+
+def gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    import deepspeed
+    out = {}
+    for name, p in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            out[name] = p.detach().clone().double()
+    return out
+
+
+def main() -> None:
+    report_path, manifest = sys.argv[1], sys.argv[2]
+    steps, tau0, tau_end, anneal = 5, 0.5, 0.9, 3
+    cfg = load_experiment("configs/vision_tiny.yaml", [
+        f"data.manifest={manifest}", "data.workers=1", "train.micro_batch_size=4", "train.lr=0.01",
+        "train.warmup_steps=0", f"ema.tau0={tau0}", f"ema.tau_end={tau_end}", f"ema.anneal_steps={anneal}",
+        "train.output_dir=/nonexistent-not-used"])
+    rt = init_runtime(1, choose_device("fp32"))
+    trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), [])
+    from pipeline.data import make_loader
+    trainer.batches = iter(make_loader(sys.argv[3:], trainer.modality, cfg.data, 4, 0, rt.dp_rank, rt.dp))
+
+    teacher = trainer.teacher.module
+    partitions = {}
+    for name, p in teacher.named_parameters():
+        partitions[name] = {"numel": p.ds_tensor.numel(), "full": p.ds_numel, "dtype": str(p.ds_tensor.dtype),
+                            "ceil": math.ceil(p.ds_numel / rt.dp)}
+    student = trainer.engine.module.backbone
+    reference = gathered(student)  # the teacher starts as a copy of the student
+    start_teacher = gathered(teacher)
+    init_err = max((start_teacher[k] - reference[k]).abs().max().item() for k in reference)
+    for step in range(steps):
+        trainer.optimizer_step()
+        tau = tau0 + (tau_end - tau0) * step / anneal if step < anneal else tau_end
+        current = gathered(student)
+        reference = {k: tau * reference[k] + (1 - tau) * current[k] for k in reference}
+    final_teacher = gathered(teacher)
+    max_err = max((final_teacher[k] - reference[k]).abs().max().item() for k in reference)
+    moved = max((final_teacher[k] - start_teacher[k]).abs().max().item() for k in reference)
+
+    # The broken recipe: modify inside GatheredParameters without modifier_rank -> silently discarded.
+    import deepspeed
+    params = list(teacher.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        for p in params:
+            p.data.mul_(0.0)
+    after_bad = gathered(teacher)
+    bad_recipe_changed = max((after_bad[k] - final_teacher[k]).abs().max().item() for k in reference)
+    if rt.rank == 0:
+        with open(report_path, "w") as f:
+            json.dump({"dp": rt.dp, "partitions": partitions, "max_err": max_err, "teacher_moved": moved,
+                       "bad_recipe_changed": bad_recipe_changed, "init_err": init_err}, f)
+    dist.barrier()
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
