@@ -64,3 +64,17 @@ def test_stop_and_resume_is_bit_identical(tiny_shards, tmp_path):
     assert ckpts == ["step_00000003", "step_00000006", "step_00000008"]
     assert (split / "checkpoints/latest").read_text() == "step_00000008"
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_same_global_batch_same_losses_for_any_data_parallel_size(tmp_path):
+    """Global masked-count normalisation + DeepSpeed's gradient averaging = the gradient of the global loss."""
+    losses = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"dp{nproc}.json"
+        proc = torchrun([str(ROOT / "tests/dist/dp_equivalence.py"), str(out)], nproc=nproc)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        losses[nproc] = json.loads(out.read_text())
+    assert len(losses[1]) == 8  # (loss, gradient norm) per step
+    for a, b in zip(losses[1], losses[2]):
+        assert math.isclose(a, b, rel_tol=1e-5), (losses[1], losses[2])
+    assert losses[1][0] != losses[1][-2]

@@ -1,0 +1,81 @@
+"""Bad input gets a clear error (exit 2, a message saying what to change), before any process group."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from argparse import Namespace
+
+import pytest
+
+from conftest import ROOT
+from pipeline.config import ConfigError
+from pipeline.train import prepare
+
+TINY = str(ROOT / "configs/vision_tiny.yaml")
+
+
+def run_prepare(monkeypatch, overrides, world_size=2, resume=None):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", str(world_size))
+    monkeypatch.chdir(ROOT)
+    return prepare(Namespace(config=TINY, overrides=overrides, resume=resume))
+
+
+def test_valid_setup_passes(monkeypatch, tiny_shards):
+    cfg, choice, ds, shards, env = run_prepare(monkeypatch, [f"data.manifest={tiny_shards}"])
+    assert len(shards) == 8 and env.world_size == 2
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["data.manifest=/no/such/dir"], 2, "does not exist"),
+    (["data.manifest="], 2, "data.manifest is empty"),
+    (["data.workers=8"], 2, "need at least 16"),
+    (["parallel.tp=2", "encoder.heads=4"], 3, "world size 3 is not divisible by parallel.tp=2"),
+    (["parallel.tp=3"], 3, "encoder.heads=4 is not divisible by parallel.tp=3"),
+    (["train.setps=3"], 2, "unknown config key 'train.setps'. Did you mean 'train.steps'"),
+    (["objective.top_k=9"], 2, "objective.top_k=9 exceeds encoder.depth=4"),
+    (["train.precision=bf16"], 2, "needs a GPU"),
+    (["train.ds_config=/no/such.json"], 2, "does not exist"),
+])
+def test_bad_setup_is_rejected(monkeypatch, tiny_shards, overrides, world, message):
+    overrides = [f"data.manifest={tiny_shards}", *overrides] if not overrides[0].startswith("data.manifest") else overrides
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        run_prepare(monkeypatch, overrides, world)
+
+
+def test_empty_shard_list(monkeypatch, tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"format": 1, "modality": "image", "name": "images", "shards": [], "totals": {}, "params": {}, "skipped": []}))
+    with pytest.raises(ConfigError, match="lists no shards"):
+        run_prepare(monkeypatch, [f"data.manifest={tmp_path}"])
+
+
+def test_deepspeed_batch_contradiction(monkeypatch, tiny_shards, tmp_path):
+    ds = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    ds["train_batch_size"] = 999
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=r"train_batch_size=999 but the experiment needs 32"):
+        run_prepare(monkeypatch, [f"data.manifest={tiny_shards}", f"train.ds_config={tmp_path / 'ds.json'}"])
+    ds.pop("train_batch_size")
+    ds["optimizer"] = {"type": "AdamW"}
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match="'optimizer' section"):
+        run_prepare(monkeypatch, [f"data.manifest={tiny_shards}", f"train.ds_config={tmp_path / 'ds.json'}"])
+
+
+def test_cli_error_is_one_clear_line_not_a_traceback(tiny_shards):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", TINY, f"data.manifest={tiny_shards}",
+                           "data.workers=64"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "WORLD_SIZE": "2", "RANK": "0", "HOME": "/tmp"})
+    assert proc.returncode == 2
+    assert "error: 8 shard(s) for 2 data-parallel rank(s) x 64 worker(s): need at least 128" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("module", ["pipeline.train", "pipeline.demo", "data_prep.images"])
+def test_help(module):
+    proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "usage" in proc.stdout
