@@ -49,7 +49,11 @@ def train(tiny_shards, out, steps, extra=()):
 
 def test_stop_and_resume_is_bit_identical(tiny_shards, tmp_path):
     full = tmp_path / "full"
-    train(tiny_shards, full, 8)
+    first = train(tiny_shards, full, 8)
+    line = next(ln for ln in first.stdout.splitlines() if "step 8/8 |" in ln)
+    for field in ("loss", "lr", "tau", "target_std", "pred_std", "samples/s", "tokens/s", "TFLOP/s"):
+        assert field in line
+    assert "checkpoint saved: " in first.stdout
     split = tmp_path / "split"
     train(tiny_shards, split, 8, ["train.stop_after=3"])
     assert (split / "checkpoints/step_00000003/COMPLETE").is_file()

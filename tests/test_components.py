@@ -1,0 +1,71 @@
+"""Small components checked against independent computations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pipeline import checkpoint
+from pipeline.config import TrainConfig
+from pipeline.ema import EMAConfig, ShardedEMA, tau_at
+from pipeline.objective import CollapseConfig, collapse_alarm, moment_stats, std_from_stats
+from pipeline.trainer import lr_lambda
+
+
+def test_std_from_all_reduced_moments_equals_torch_std():
+    x = torch.randn(300, 16) * torch.linspace(0.1, 3, 16)
+    parts = [x[:100], x[100:250], x[250:]]  # as if on three ranks
+    stats = sum(moment_stats(p) for p in parts)
+    want = torch.sqrt(x.double().var(0) + 1e-6).mean().item()
+    assert abs(std_from_stats(stats) - want) < 1e-4
+
+
+def test_collapse_alarm():
+    cfg = CollapseConfig(min_target_std=0.1, min_prediction_std=0.01, after_steps=10, action="stop")
+    assert collapse_alarm(5, 0.0, 0.0, cfg) is None  # too early
+    assert "target std" in collapse_alarm(10, 0.05, 1.0, cfg)
+    assert "prediction std" in collapse_alarm(11, 1.0, 0.001, cfg)
+    assert collapse_alarm(12, 1.0, 1.0, cfg) is None
+
+
+def test_tau_anneals_linearly_then_stays():
+    cfg = EMAConfig(tau0=0.999, tau_end=0.9999, anneal_steps=30000)
+    assert tau_at(0, cfg) == 0.999
+    assert abs(tau_at(15000, cfg) - (0.999 + 0.9999) / 2) < 1e-12
+    assert tau_at(30000, cfg) == tau_at(10 ** 6, cfg) == 0.9999
+    assert tau_at(5, EMAConfig(tau0=0.5, tau_end=0.9998, anneal_steps=0)) == 0.9998
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    cfg = TrainConfig(steps=110, lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.01 + 0.99 * 0.5)  # half way through the cosine
+    assert f(110) == pytest.approx(0.01)
+
+
+def test_dense_ema_update_and_copy():
+    teacher = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "embed": torch.nn.Linear(3, 3)})
+    student = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "embed": torch.nn.Linear(3, 3)})
+    t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
+    dense = lambda p: p.data  # noqa: E731
+    ema = ShardedEMA(teacher, dict(student.named_parameters()), EMAConfig(copy=["embed.*"]), dense, dense)
+    ema.update(0.9)
+    s = student.state_dict()
+    for k, v in teacher.state_dict().items():
+        want = s[k] if k.startswith("embed.") else 0.9 * t0[k] + 0.1 * s[k]
+        torch.testing.assert_close(v, want)
+
+
+def test_only_complete_checkpoints_are_resumed(tmp_path):
+    for step in (1, 2, 3):
+        (tmp_path / checkpoint.tag_for(step)).mkdir()
+    for step in (1, 2):
+        (tmp_path / checkpoint.tag_for(step) / checkpoint.COMPLETE).write_text(json.dumps({"step": step}))
+    (tmp_path / checkpoint.LATEST).write_text(checkpoint.tag_for(3))  # points at an incomplete save
+    assert checkpoint.find_latest(tmp_path).name == "step_00000002"
+    (tmp_path / checkpoint.LATEST).write_text("../../etc")  # a pointer may not leave the directory
+    assert checkpoint.find_latest(tmp_path).name == "step_00000002"
+    assert checkpoint.find_latest(tmp_path / "nothing") is None
