@@ -17,6 +17,10 @@ Three measurements, all in this one process:
    clipping, AdamW; teacher (deepcopy, eval, no_grad) forward with ``output_hidden_states=True`` and
    layer-normed top-K average targets; EMA with ``torch._foreach_*``.
 
+After a few warmup steps each, ours and the peer are timed in alternating rounds (A B, B A, ...) so
+background load on a shared machine hits both alike; the median step time is reported. The matmul
+peak is taken before and after, and the better of the two is used as "peak".
+
 Both rates use the trainer's own FLOP count (``Trainer.flops_per_sample``: 3x forward for the
 student, 1x for the teacher; matmuls and attention only), so the ratio is a pure time ratio.
 """
@@ -209,10 +213,15 @@ def main(argv=None) -> int:
     import torch
 
     from pipeline import distributed
+    from pipeline.config import ConfigError
     from pipeline.experiment import load_experiment
 
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
-        cfg = load_experiment(args.preset, config_overrides(args, tmp))
+        try:
+            cfg = load_experiment(args.preset, config_overrides(args, tmp))
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         batch = synthetic_batch(cfg, cfg.train.seed)
         print(f"machine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}", flush=True)
         enc, model = cfg.encoder, cfg.model

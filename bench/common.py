@@ -155,7 +155,3 @@ def fmt(value: float | None, digits: int = 3) -> str:
     if abs(value) >= 10 ** digits:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
-
-
-def report_header(title: str) -> str:
-    return f"## {title}\n\nmachine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}\n"
