@@ -102,7 +102,9 @@ class ShardStream(IterableDataset):
             if index <= skip:
                 continue
             rng = random.Random(f"sample/{self.seed}/{self.dp_rank}/{worker}/{index}")
-            batch.append(self.modality.example(sample, rng))
+            example = self.modality.example(sample, rng)
+            if example is not None:
+                batch.append(example)
             if len(batch) == self.batch_size:
                 yield self.modality.collate(batch)
                 batch = []

@@ -122,7 +122,7 @@ class Trainer:
         all_reduce_sum(stats, self.rt.dp_group)
         dim = targets.shape[-1]
         masked = stats[1]
-        metrics = {"loss": (stats[0] / masked).item(), "masked": masked.item(),
+        metrics = {"loss": (stats[0] / masked).item(), "masked": masked.item(), "tokens": mask.shape[1],
                    "target_std": std_from_stats(stats[1:2 + 2 * dim]),
                    "prediction_std": std_from_stats(stats[2 + 2 * dim:3 + 4 * dim]),
                    "stop": stats[-1].item() > 0}
@@ -158,15 +158,17 @@ class Trainer:
         tau = tau_at(self.step, self.cfg.ema)
         self.ema.update(tau)
         self.step += 1
-        out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("loss", "target_std", "prediction_std")}
+        out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("loss", "target_std", "prediction_std", "tokens")}
         return {**out, "tau": tau, "stop": any(m["stop"] for m in metrics), "lr": self.scheduler.get_last_lr()[0]}
 
     # -- the loop -----------------------------------------------------------------------------
-    def flops_per_sample(self) -> float:
-        """Model FLOPs of the full data2vec step per sample: student fwd+bwd (3x), teacher fwd (1x)."""
+    def flops_per_sample(self, tokens: int | None = None) -> float:
+        """Model FLOPs of the full data2vec step per sample of ``tokens`` positions (default: the
+        modality's nominal length): student forward + backward (3x forward), teacher forward (1x)."""
         enc, mod = self.cfg.encoder, self.modality
-        seq = mod.tokens_per_sample() + mod.prefix_tokens
-        forward = mod.embed_flops_per_sample(enc) + seq * matmul_flops_per_token(enc, seq)
+        tokens = tokens or mod.tokens_per_sample()
+        seq = tokens + mod.prefix_tokens
+        forward = mod.embed_flops_per_sample(enc, tokens) + seq * matmul_flops_per_token(enc, seq)
         return 4 * forward
 
     def resume(self, path: Path | None) -> None:
@@ -212,8 +214,9 @@ class Trainer:
                 if metrics.get("skipped"):
                     continue
                 logger.record(self.step, metrics, samples=samples_per_step,
-                              tokens=samples_per_step * self.modality.tokens_per_sample(),
-                              flops=samples_per_step * self.flops_per_sample(), devices=self.rt.world_size)
+                              tokens=samples_per_step * metrics["tokens"],
+                              flops=samples_per_step * self.flops_per_sample(round(metrics["tokens"])),
+                              devices=self.rt.world_size)
                 if self.step % t.log_every == 0 or self.step == last:
                     logger.flush(self.step, t.steps)
                 if metrics["stop"]:

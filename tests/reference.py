@@ -50,17 +50,9 @@ def relative_bias(table, grid):
     return table[idx].permute(2, 0, 1)
 
 
-def vit_forward(sd, prefix, images, mask, grid, patch, heads, depth, eps, norm_first=True, tap="block"):
-    """Returns (final (B, N, D) without CLS, taps list of (B, N, D) without CLS)."""
-    w = sd[f"{prefix}embed.patch.weight"]  # (D, C, p, p)
-    b_, c, h, wd = images.shape
-    patches = images.reshape(b_, c, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5).reshape(b_, grid * grid, -1)
-    x = patches @ w.reshape(w.shape[0], -1).T + sd[f"{prefix}embed.patch.bias"]  # (B, N, D)
-    if mask is not None:
-        x = torch.where(mask[..., None], sd[f"{prefix}embed.mask_token"].reshape(1, 1, -1).expand_as(x), x)
-    x = torch.cat([sd[f"{prefix}embed.cls_token"].reshape(1, 1, -1).expand(b_, 1, -1), x], 1)
-    bias = relative_bias(sd[f"{prefix}embed.rel_pos_bias.table"], grid)
-    d = x.shape[-1]
+def encoder_blocks(sd, prefix, x, heads, depth, eps, norm_first, tap, bias=None):
+    """Transformer blocks on (B, T, D); returns (x after the blocks and final norm, taps per block)."""
+    b_, _, d = x.shape
     hd = d // heads
     taps = []
     for i in range(depth):
@@ -72,7 +64,9 @@ def vit_forward(sd, prefix, images, mask, grid, patch, heads, depth, eps, norm_f
 
         def attention(v):
             q, k, val = (lin(n, v).reshape(b_, -1, heads, hd).transpose(1, 2) for n in ("attn.query", "attn.key", "attn.value"))
-            scores = q @ k.transpose(-1, -2) / math.sqrt(hd) + bias
+            scores = q @ k.transpose(-1, -2) / math.sqrt(hd)
+            if bias is not None:
+                scores = scores + bias
             probs = torch.exp(scores - scores.amax(-1, keepdim=True))
             probs = probs / probs.sum(-1, keepdim=True)
             return lin("attn.out", (probs @ val).transpose(1, 2).reshape(b_, -1, d))
@@ -90,10 +84,59 @@ def vit_forward(sd, prefix, images, mask, grid, patch, heads, depth, eps, norm_f
             x = ln(x + g1 * attention(x), "attn_norm")
             f = g2 * ffn(x)
             x = ln(x + f, "ffn_norm")
-        taps.append((x if tap == "block" else f)[:, 1:])
+        taps.append(x if tap == "block" else f)
     if norm_first:
         x = layer_norm(x, sd[f"{prefix}encoder.final_norm.weight"], sd[f"{prefix}encoder.final_norm.bias"], eps)
-    return x[:, 1:], taps
+    return x, taps
+
+
+def vit_forward(sd, prefix, images, mask, grid, patch, heads, depth, eps, norm_first=True, tap="block"):
+    """Returns (final (B, N, D) without CLS, taps list of (B, N, D) without CLS)."""
+    w = sd[f"{prefix}embed.patch.weight"]  # (D, C, p, p)
+    b_, c, h, wd = images.shape
+    patches = images.reshape(b_, c, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5).reshape(b_, grid * grid, -1)
+    x = patches @ w.reshape(w.shape[0], -1).T + sd[f"{prefix}embed.patch.bias"]  # (B, N, D)
+    if mask is not None:
+        x = torch.where(mask[..., None], sd[f"{prefix}embed.mask_token"].reshape(1, 1, -1).expand_as(x), x)
+    x = torch.cat([sd[f"{prefix}embed.cls_token"].reshape(1, 1, -1).expand(b_, 1, -1), x], 1)
+    bias = relative_bias(sd[f"{prefix}embed.rel_pos_bias.table"], grid)
+    x, taps = encoder_blocks(sd, prefix, x, heads, depth, eps, norm_first, tap, bias)
+    return x[:, 1:], [t[:, 1:] for t in taps]
+
+
+def conv1d(x, weight, bias=None, stride=1, padding=0, groups=1):
+    """Plain conv1d by unfolding: x (B, Cin, L), weight (Cout, Cin/groups, K)."""
+    if padding:
+        x = torch.cat([x.new_zeros(*x.shape[:2], padding), x, x.new_zeros(*x.shape[:2], padding)], -1)
+    cout, cin_g, k = weight.shape
+    cols = x.unfold(-1, k, stride)  # (B, Cin, T, K)
+    b_, cin, t, _ = cols.shape
+    cols = cols.reshape(b_, groups, cin_g, t, k)
+    w = weight.reshape(groups, cout // groups, cin_g, k)
+    y = torch.einsum("bgctk,gock->bgot", cols, w).reshape(b_, cout, t)
+    return y if bias is None else y + bias[:, None]
+
+
+def speech_forward(sd, prefix, wav, mask, conv_layers, pos_layers, pos_kernel, pos_groups, heads, depth, eps):
+    """data2vec v1 audio backbone; returns (final (B, T, D), FFN taps)."""
+    x = wav[:, None, :]
+    for i, (_, _, stride) in enumerate(conv_layers):
+        p = f"{prefix}embed.feature_extractor.conv_layers.{i}."
+        x = conv1d(x, sd[p + "conv.weight"], stride=stride)
+        x = gelu(layer_norm(x.transpose(1, 2), sd[p + "layer_norm.weight"], sd[p + "layer_norm.bias"]).transpose(1, 2))
+    feats = layer_norm(x.transpose(1, 2), sd[f"{prefix}embed.feature_norm.weight"], sd[f"{prefix}embed.feature_norm.bias"])
+    x = feats @ sd[f"{prefix}embed.projection.weight"].T + sd[f"{prefix}embed.projection.bias"]
+    if mask is not None:
+        x = torch.where(mask[..., None], sd[f"{prefix}embed.mask_emb"].expand_as(x), x)
+    y = x.transpose(1, 2)
+    for i in range(pos_layers):
+        p = f"{prefix}embed.pos_conv.convs.{i}."
+        y = conv1d(y, sd[p + "weight"], sd[p + "bias"], padding=pos_kernel // 2, groups=pos_groups)
+        if pos_kernel % 2 == 0:
+            y = y[..., :-1]
+        y = gelu(layer_norm(y.transpose(1, 2)).transpose(1, 2))
+    x = layer_norm(x + y.transpose(1, 2), sd[f"{prefix}embed.encoder_norm.weight"], sd[f"{prefix}embed.encoder_norm.bias"], eps)
+    return encoder_blocks(sd, prefix, x, heads, depth, eps, norm_first=False, tap="ffn")
 
 
 def targets(taps, k, per_layer, final):

@@ -29,8 +29,27 @@ def expected_vit_params(cfg) -> int:
     return embed + L * per_block + 2 * d + (d * d + d)
 
 
+def expected_speech_params(cfg) -> int:
+    """data2vec v1 audio backbone + Linear(D, D) head, from the architecture description."""
+    d, f, L, m = cfg.encoder.dim, cfg.encoder.ffn_dim, cfg.encoder.depth, cfg.model
+    convs, in_ch = 0, 1
+    for ch, kernel, _ in m.conv_layers:
+        convs += kernel * in_ch * ch + 2 * ch  # conv (no bias) + LayerNorm
+        in_ch = ch
+    embed = convs + 2 * in_ch + in_ch * d + d + d  # feature LayerNorm, projection, mask embedding
+    embed += m.pos_conv_layers * (d * (d // m.pos_conv_groups) * m.pos_conv_kernel + d) + 2 * d
+    per_block = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
+    return embed + L * per_block + d * d + d
+
+
+EXPECTED = {"vision": expected_vit_params, "speech": expected_speech_params}
+SIZES = {"vision_base": (85e6, 88e6), "vision_large": (300e6, 310e6),  # ViT-B/16, ViT-L/16
+         "speech_base": (92e6, 96e6), "speech_large": (310e6, 320e6)}  # data2vec audio Base ~94M, Large ~315M
+
+
 def test_presets_exist():
-    assert {p.stem for p in PRESETS} >= {"vision_tiny", "vision_base", "vision_large"}
+    assert {p.stem for p in PRESETS} >= {"vision_tiny", "vision_base", "vision_large",
+                                         "speech_tiny", "speech_base", "speech_large"}
     assert DS_CONFIGS
 
 
@@ -43,12 +62,11 @@ def test_preset_builds(single_process_group, preset: Path):
         student = Student(modality, cfg.encoder, mp)
         teacher = Backbone(modality, cfg.encoder, mp)
     n = sum(p.numel() for p in student.parameters())
-    assert n == expected_vit_params(cfg)
+    assert n == EXPECTED[cfg.modality](cfg)
     assert sum(p.numel() for p in teacher.parameters()) == n - (cfg.encoder.dim ** 2 + cfg.encoder.dim)
-    if preset.stem == "vision_base":
-        assert 85e6 < n < 88e6  # ViT-B/16
-    if preset.stem == "vision_large":
-        assert 300e6 < n < 310e6  # ViT-L/16
+    if preset.stem in SIZES:
+        low, high = SIZES[preset.stem]
+        assert low < n < high, n
     ds = load_ds_config(ROOT / cfg.train.ds_config)
     student_ds_config(ds, cfg.train.micro_batch_size, cfg.train.grad_accum, 2, torch.float32)
 

@@ -30,11 +30,12 @@ class Modality(abc.ABC):
 
     # -- data side (DataLoader workers) -------------------------------------------------------
     @abc.abstractmethod
-    def example(self, sample: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor]:
-        """Raw shard sample (bytes per key) -> tensors, including a bool ``mask`` (True = masked).
+    def example(self, sample: dict[str, Any], rng: random.Random) -> dict[str, torch.Tensor] | None:
+        """Raw shard sample (bytes per key) -> tensors (None: skip this sample, e.g. too short).
         ``rng`` is seeded per sample, so decoding is reproducible for exact resume."""
 
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Examples -> a batch holding the model inputs and a bool ``mask`` (B, T), True = masked."""
         return {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]}
 
     # -- model side ---------------------------------------------------------------------------
@@ -50,8 +51,8 @@ class Modality(abc.ABC):
     # -- accounting ---------------------------------------------------------------------------
     @abc.abstractmethod
     def tokens_per_sample(self) -> int:
-        """Positions the encoder sees per sample (excluding prefix tokens)."""
+        """Nominal positions the encoder sees per sample (excluding prefix tokens)."""
 
-    def embed_flops_per_sample(self, enc: EncoderConfig) -> float:
-        """Forward FLOPs of the local encoder per sample."""
+    def embed_flops_per_sample(self, enc: EncoderConfig, tokens: int | None = None) -> float:
+        """Forward FLOPs of the local encoder per sample giving ``tokens`` positions (default: nominal)."""
         return 0.0

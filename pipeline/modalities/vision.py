@@ -194,5 +194,5 @@ class Vision(Modality):
     def tokens_per_sample(self):
         return self.cfg.grid ** 2
 
-    def embed_flops_per_sample(self, enc):
-        return 2.0 * self.tokens_per_sample() * self.cfg.in_chans * self.cfg.patch_size ** 2 * enc.dim
+    def embed_flops_per_sample(self, enc, tokens=None):
+        return 2.0 * (tokens or self.tokens_per_sample()) * self.cfg.in_chans * self.cfg.patch_size ** 2 * enc.dim

@@ -1,0 +1,218 @@
+"""Speech: data2vec v1 audio (wav2vec 2.0-style backbone).
+
+Waveform (16 kHz, normalised per utterance) -> 7-layer conv feature encoder (LayerNorm + GELU after
+each conv, 16000 samples -> 49 frames) -> LayerNorm + Linear(C, D) -> learned mask embedding at masked
+frames -> convolutional positional encoding (added) -> LayerNorm -> post-LN blocks. The shapes and
+order follow transformers' ``Data2VecAudioModel``.
+
+Batches are cropped to the shortest clip in the batch (as the reference does): there is no padding,
+so neither the convolutions nor the instance-normalised targets ever see padded frames.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+
+import soundfile
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.config import EncoderConfig, doc, require
+from pipeline.modalities.base import Modality
+
+AUDIO_KEYS = ("flac", "wav")
+SAMPLE_RATE = 16000
+WAV2VEC_CONV = [[512, 10, 5], [512, 3, 2], [512, 3, 2], [512, 3, 2], [512, 3, 2], [512, 2, 2], [512, 2, 2]]
+
+
+@dataclass
+class SpeechConfig:
+    conv_layers: list = doc("feature encoder convs as [channels, kernel, stride] (wav2vec 2.0: 7 layers, 512 ch, "
+                            "kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2)", WAV2VEC_CONV)
+    pos_conv_layers: int = doc("positional convolution layers", 5)
+    pos_conv_kernel: int = doc("positional convolution kernel size", 19)
+    pos_conv_groups: int = doc("positional convolution groups", 16)
+    max_samples: int = doc("utterances longer than this are randomly cropped to it (samples at 16 kHz)", 320000)
+    min_samples: int = doc("utterances shorter than this are skipped", 32000)
+    mask_prob: float = doc("span-start probability x span length: fraction of frames before overlaps", 0.65)
+    mask_length: int = doc("span length in frames", 10)
+    normalize: bool = doc("normalise each waveform to zero mean and unit variance", True)
+
+    def __post_init__(self):
+        require(len(self.conv_layers) > 0 and all(len(c) == 3 and min(c) > 0 for c in self.conv_layers),
+                "model.conv_layers must be a list of [channels, kernel, stride] with positive values")
+        require(self.pos_conv_layers >= 1 and self.pos_conv_kernel >= 1, "model.pos_conv_* must be >= 1")
+        require(self.min_samples >= self.receptive_field,
+                f"model.min_samples={self.min_samples} is shorter than one frame ({self.receptive_field} samples)")
+        require(self.max_samples >= self.min_samples, "model.max_samples must be >= model.min_samples")
+        require(0 < self.mask_prob < 1 and self.mask_length >= 1, "model.mask_prob in (0, 1), model.mask_length >= 1")
+        require(frames_for(self.conv_layers, self.min_samples) > self.mask_length,
+                f"model.min_samples={self.min_samples} gives too few frames for model.mask_length={self.mask_length}")
+
+    @property
+    def receptive_field(self) -> int:
+        field = 1
+        for _, kernel, stride in reversed(self.conv_layers):
+            field = (field - 1) * stride + kernel
+        return field
+
+
+def frames_for(conv_layers: list, samples: int) -> int:
+    """Frames the feature encoder gives for a clip: L <- floor((L - kernel) / stride) + 1 per conv."""
+    length = samples
+    for _, kernel, stride in conv_layers:
+        length = (length - kernel) // stride + 1
+    return max(length, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Span masking (fairseq compute_mask_indices, static lengths, require_same_masks)
+# ---------------------------------------------------------------------------------------------
+
+def span_mask(batch: int, frames: int, mask_prob: float, span: int, rng: random.Random) -> torch.Tensor:
+    """(batch, frames) bool: each row masks spans of ``span`` frames starting at
+    int(mask_prob * frames / span + u) random positions (u ~ U[0,1), probabilistic rounding); spans may
+    overlap. Rows are then thinned to the smallest row's count so every row masks the same number."""
+    rows = []
+    for _ in range(batch):
+        starts = rng.sample(range(frames - span + 1), min(max(1, int(mask_prob * frames / span + rng.random())),
+                                                          frames - span + 1))
+        rows.append(sorted({s + k for s in starts for k in range(span)}))
+    count = min(len(r) for r in rows)
+    mask = torch.zeros(batch, frames, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        mask[i, rng.sample(row, count) if len(row) > count else row] = True
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Model parts
+# ---------------------------------------------------------------------------------------------
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over channels of a (B, C, T) tensor."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class FeatureEncoder(nn.Module):
+    """Conv1d (no bias) -> LayerNorm over channels -> GELU, per layer: (B, L) -> (B, C, T)."""
+
+    def __init__(self, conv_layers: list):
+        super().__init__()
+        layers, in_ch = [], 1
+        for ch, kernel, stride in conv_layers:
+            layers.append(nn.ModuleDict({"conv": nn.Conv1d(in_ch, ch, kernel, stride, bias=False),
+                                         "layer_norm": ChannelNorm(ch)}))
+            in_ch = ch
+        self.conv_layers = nn.ModuleList(layers)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        x = wav.unsqueeze(1)
+        for layer in self.conv_layers:
+            x = F.gelu(layer["layer_norm"](layer["conv"](x)))
+        return x
+
+
+class PositionalConv(nn.Module):
+    """Stack of grouped Conv1d -> (drop last frame for even kernels) -> LayerNorm (no affine) -> GELU."""
+
+    def __init__(self, dim: int, layers: int, kernel: int, groups: int):
+        super().__init__()
+        require(dim % groups == 0, f"encoder.dim={dim} must be divisible by model.pos_conv_groups={groups}")
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+                                   for _ in range(layers))
+        self.trim = 1 if kernel % 2 == 0 else 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        y = x.transpose(1, 2)
+        for conv in self.convs:
+            y = conv(y)
+            if self.trim:
+                y = y[..., :-self.trim]
+            y = F.gelu(F.layer_norm(y.transpose(1, 2), y.shape[1:2]).transpose(1, 2))
+        return y.transpose(1, 2)
+
+
+class SpeechEmbedder(nn.Module):
+    def __init__(self, cfg: SpeechConfig, enc: EncoderConfig):
+        super().__init__()
+        channels = cfg.conv_layers[-1][0]
+        self.feature_extractor = FeatureEncoder(cfg.conv_layers)
+        self.feature_norm = nn.LayerNorm(channels)
+        self.projection = nn.Linear(channels, enc.dim)
+        self.mask_emb = nn.Parameter(torch.empty(enc.dim).uniform_())
+        self.pos_conv = PositionalConv(enc.dim, cfg.pos_conv_layers, cfg.pos_conv_kernel, cfg.pos_conv_groups)
+        self.encoder_norm = nn.LayerNorm(enc.dim, eps=enc.layer_norm_eps)
+
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
+        feats = self.feature_extractor(batch["audio"]).transpose(1, 2)  # (B, T, C)
+        x = self.projection(self.feature_norm(feats))  # (B, T, D)
+        if mask is not None:
+            x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+        x = self.encoder_norm(x + self.pos_conv(x))
+        return x, None
+
+
+class Speech(Modality):
+    name = "speech"
+    Config = SpeechConfig
+
+    def example(self, sample, rng):
+        key = next((k for k in AUDIO_KEYS if k in sample), None)
+        if key is None:
+            raise ValueError(f"sample {sample.get('__key__')} has no audio (expected one of {AUDIO_KEYS})")
+        wav, rate = soundfile.read(io.BytesIO(sample[key]), dtype="float32", always_2d=True)
+        if rate != SAMPLE_RATE:
+            raise ValueError(f"sample {sample.get('__key__')} is {rate} Hz; shards must hold 16 kHz audio "
+                             f"(make them with python -m data_prep.audio)")
+        wav = torch.from_numpy(wav).mean(1)  # (L,) mono
+        if wav.numel() < self.cfg.min_samples:
+            return None
+        if self.cfg.normalize:
+            wav = F.layer_norm(wav, wav.shape)
+        if wav.numel() > self.cfg.max_samples:
+            start = rng.randrange(wav.numel() - self.cfg.max_samples + 1)
+            wav = wav[start:start + self.cfg.max_samples]
+        return {"audio": wav, "seed": rng.getrandbits(62)}
+
+    def collate(self, examples):
+        """Crop every clip (at a random offset) to the shortest in the batch, then span-mask the frames."""
+        length = min(ex["audio"].numel() for ex in examples)
+        crops = []
+        for ex in examples:
+            start = random.Random(ex["seed"]).randrange(ex["audio"].numel() - length + 1)
+            crops.append(ex["audio"][start:start + length])
+        frames = frames_for(self.cfg.conv_layers, length)
+        rng = random.Random(examples[0]["seed"] ^ 0x5EED)
+        mask = span_mask(len(examples), frames, self.cfg.mask_prob, self.cfg.mask_length, rng)
+        return {"audio": torch.stack(crops), "mask": mask}
+
+    def build_embedder(self, enc, mp):
+        return SpeechEmbedder(self.cfg, enc)
+
+    def tokens_per_sample(self):
+        return frames_for(self.cfg.conv_layers, self.cfg.max_samples)
+
+    def embed_flops_per_sample(self, enc, tokens=None):
+        """Conv feature encoder + projection + positional convs for a clip giving ``tokens`` frames."""
+        tokens = tokens or self.tokens_per_sample()
+        samples = self.samples_for_frames(tokens)
+        flops, length, in_ch = 0.0, samples, 1
+        for ch, kernel, stride in self.cfg.conv_layers:
+            length = (length - kernel) // stride + 1
+            flops += 2.0 * length * kernel * in_ch * ch
+            in_ch = ch
+        flops += 2.0 * tokens * in_ch * enc.dim
+        flops += self.cfg.pos_conv_layers * 2.0 * tokens * self.cfg.pos_conv_kernel * enc.dim ** 2 / self.cfg.pos_conv_groups
+        return flops
+
+    def samples_for_frames(self, frames: int) -> int:
+        stride = 1
+        for _, _, s in self.cfg.conv_layers:
+            stride *= s
+        return self.cfg.receptive_field + (frames - 1) * stride
