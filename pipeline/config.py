@@ -108,6 +108,8 @@ class TrainConfig:
     weight_decay: float = doc("AdamW weight decay (biases, norms and other 1-D parameters are excluded)", 0.05)
     betas: list = doc("AdamW betas", [0.9, 0.999])
     eps: float = doc("AdamW epsilon", 1e-8)
+    grad_clip: float = doc("clip the global gradient norm to this (0: no clipping); written into the DeepSpeed "
+                           "config as gradient_clipping", 0.0)
     seed: int = doc("seed for initialisation, data order, augmentation and masks", 0)
     precision: str = doc("'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'. The EMA teacher is always fp32", "auto")
     ds_config: str = doc("DeepSpeed JSON (ZeRO-3); batch keys must agree with this section", "ds_configs/zero3.json")
@@ -128,6 +130,7 @@ class TrainConfig:
         one_of("train.precision", self.precision, ("auto", "bf16", "fp32"))
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 f"train.betas={self.betas} must be two numbers in [0, 1)")
+        require(self.grad_clip >= 0, "train.grad_clip must be >= 0")
         require(self.log_every >= 1, "train.log_every must be >= 1")
         require(self.save_every >= 0, "train.save_every must be >= 0")
         require(self.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0")

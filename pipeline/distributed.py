@@ -49,8 +49,10 @@ def export_rendezvous(env: LaunchEnv) -> None:
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = slurm_master_addr() or "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
+        # Every rank of a SLURM job derives the same port from the job id, below Linux's ephemeral
+        # range (32768+) so that no outgoing connection on the first node can be holding it.
         job = os.environ.get("SLURM_JOB_ID")
-        os.environ["MASTER_PORT"] = str(20000 + int(job) % 20000) if job else str(free_port())
+        os.environ["MASTER_PORT"] = str(10000 + int(job) % 20000) if job else str(free_port())
 
 
 def slurm_master_addr() -> str | None:
@@ -69,6 +71,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def node_count(world_size: int, environ: dict | None = None) -> int:
+    """Nodes this job runs on, as the launcher says (SLURM step/job, torchrun), for the layout line."""
+    env = os.environ if environ is None else environ
+    for key in ("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "GROUP_WORLD_SIZE"):
+        if env.get(key, "").isdigit():
+            return int(env[key])
+    local = env.get("LOCAL_WORLD_SIZE", "")
+    return max(1, world_size // int(local)) if local.isdigit() and int(local) > 0 else 1
+
+
+def requeue_slurm_job() -> None:
+    """Put this SLURM job back in the queue (it resumes from its latest checkpoint); a no-op outside SLURM.
+
+    Called by rank 0 after the checkpoint is complete; SLURM then ends the current run (the job shows
+    as requeued, not failed). Needs the job to be requeueable (sbatch --requeue, as slurm/*.sh are).
+    """
+    import logging
+    import subprocess
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return
+    log = logging.getLogger("pipeline")
+    log.info("requeueing SLURM job %s: it resumes from the latest checkpoint", job)
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        error = proc.stderr.strip() if proc.returncode else ""
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        error = str(exc)
+    if error:
+        log.error("could not requeue SLURM job %s (%s): resubmit it to resume", job, error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,8 +152,9 @@ def load_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
 
 
-def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.dtype) -> dict:
-    """Fill batch and precision keys; reject settings that contradict the experiment config."""
+def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.dtype,
+                      grad_clip: float = 0.0) -> dict:
+    """Fill batch, clipping and precision keys; reject settings that contradict the experiment config."""
     cfg = copy.deepcopy(base)
     want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
             "train_batch_size": micro * accum * dp}
@@ -130,6 +165,10 @@ def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.
                 f"(train.micro_batch_size={micro} x train.grad_accum={accum} x data-parallel size {dp}); "
                 f"remove {key} from the JSON or change train.micro_batch_size / train.grad_accum")
         cfg[key] = value
+    if cfg.get("gradient_clipping", grad_clip) not in ("auto", grad_clip):
+        raise ConfigError(f"DeepSpeed config sets gradient_clipping={cfg['gradient_clipping']} but train.grad_clip="
+                          f"{grad_clip}; remove it from the JSON and set train.grad_clip in the experiment YAML")
+    cfg["gradient_clipping"] = grad_clip
     for section in ("optimizer", "scheduler"):
         require(section not in cfg, f"DeepSpeed config has an '{section}' section; the optimizer and LR schedule "
                                     f"are set in the experiment YAML (train.lr, train.schedule, ...): remove it")

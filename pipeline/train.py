@@ -40,7 +40,8 @@ def prepare(args):
     dp = check_layout(env.world_size, cfg.parallel.tp)
     choice = choose_device(cfg.train.precision)
     ds_base = load_ds_config(cfg.train.ds_config)
-    student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, dp, choice.dtype)
+    student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, dp, choice.dtype,
+                      cfg.train.grad_clip)
     shards = resolve_shards(cfg.data.manifest)
     check_shard_count(len(shards), dp, cfg.data.workers)
     if args.resume and not Path(args.resume).is_dir():
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     rt = distributed.init_runtime(cfg.parallel.tp, choice)
     try:
         if rt.is_main:
+            log.info("layout: %s", " ".join(f"{k}={v}" for k, v in parallel_layout(cfg, rt).items()))
             log.info("config: %s", distributed_summary(cfg, rt, experiment_dict))
         trainer = Trainer(cfg, rt, ds_base, shards)
         if not args.no_resume:
@@ -71,16 +73,28 @@ def main(argv=None) -> int:
         status = trainer.train()
         if rt.is_main:
             log.info("%s at step %d; checkpoints in %s", status, trainer.step, trainer.ckpt_root)
+    except Exception as exc:  # name the rank: the launcher (srun --kill-on-bad-exit, torchrun) ends the others
+        log.error("rank %d of %d failed: %r", rt.rank, rt.world_size, exc)
+        raise
     finally:
         distributed.shutdown()
+    if status == "requeue" and rt.is_main:  # SIGUSR2 before the time limit: the checkpoint is complete
+        distributed.requeue_slurm_job()
     return 0
+
+
+def parallel_layout(cfg, rt) -> dict:
+    from pipeline.distributed import node_count
+    t = cfg.train
+    return {"nodes": node_count(rt.world_size), "ranks": rt.world_size, "tp": rt.tp, "dp": rt.dp,
+            "global_batch": t.micro_batch_size * t.grad_accum * rt.dp, "micro_batch": t.micro_batch_size,
+            "grad_accum": t.grad_accum, "device": str(rt.device), "dtype": str(rt.choice.dtype).replace("torch.", ""),
+            "backend": rt.choice.backend}
 
 
 def distributed_summary(cfg, rt, experiment_dict) -> str:
     import json
-    layout = {"world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp, "device": str(rt.device),
-              "dtype": str(rt.choice.dtype).replace("torch.", ""), "backend": rt.choice.backend,
-              "global_batch": cfg.train.micro_batch_size * cfg.train.grad_accum * rt.dp}
+    layout = {"world_size": rt.world_size, **parallel_layout(cfg, rt)}
     return json.dumps({"layout": layout, **experiment_dict(cfg)})
 
 

@@ -66,13 +66,15 @@ class Trainer:
         self.cfg, self.rt, self.shards = cfg, rt, shards
         self.modality = cfg.make_modality()
         tcfg = cfg.train
-        self.ds_student = student_ds_config(ds_base, tcfg.micro_batch_size, tcfg.grad_accum, rt.dp, rt.choice.dtype)
+        self.ds_student = student_ds_config(ds_base, tcfg.micro_batch_size, tcfg.grad_accum, rt.dp, rt.choice.dtype,
+                                            tcfg.grad_clip)
         self.ds_teacher = teacher_ds_config(self.ds_student)
         self.output = Path(tcfg.output_dir)
         self.ckpt_root = self.output / "checkpoints"
         self.step = 0  # optimizer steps done
         self.batches_consumed = 0  # data position (micro-batches taken from this rank's stream)
         self.stop_requested = False
+        self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
         self.build()
 
     # -- construction -------------------------------------------------------------------------
@@ -116,16 +118,17 @@ class Trainer:
         targets = self.teacher_targets(batch)[mask]  # (M, D)
         prediction = self.student_forward(batch, mask)  # (M, D)
         loss_sum = regression_loss(prediction, targets, self.cfg.objective)
-        # one all-reduce over data-parallel ranks: loss, target and prediction moments, stop flag
+        # one all-reduce over data-parallel ranks: loss, target and prediction moments, stop and requeue flags
+        flags = [float(self.stop_requested), float(self.requeue_requested)]
         stats = torch.cat([loss_sum.detach().float().view(1), moment_stats(targets), moment_stats(prediction),
-                           torch.tensor([float(self.stop_requested)], device=loss_sum.device)])
+                           torch.tensor(flags, device=loss_sum.device)])
         all_reduce_sum(stats, self.rt.dp_group)
         dim = targets.shape[-1]
-        masked = stats[1]
+        masked = stats[1].clamp_min(1.0)  # a batch may (rarely, for text) select no position at all
         metrics = {"loss": (stats[0] / masked).item(), "masked": masked.item(), "tokens": mask.shape[1],
                    "target_std": std_from_stats(stats[1:2 + 2 * dim]),
                    "prediction_std": std_from_stats(stats[2 + 2 * dim:3 + 4 * dim]),
-                   "stop": stats[-1].item() > 0}
+                   "stop": stats[-2].item() > 0, "requeue": stats[-1].item() > 0}
         alarm = collapse_alarm(self.step, metrics["target_std"], metrics["prediction_std"], self.cfg.collapse)
         if alarm:
             self.handle_collapse(alarm)
@@ -159,7 +162,8 @@ class Trainer:
         self.ema.update(tau)
         self.step += 1
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("loss", "target_std", "prediction_std", "tokens")}
-        return {**out, "tau": tau, "stop": any(m["stop"] for m in metrics), "lr": self.scheduler.get_last_lr()[0]}
+        return {**out, "tau": tau, "stop": any(m["stop"] for m in metrics),
+                "requeue": any(m["requeue"] for m in metrics), "lr": self.scheduler.get_last_lr()[0]}
 
     # -- the loop -----------------------------------------------------------------------------
     def flops_per_sample(self, tokens: int | None = None) -> float:
@@ -193,12 +197,17 @@ class Trainer:
 
     def install_signal_handlers(self) -> None:
         def request_stop(signum, _frame):
-            self.stop_requested = True  # agreed on by all ranks through the next step's all-reduce
+            # Agreed on by all ranks through the next step's all-reduce. SIGUSR2 is what the SLURM scripts
+            # ask for before the time limit (--signal=USR2@T): stop and requeue. SIGTERM (scancel, node
+            # shutdown, scheduler preemption, which requeues by itself if configured to) only stops.
+            self.stop_requested = True
+            self.requeue_requested |= signum == signal.SIGUSR2
         for sig in (signal.SIGTERM, signal.SIGUSR2):
             signal.signal(sig, request_stop)
 
     def train(self) -> str:
-        """Run to train.steps. Returns 'done' or 'preempted' (checkpoint saved at an agreed step)."""
+        """Run to train.steps. Returns 'done', 'stopped' (train.stop_after), or after a signal, with a
+        checkpoint at a step all ranks agreed on: 'requeue' (SIGUSR2) or 'preempted' (SIGTERM)."""
         t = self.cfg.train
         self.install_signal_handlers()
         loader = make_loader(self.shards, self.modality, self.cfg.data, t.micro_batch_size, t.seed,
@@ -221,7 +230,7 @@ class Trainer:
                     logger.flush(self.step, t.steps)
                 if metrics["stop"]:
                     self.save()
-                    status = "preempted"
+                    status = "requeue" if metrics["requeue"] else "preempted"
                     break
                 if t.save_every and self.step % t.save_every == 0 and self.step < last:
                     self.save()

@@ -51,3 +51,16 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | No
            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", *args]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_audio_shards(tmp_path_factory) -> Path:
+    """Synthetic spoken clips (WAV/FLAC at 16, 22.05, 44.1 kHz) -> data_prep.audio shards (8 of 3 clips)."""
+    from data_prep import audio
+    from pipeline.demo import make_clips
+    root = tmp_path_factory.mktemp("tiny_audio")
+    raw = make_clips(root / "raw", count=24, seed=0)
+    out = root / "shards"
+    report = audio.main(["--input", str(raw), "--output", str(out), "--shard-size", "3", "--quiet"])
+    assert report.manifest["totals"]["samples"] == 24
+    return out

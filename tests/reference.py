@@ -156,3 +156,22 @@ def loss(pred, target, kind, beta, reduce_dim, scale):
     if scale == "inv_sqrt_dim":
         per = per / math.sqrt(pred.shape[-1])
     return per.sum() / pred.shape[0]
+
+
+def text_forward(sd, prefix, tokens, pad_id, heads, depth, eps):
+    """RoBERTa-style embeddings (positions numbered pad_id + 1 + i over non-pad tokens) + post-LN blocks."""
+    positions = torch.zeros_like(tokens)
+    for b in range(tokens.shape[0]):
+        count = 0
+        for t in range(tokens.shape[1]):
+            if tokens[b, t] != pad_id:
+                count += 1
+                positions[b, t] = pad_id + count
+            else:
+                positions[b, t] = pad_id
+    x = sd[f"{prefix}embed.tokens.weight"][tokens] + sd[f"{prefix}embed.positions.weight"][positions]
+    x = layer_norm(x, sd[f"{prefix}embed.norm.weight"], sd[f"{prefix}embed.norm.bias"], eps)
+    bias = None
+    if (tokens == pad_id).any():
+        bias = torch.zeros(tokens.shape, dtype=x.dtype).masked_fill(tokens == pad_id, float("-inf"))[:, None, None, :]
+    return encoder_blocks(sd, prefix, x, heads, depth, eps, norm_first=False, tap="ffn", bias=bias)

@@ -42,14 +42,26 @@ def expected_speech_params(cfg) -> int:
     return embed + L * per_block + d * d + d
 
 
-EXPECTED = {"vision": expected_vit_params, "speech": expected_speech_params}
+def expected_text_params(cfg) -> int:
+    """RoBERTa-shaped data2vec text backbone + the two-layer head, from the architecture description."""
+    d, f, L, m = cfg.encoder.dim, cfg.encoder.ffn_dim, cfg.encoder.depth, cfg.model
+    vocab = -(-m.vocab_size // (128 * cfg.parallel.tp)) * 128 * cfg.parallel.tp  # padded for TP
+    embed = vocab * d + (m.max_positions + m.pad_id + 1) * d + 2 * d
+    per_block = 4 * d * d + 4 * d + 2 * d * f + f + d + 4 * d
+    head = d * 2 * d + 2 * d + 2 * d * d + d
+    return embed + L * per_block + head
+
+
+EXPECTED = {"vision": expected_vit_params, "speech": expected_speech_params, "text": expected_text_params}
 SIZES = {"vision_base": (85e6, 88e6), "vision_large": (300e6, 310e6),  # ViT-B/16, ViT-L/16
-         "speech_base": (92e6, 96e6), "speech_large": (310e6, 320e6)}  # data2vec audio Base ~94M, Large ~315M
+         "speech_base": (92e6, 96e6), "speech_large": (310e6, 320e6),  # data2vec audio Base ~94M, Large ~315M
+         "text_base": (124e6, 128e6), "text_large": (352e6, 362e6)}  # RoBERTa base/large, 50k vocab, + head
 
 
 def test_presets_exist():
     assert {p.stem for p in PRESETS} >= {"vision_tiny", "vision_base", "vision_large",
-                                         "speech_tiny", "speech_base", "speech_large"}
+                                         "speech_tiny", "speech_base", "speech_large",
+                                         "text_tiny", "text_base", "text_large"}
     assert DS_CONFIGS
 
 
@@ -63,7 +75,8 @@ def test_preset_builds(single_process_group, preset: Path):
         teacher = Backbone(modality, cfg.encoder, mp)
     n = sum(p.numel() for p in student.parameters())
     assert n == EXPECTED[cfg.modality](cfg)
-    assert sum(p.numel() for p in teacher.parameters()) == n - (cfg.encoder.dim ** 2 + cfg.encoder.dim)
+    head = sum(p.numel() for p in student.head.parameters())
+    assert sum(p.numel() for p in teacher.parameters()) == n - head
     if preset.stem in SIZES:
         low, high = SIZES[preset.stem]
         assert low < n < high, n

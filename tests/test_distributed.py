@@ -12,15 +12,15 @@ from conftest import ROOT, torchrun
 pytestmark = pytest.mark.distributed
 
 
-def shard_paths(shards):
-    return sorted(str(p) for p in shards.glob("*.tar"))
+def run_ema_check(tmp_path, preset, shards) -> dict:
+    report = tmp_path / "ema.json"
+    proc = torchrun([str(ROOT / "tests/dist/ema_check.py"), str(report), preset, str(shards)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(report.read_text())
 
 
 def test_sharded_ema_teacher_matches_dense_reference(tiny_shards, tmp_path):
-    report = tmp_path / "ema.json"
-    proc = torchrun([str(ROOT / "tests/dist/ema_check.py"), str(report), str(tiny_shards), *shard_paths(tiny_shards)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads(report.read_text())
+    r = run_ema_check(tmp_path, "configs/vision_tiny.yaml", tiny_shards)
     assert r["dp"] == 2
     for name, part in r["partitions"].items():
         assert part["dtype"] == "torch.float32", name
@@ -30,6 +30,17 @@ def test_sharded_ema_teacher_matches_dense_reference(tiny_shards, tmp_path):
     assert r["teacher_moved"] > 1e-4  # the updates were applied...
     assert r["max_err"] < 1e-6  # ...and equal the dense EMA of the gathered student
     assert r["bad_recipe_changed"] == 0.0  # the broken recipe's edits vanish: our check above would catch it
+
+
+def test_speech_two_rank_zero3_with_sharded_teacher(tiny_audio_shards, tmp_path):
+    """Speech: the conv feature encoder and positional conv are copied, the rest averaged, all shard-local."""
+    r = run_ema_check(tmp_path, "configs/speech_tiny.yaml", tiny_audio_shards)
+    assert r["dp"] == 2 and r["init_err"] == 0.0 and r["teacher_moved"] > 1e-4 and r["max_err"] < 1e-6
+    assert any(n.startswith("embed.feature_extractor.") for n in r["copied"])
+    assert any(n.startswith("embed.pos_conv.") for n in r["copied"])
+    assert not any(n.startswith("encoder.") for n in r["copied"])
+    for name, part in r["partitions"].items():
+        assert part["dtype"] == "torch.float32" and part["ceil"] <= part["numel"] < part["ceil"] + 64, name
 
 
 def read_losses(run_dir):

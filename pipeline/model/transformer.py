@@ -70,7 +70,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         q, k, v = (self.split_heads(proj(x)[0]) for proj in (self.query, self.key, self.value))
-        if attn_bias is not None and attn_bias.dim() >= 3 and attn_bias.shape[-3] != self.local_heads:
+        if attn_bias is not None and attn_bias.dim() >= 3 and attn_bias.shape[-3] not in (1, self.local_heads):
             # per-head bias (e.g. relative positions) computed for all heads: keep this rank's heads
             attn_bias = attn_bias[..., self.head_offset:self.head_offset + self.local_heads, :, :]
         if attn_bias is not None:

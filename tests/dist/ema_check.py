@@ -15,6 +15,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from pipeline.data import make_loader, resolve_shards
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
 from pipeline.trainer import Trainer
@@ -30,16 +31,15 @@ def gathered(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def main() -> None:
-    report_path, manifest = sys.argv[1], sys.argv[2]
+    report_path, preset, manifest = sys.argv[1], sys.argv[2], sys.argv[3]
     steps, tau0, tau_end, anneal = 5, 0.5, 0.9, 3
-    cfg = load_experiment("configs/vision_tiny.yaml", [
+    cfg = load_experiment(preset, [
         f"data.manifest={manifest}", "data.workers=1", "train.micro_batch_size=4", "train.lr=0.01",
         "train.warmup_steps=0", f"ema.tau0={tau0}", f"ema.tau_end={tau_end}", f"ema.anneal_steps={anneal}",
         "train.output_dir=/nonexistent-not-used"])
     rt = init_runtime(1, choose_device("fp32"))
-    trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), [])
-    from pipeline.data import make_loader
-    trainer.batches = iter(make_loader(sys.argv[3:], trainer.modality, cfg.data, 4, 0, rt.dp_rank, rt.dp))
+    trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), resolve_shards(manifest))
+    trainer.batches = iter(make_loader(trainer.shards, trainer.modality, cfg.data, 4, 0, rt.dp_rank, rt.dp))
 
     teacher = trainer.teacher.module
     partitions = {}
@@ -47,6 +47,7 @@ def main() -> None:
         partitions[name] = {"numel": p.ds_tensor.numel(), "full": p.ds_numel, "dtype": str(p.ds_tensor.dtype),
                             "ceil": math.ceil(p.ds_numel / rt.dp)}
     student = trainer.engine.module.backbone
+    copied = [n for n, c in zip(trainer.ema.names, trainer.ema.copied) if c]
     reference = gathered(student)  # the teacher starts as a copy of the student
     start_teacher = gathered(teacher)
     init_err = max((start_teacher[k] - reference[k]).abs().max().item() for k in reference)
@@ -54,7 +55,8 @@ def main() -> None:
         trainer.optimizer_step()
         tau = tau0 + (tau_end - tau0) * step / anneal if step < anneal else tau_end
         current = gathered(student)
-        reference = {k: tau * reference[k] + (1 - tau) * current[k] for k in reference}
+        reference = {k: current[k] if k in copied else tau * reference[k] + (1 - tau) * current[k]
+                     for k in reference}
     final_teacher = gathered(teacher)
     max_err = max((final_teacher[k] - reference[k]).abs().max().item() for k in reference)
     moved = max((final_teacher[k] - start_teacher[k]).abs().max().item() for k in reference)
@@ -70,7 +72,8 @@ def main() -> None:
     if rt.rank == 0:
         with open(report_path, "w") as f:
             json.dump({"dp": rt.dp, "partitions": partitions, "max_err": max_err, "teacher_moved": moved,
-                       "bad_recipe_changed": bad_recipe_changed, "init_err": init_err}, f)
+                       "bad_recipe_changed": bad_recipe_changed, "init_err": init_err,
+                       "copied": copied}, f)
     dist.barrier()
     shutdown()
 

@@ -1,0 +1,163 @@
+"""Text: data2vec v1 text (RoBERTa shapes) with BERT masking.
+
+Token embedding (megatron-core ``VocabParallelEmbedding``, vocabulary padded for tensor parallelism)
++ learned positions (RoBERTa numbering: pad_id + 1 + index of the non-pad token) -> embedding
+LayerNorm -> post-LN blocks. The student sees the corrupted tokens (80% ``<mask>``, 10% random,
+10% unchanged of the selected 15%), the teacher the original ones. Which positions carry loss is
+``model.loss_on``: 'mask_token' (the reference: only positions replaced by ``<mask>``) or
+'selected' (all 15%, as BERT's MLM loss).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+from pipeline.config import EncoderConfig, doc, one_of, require
+from pipeline.modalities.base import Modality
+from pipeline.model.transformer import trunc_normal_init
+
+TOKEN_KEYS = {"u16": np.uint16, "i32": np.int32}
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = doc("sentencepiece vocabulary size (must match the shards' model; see the manifest)", 50000)
+    pad_id: int = doc("<pad> id", 0)
+    bos_id: int = doc("<s> id", 1)
+    eos_id: int = doc("</s> id", 2)
+    unk_id: int = doc("<unk> id", 3)
+    mask_id: int = doc("<mask> id", 4)
+    max_positions: int = doc("learned positions", 512)
+    vocab_multiple: int = doc("pad the embedding rows to a multiple of this x parallel.tp", 128)
+    masking: str = doc("'bert' (independent tokens) or 'span' (spans of span_length)", "bert")
+    mask_prob: float = doc("fraction of tokens selected (BERT 0.15; the span variant used 0.35)", 0.15)
+    span_length: int = doc("span length for masking='span'", 4)
+    random_token_prob: float = doc("of the selected, fraction replaced by a random token", 0.1)
+    leave_unmasked_prob: float = doc("of the selected, fraction left unchanged", 0.1)
+    loss_on: str = doc("'mask_token' (only <mask> positions carry loss, as the reference) or 'selected'", "mask_token")
+
+    def __post_init__(self):
+        specials = {self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id}
+        require(len(specials) == 5 and max(specials) < self.vocab_size, "model.*_id must be 5 distinct ids < vocab_size")
+        one_of("model.masking", self.masking, ("bert", "span"))
+        one_of("model.loss_on", self.loss_on, ("mask_token", "selected"))
+        require(0 < self.mask_prob < 1, "model.mask_prob must be in (0, 1)")
+        require(self.random_token_prob + self.leave_unmasked_prob < 1,
+                "model.random_token_prob + model.leave_unmasked_prob must be < 1")
+        require(self.span_length >= 1 and self.max_positions >= 1, "model.span_length, max_positions must be >= 1")
+
+    def padded_vocab(self, tp: int) -> int:
+        multiple = self.vocab_multiple * tp
+        return -(-self.vocab_size // multiple) * multiple
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking (per sample, on CPU in the DataLoader workers)
+# ---------------------------------------------------------------------------------------------
+
+def select_positions(candidates: list[int], cfg: TextConfig, rng: random.Random) -> list[int]:
+    """int(mask_prob * n + u) positions (BERT) or that many covered by spans (span), probabilistic rounding."""
+    n = len(candidates)
+    target = min(n, int(cfg.mask_prob * n + rng.random()))
+    if cfg.masking == "bert" or target == 0:
+        return sorted(rng.sample(candidates, target))
+    chosen: set[int] = set()
+    while len(chosen) < target:
+        start = rng.randrange(n)
+        chosen.update(candidates[start:start + cfg.span_length])
+    return sorted(chosen)[:target] if len(chosen) > target else sorted(chosen)
+
+
+def corrupt(tokens: torch.Tensor, cfg: TextConfig, rng: random.Random):
+    """-> (student tokens, loss mask). Specials are never selected; random tokens are non-special."""
+    specials = {cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.unk_id, cfg.mask_id}
+    ids = tokens.tolist()
+    selected = select_positions([i for i, t in enumerate(ids) if t not in specials], cfg, rng)
+    student = list(ids)
+    loss = torch.zeros(len(ids), dtype=torch.bool)
+    for i in selected:
+        u = rng.random()
+        if u < cfg.leave_unmasked_prob:
+            pass
+        elif u < cfg.leave_unmasked_prob + cfg.random_token_prob:
+            t = rng.randrange(cfg.vocab_size)
+            while t in specials:
+                t = rng.randrange(cfg.vocab_size)
+            student[i] = t
+        else:
+            student[i] = cfg.mask_id
+        loss[i] = cfg.loss_on == "selected" or student[i] == cfg.mask_id
+    return torch.tensor(student, dtype=torch.long), loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Model parts
+# ---------------------------------------------------------------------------------------------
+
+class TextEmbedder(nn.Module):
+    def __init__(self, cfg: TextConfig, enc: EncoderConfig, mp):
+        super().__init__()
+        self.pad_id = cfg.pad_id
+        self.tokens = VocabParallelEmbedding(cfg.padded_vocab(mp.tensor_model_parallel_size), enc.dim,
+                                             init_method=trunc_normal_init(0.02), config=mp)
+        self.positions = nn.Embedding(cfg.max_positions + cfg.pad_id + 1, enc.dim)
+        nn.init.trunc_normal_(self.positions.weight, std=0.02, a=-0.04, b=0.04)
+        self.norm = nn.LayerNorm(enc.dim, eps=enc.layer_norm_eps)
+        self.dropout = nn.Dropout(enc.dropout)
+
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
+        tokens = batch["tokens"] if mask is None else batch["student_tokens"]  # (B, T)
+        not_pad = tokens.ne(self.pad_id)
+        positions = torch.cumsum(not_pad, 1) * not_pad + self.pad_id  # RoBERTa numbering
+        x = self.dropout(self.norm(self.tokens(tokens) + self.positions(positions)))
+        attn_bias = None
+        if not bool(not_pad.all()):  # packed blocks have no padding; padded input is masked out of attention
+            attn_bias = torch.zeros(tokens.shape, dtype=x.dtype, device=x.device).masked_fill(~not_pad, float("-inf"))
+            attn_bias = attn_bias[:, None, None, :]  # (B, 1, 1, T)
+        return x, attn_bias
+
+
+class TwoLayerHead(nn.Module):
+    """data2vec v1 text regression head: Linear(D, 2D) -> GELU -> Linear(2D, D)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Text(Modality):
+    name = "text"
+    Config = TextConfig
+
+    def example(self, sample, rng):
+        key = next((k for k in TOKEN_KEYS if k in sample), None)
+        if key is None:
+            raise ValueError(f"sample {sample.get('__key__')} has no token block (expected one of {list(TOKEN_KEYS)})")
+        tokens = torch.from_numpy(np.frombuffer(sample[key], dtype=np.dtype(TOKEN_KEYS[key]).newbyteorder("<"))
+                                  .astype(np.int64))
+        if tokens.numel() > self.cfg.max_positions:
+            raise ValueError(f"token block of {tokens.numel()} > model.max_positions={self.cfg.max_positions}")
+        if int(tokens.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"token id {int(tokens.max())} >= model.vocab_size={self.cfg.vocab_size}: the shards were "
+                             f"made with a different sentencepiece model")
+        student, mask = corrupt(tokens, self.cfg, rng)
+        return {"tokens": tokens, "student_tokens": student, "mask": mask}
+
+    def build_embedder(self, enc, mp):
+        return TextEmbedder(self.cfg, enc, mp)
+
+    def build_head(self, enc, mp):
+        return TwoLayerHead(enc.dim)
+
+    def tokens_per_sample(self):
+        return self.cfg.max_positions

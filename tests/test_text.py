@@ -1,0 +1,101 @@
+"""Text modality: BERT masking statistics, targets and loss against the dense reference, token decoding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import reference as ref
+from conftest import ROOT
+from pipeline.config import EncoderConfig
+from pipeline.distributed import model_parallel_config
+from pipeline.experiment import load_experiment
+from pipeline.model.data2vec import Backbone, Student
+from pipeline.modalities.text import Text, TextConfig, corrupt
+from pipeline.objective import regression_loss, teacher_targets
+
+
+def test_bert_masking_statistics():
+    cfg = TextConfig(vocab_size=1000)
+    rng = random.Random(0)
+    selected = replaced = randomised = unchanged = total = 0
+    for _ in range(400):
+        tokens = torch.randint(5, 1000, (128,))
+        tokens[0], tokens[-1] = cfg.bos_id, cfg.eos_id
+        student, loss = corrupt(tokens, cfg, rng)
+        changed = student != tokens
+        assert not changed[0] and not changed[-1]  # specials are never selected
+        replaced += int((student == cfg.mask_id).sum())
+        randomised += int((changed & (student != cfg.mask_id)).sum())
+        assert torch.equal(loss, student == cfg.mask_id)  # loss_on=mask_token: only <mask> positions
+        assert not any(t in (0, 1, 2, 3) for t in student[changed & (student != cfg.mask_id)].tolist())
+        total += 126
+    sel = replaced / 0.8
+    assert abs(sel / total - 0.15) < 0.01
+    assert abs(randomised / sel - 0.1) < 0.02  # (a random token may equal the original: slightly < 10%)
+
+
+def test_selected_loss_and_span_masking():
+    tokens = torch.randint(5, 1000, (400,))
+    cfg = TextConfig(vocab_size=1000, loss_on="selected", masking="span", mask_prob=0.35, span_length=4)
+    student, loss = corrupt(tokens, cfg, random.Random(1))
+    assert abs(loss.float().mean().item() - 0.35) < 0.02
+    runs = (loss[1:] != loss[:-1]).sum().item()
+    assert runs < loss.sum().item() / 2  # spans, not isolated tokens
+    assert (student[~loss] == tokens[~loss]).all()
+
+
+def test_targets_and_loss_match_dense_reference(single_process_group):
+    cfg = load_experiment(ROOT / "configs/text_tiny.yaml", ["model.vocab_size=200", "model.max_positions=16"])
+    enc = EncoderConfig(dim=16, depth=3, heads=2, ffn_dim=32, norm_first=False, key_bias=True, tap="ffn",
+                        layer_norm_eps=1e-5)
+    obj = cfg.objective
+    obj.top_k = 2
+    modality = Text(cfg.model)
+    mp = model_parallel_config(1)
+    student, teacher = Student(modality, enc, mp).eval(), Backbone(modality, enc, mp).eval()
+
+    def randomise(module, seed):
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        return {k: v.detach().clone().double() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+
+    s_sd, t_sd = randomise(student, 1), randomise(teacher, 2)
+    rng = random.Random(0)
+    tokens = torch.randint(5, 200, (3, 16), generator=torch.Generator().manual_seed(4))
+    tokens[2, 12:] = cfg.model.pad_id  # one padded row: padding must not leak into the other positions
+    pairs = [corrupt(t, TextConfig(vocab_size=200, mask_prob=0.4), rng) for t in tokens]
+    student_tokens = torch.stack([p[0] for p in pairs])
+    mask = torch.stack([p[1] for p in pairs])
+    batch = {"tokens": tokens, "student_tokens": student_tokens}
+    with torch.no_grad():
+        targets = teacher_targets(teacher(batch), obj)
+        pred = student(batch, mask)
+        loss = regression_loss(pred, targets[mask], obj) / mask.sum()
+    kw = dict(pad_id=0, heads=2, depth=3, eps=1e-5)
+    _, taps = ref.text_forward(t_sd, "", tokens, **kw)
+    want_targets = ref.targets(taps, 2, "layer", "none")
+    final, _ = ref.text_forward(s_sd, "backbone.", student_tokens, **kw)
+    h = ref.gelu(final[mask] @ s_sd["head.fc1.weight"].T + s_sd["head.fc1.bias"])
+    want_pred = h @ s_sd["head.fc2.weight"].T + s_sd["head.fc2.bias"]
+    want_loss = ref.loss(want_pred, want_targets[mask], "smooth_l1", 4.0, "sum", "none")
+    keep = tokens != 0
+    torch.testing.assert_close(targets.double()[keep], want_targets[keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(pred.double(), want_pred, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-4, atol=1e-6)
+
+
+def test_example_decodes_uint16_blocks_and_rejects_foreign_vocab():
+    modality = Text(TextConfig(vocab_size=1000, max_positions=8))
+    block = np.array([1, 50, 60, 70, 2, 80, 90, 2], dtype="<u2")
+    ex = modality.example({"__key__": "0", "u16": block.tobytes()}, random.Random(0))
+    assert ex["tokens"].tolist() == block.tolist() and ex["tokens"].dtype == torch.long
+    with pytest.raises(ValueError, match="different sentencepiece model"):
+        modality.example({"u16": np.array([1, 5000], dtype="<u2").tobytes()}, random.Random(0))
+    with pytest.raises(ValueError, match="max_positions"):
+        modality.example({"i32": np.arange(20, dtype="<i4").tobytes()}, random.Random(0))
