@@ -8,8 +8,11 @@ and resumable tar writing, per-shard sidecars and the manifest.
 Sample dict returned by a processor: ``{field: value}`` where ``field`` becomes the
 tar member suffix (``jpg``, ``cls``, ``json`` ...) and ``value`` is bytes, str, int or
 a JSON-able dict/list. Reserved fields: ``__key__`` is ignored (the key comes from the
-WorkItem); ``__stats__`` is a dict of numbers summed into the manifest totals and not
-written to the tar.
+WorkItem); ``__stats__`` is a dict of numbers summed per shard (shard records and
+sidecars) and into the manifest totals, not written to the tar. A processor may also
+return a list of samples (e.g. pieces of a long recording); each one's ``__suffix__``
+(letters, digits, ``_``, ``-``) is appended to the item's key; a list entry holding only
+``__stats__`` adds to the stats without writing a sample.
 
 Layout of ``OUT``:
     <name>-000000.tar ...        WebDataset shards, shard i = items[i*S:(i+1)*S]
@@ -44,6 +47,7 @@ _KEY_RE = re.compile(r"[A-Za-z0-9_-]+")  # no dots: WebDataset splits key/field 
 _FIELD_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _RESERVED = {"format", "modality", "name", "shards", "totals", "params", "skipped", "task"}
 _BASE_TOTALS = ("shards", "samples", "bytes", "skipped")
+_STATS_RESERVED = {"name", "sha256", *_BASE_TOTALS}
 
 
 class SkipItem(Exception):
@@ -75,7 +79,8 @@ class ShardResult:
     reused: bool = False
 
     def record(self) -> dict:
-        return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256}
+        return {"name": self.name, "samples": self.samples, "bytes": self.bytes, "sha256": self.sha256,
+                **self.stats}
 
 
 @dataclass
@@ -196,7 +201,7 @@ def write_shards(
     (e.g. ``classes``); ``extra_totals`` adds additive totals.
 
     Manifest: ``{"format": 1, "modality", "name", "shards": [{"name", "samples",
-    "bytes", "sha256"}], "totals": {"shards", "samples", "bytes", "skipped", ...},
+    "bytes", "sha256", **stats}], "totals": {"shards", "samples", "bytes", "skipped", ...},
     "params", **extra, "skipped": [{"path", "reason"}], "task"?}``.
     """
     check_name(name)
@@ -323,16 +328,21 @@ def _fill_tar(tar: tarfile.TarFile, items: list[WorkItem], process_fn: Callable)
     samples, skipped, stats = 0, [], {}
     for item in items:
         try:
-            sample = dict(process_fn(*item.args))
+            produced = process_fn(*item.args)
+            produced = [dict(s) for s in produced] if isinstance(produced, list) else [dict(produced)]
         except SkipItem as exc:
             skipped.append({"path": item.source, "reason": str(exc) or "skipped"})
             continue
         except Exception as exc:  # a bug, not bad data: stop, naming the item
             raise RuntimeError(f"processing {item.source!r} failed: {exc!r}") from exc
-        _add_stats(stats, sample.pop("__stats__", {}))
-        for member, data in encode_sample(item.key, sample):
-            tar.addfile(_tarinfo(member, len(data)), io.BytesIO(data))
-        samples += 1
+        for sample in produced:
+            stats_only = set(sample) == {"__stats__"}  # e.g. the counts of an item that yields no sample
+            _add_stats(stats, sample.pop("__stats__", {}))
+            if stats_only:
+                continue
+            for member, data in encode_sample(item.key + sample.pop("__suffix__", ""), sample):
+                tar.addfile(_tarinfo(member, len(data)), io.BytesIO(data))
+            samples += 1
     return samples, skipped, stats
 
 
@@ -375,6 +385,8 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 def _add_stats(acc: dict, stats: dict) -> None:
     for k, v in stats.items():
+        if k in _STATS_RESERVED:
+            raise ValueError(f"__stats__ key {k!r} clashes with a shard record or totals field")
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"__stats__[{k!r}] must be a number, got {v!r}")
         acc[k] = acc.get(k, 0) + v
@@ -392,10 +404,12 @@ def _build_manifest(results: list[ShardResult], *, modality: str, name: str, par
     stats: dict = {}
     for r in results:
         _add_stats(stats, r.stats)
+    # a shard whose items were all skipped has no stats: zeros, so every record has every key
+    records = [{**r.record(), **{k: r.stats.get(k, 0) for k in stats}} for r in results]
     manifest = {
         "format": FORMAT, "modality": modality, "name": name,
-        "shards": [r.record() for r in results],
-        "totals": _totals([r.record() for r in results], skipped, {**stats, **extra_totals}),
+        "shards": records,
+        "totals": _totals(records, skipped, {**stats, **extra_totals}),
         "params": params, **extra, "skipped": skipped,
     }
     if task is not None:

@@ -113,6 +113,39 @@ def make_clips(root: Path, count: int = 64, seed: int = 0) -> Path:
     return root
 
 
+CORPUS_MODULES = ("argparse", "collections", "csv", "datetime", "decimal", "email.message", "fractions", "functools",
+                  "http.client", "inspect", "itertools", "json", "logging", "os", "pathlib", "random", "re",
+                  "shutil", "statistics", "string", "subprocess", "tarfile", "textwrap", "threading", "unittest",
+                  "urllib.parse", "zipfile")
+
+
+def make_corpus(root: Path, seed: int = 0) -> Path:
+    """A small real-text corpus: the docstrings of Python standard-library modules, one document per
+    line, split over a .txt, a .jsonl and a .txt.gz file (the three input formats); idempotent."""
+    import gzip
+    import importlib
+    import inspect
+    import json
+    docs = []
+    for name in CORPUS_MODULES:
+        module = importlib.import_module(name)
+        for obj in [module, *(v for k, v in sorted(vars(module).items()) if not k.startswith("_"))]:
+            text = inspect.getdoc(obj) if inspect.ismodule(obj) or inspect.isclass(obj) or inspect.isfunction(obj) else None
+            if text and len(text) > 40 and getattr(obj, "__module__", name) in (name, None):
+                docs.append(" ".join(text.split()))
+    docs = sorted(set(docs))
+    random.Random(seed).shuffle(docs)
+    root.mkdir(parents=True, exist_ok=True)
+    third = len(docs) // 3
+    if not (root / "docs.txt").exists():
+        (root / "docs.txt").write_text("\n".join(docs[:third]) + "\n", encoding="utf-8")
+        (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[third:2 * third]),
+                                         encoding="utf-8")
+        with gzip.open(root / "docs.txt.gz", "wt", encoding="utf-8") as f:
+            f.write("\n".join(docs[2 * third:]) + "\n")
+    return root
+
+
 DEMOS = {  # modality: (make raw files, data prep module, default preset, shard size)
     "vision": (make_images, "data_prep.images", "configs/vision_tiny.yaml", 32),
     "speech": (make_clips, "data_prep.audio", "configs/speech_tiny.yaml", 8),
