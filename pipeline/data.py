@@ -24,8 +24,9 @@ from pipeline.config import ConfigError, DataConfig
 from pipeline.modalities.base import Modality
 
 
-def resolve_shards(manifest: str) -> list[str]:
-    """Absolute shard paths from a data_prep manifest (file or directory), validated."""
+def resolve_shards(manifest: str, modality: Modality | None = None) -> list[str]:
+    """Absolute shard paths from a data_prep manifest (file or directory), validated (and checked against
+    what ``modality`` needs, when given)."""
     from data_prep.core import read_manifest
     if not manifest:
         raise ConfigError("data.manifest is empty: point it at a data_prep output (e.g. data.manifest=runs/shards)")
@@ -36,6 +37,10 @@ def resolve_shards(manifest: str) -> list[str]:
         info = read_manifest(path)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"data.manifest={manifest}: {exc}") from None
+    if modality is not None:
+        problem = modality.check_manifest(info)
+        if problem:
+            raise ConfigError(f"data.manifest={manifest}: {problem}")
     shards = [s["path"] for s in info["shards"] if s["samples"] > 0]
     if not shards:
         raise ConfigError(f"data.manifest={manifest} lists no shards: the data prep produced no samples")

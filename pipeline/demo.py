@@ -5,7 +5,10 @@
 with ``python -m data_prep.images`` and runs ``torchrun --nproc_per_node 2 -m pipeline.train`` with
 configs/vision_tiny.yaml (ZeRO-3 over 2 gloo ranks). ``--modality speech`` writes 64 synthetic spoken
 clips (vowel-like formant sequences) as WAV/FLAC at 16, 22.05 and 44.1 kHz, shards them with
-``python -m data_prep.audio`` and trains configs/speech_tiny.yaml. Extra arguments are passed to the
+``python -m data_prep.audio`` and trains configs/speech_tiny.yaml. ``--modality text`` writes the
+docstrings of ~30 standard-library modules as .txt, .jsonl and .txt.gz, trains a 1000-piece
+sentencepiece model, packs 64-token blocks with ``python -m data_prep.text`` and trains
+configs/text_tiny.yaml. Extra arguments are passed to the
 trainer as config overrides, e.g. ``python -m pipeline.demo train.steps=50``.
 """
 
@@ -146,9 +149,11 @@ def make_corpus(root: Path, seed: int = 0) -> Path:
     return root
 
 
-DEMOS = {  # modality: (make raw files, data prep module, default preset, shard size)
-    "vision": (make_images, "data_prep.images", "configs/vision_tiny.yaml", 32),
-    "speech": (make_clips, "data_prep.audio", "configs/speech_tiny.yaml", 8),
+DEMOS = {  # modality: (make raw files, data prep module, default preset, data prep options)
+    "vision": (make_images, "data_prep.images", "configs/vision_tiny.yaml", ["--shard-size", "32"]),
+    "speech": (make_clips, "data_prep.audio", "configs/speech_tiny.yaml", ["--shard-size", "8"]),
+    "text": (make_corpus, "data_prep.text", "configs/text_tiny.yaml",
+             ["--shard-size", "100", "--vocab-size", "1000", "--block-size", "64"]),
 }
 
 
@@ -161,13 +166,13 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=None, help="preset to train (default: the modality's tiny preset)")
     parser.add_argument("overrides", nargs="*", help="trainer config overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
-    make_raw, prep, preset, shard_size = DEMOS[args.modality]
+    make_raw, prep, preset, prep_options = DEMOS[args.modality]
     config = args.config or preset
     work = Path(args.workdir)
     raw = make_raw(work / f"raw_{args.modality}")
     shards = work / f"shards_{args.modality}"
-    subprocess.run([sys.executable, "-m", prep, "--input", str(raw), "--output", str(shards),
-                    "--shard-size", str(shard_size), "--workers", "2"], check=True)
+    subprocess.run([sys.executable, "-m", prep, "--input", str(raw), "--output", str(shards), *prep_options,
+                    "--workers", "2"], check=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
            "-m", "pipeline.train", "--config", config, f"data.manifest={shards}",
            f"train.output_dir={work / Path(config).stem}", *args.overrides]

@@ -42,7 +42,7 @@ def prepare(args):
     ds_base = load_ds_config(cfg.train.ds_config)
     student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, dp, choice.dtype,
                       cfg.train.grad_clip)
-    shards = resolve_shards(cfg.data.manifest)
+    shards = resolve_shards(cfg.data.manifest, cfg.make_modality())
     check_shard_count(len(shards), dp, cfg.data.workers)
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume {args.resume}: no such checkpoint directory")
@@ -78,7 +78,8 @@ def main(argv=None) -> int:
         raise
     finally:
         distributed.shutdown()
-    if status == "requeue" and rt.is_main:  # SIGUSR2 before the time limit: the checkpoint is complete
+    # SIGUSR2 (SLURM's warning before the time limit): the checkpoint is complete, the rest runs after a requeue
+    if status == "requeue" and trainer.step < cfg.train.steps and rt.is_main:
         distributed.requeue_slurm_job()
     return 0
 

@@ -64,3 +64,17 @@ def tiny_audio_shards(tmp_path_factory) -> Path:
     report = audio.main(["--input", str(raw), "--output", str(out), "--shard-size", "3", "--quiet"])
     assert report.manifest["totals"]["samples"] == 24
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_text_shards(tmp_path_factory) -> Path:
+    """Standard-library docstrings (.txt, .jsonl, .txt.gz) -> a 1000-piece tokenizer -> 64-token blocks."""
+    from data_prep import text
+    from pipeline.demo import make_corpus
+    root = tmp_path_factory.mktemp("tiny_text")
+    raw = make_corpus(root / "raw")
+    out = root / "shards"
+    report = text.main(["--input", str(raw), "--output", str(out), "--vocab-size", "1000", "--block-size", "64",
+                        "--shard-size", "100", "--quiet"])
+    assert report.manifest["tokenizer"]["vocab_size"] == 1000
+    return out

@@ -93,3 +93,13 @@ def test_same_global_batch_same_losses_for_any_data_parallel_size(tmp_path):
     for a, b in zip(losses[1], losses[2]):
         assert math.isclose(a, b, rel_tol=1e-5), (losses[1], losses[2])
     assert losses[1][0] != losses[1][-2]
+
+
+def test_text_two_rank_zero3_with_sharded_teacher(tiny_text_shards, tmp_path):
+    """Text: embeddings copied, the transformer layers averaged, all shard-local."""
+    r = run_ema_check(tmp_path, "configs/text_tiny.yaml", tiny_text_shards)
+    assert r["dp"] == 2 and r["init_err"] == 0.0 and r["teacher_moved"] > 1e-4 and r["max_err"] < 1e-6
+    assert sorted(r["copied"]) == ["embed.norm.bias", "embed.norm.weight", "embed.positions.weight",
+                                   "embed.tokens.weight"]
+    for name, part in r["partitions"].items():
+        assert part["dtype"] == "torch.float32" and part["ceil"] <= part["numel"] < part["ceil"] + 64, name

@@ -79,3 +79,16 @@ def test_help(module):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "usage" in proc.stdout
+
+
+def test_shards_of_another_modality_or_tokenizer_are_rejected(monkeypatch, tiny_shards, tiny_text_shards):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(ROOT)
+    text = str(ROOT / "configs/text_tiny.yaml")
+    with pytest.raises(ConfigError, match="holds 'image' shards but modality=text trains on 'text' shards"):
+        prepare(Namespace(config=text, overrides=[f"data.manifest={tiny_shards}"], resume=None))
+    with pytest.raises(ConfigError, match="has 1000 pieces but model.vocab_size=2000: set model.vocab_size=1000"):
+        prepare(Namespace(config=text, overrides=[f"data.manifest={tiny_text_shards}", "model.vocab_size=2000"],
+                          resume=None))
+    prepare(Namespace(config=text, overrides=[f"data.manifest={tiny_text_shards}"], resume=None))

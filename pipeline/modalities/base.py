@@ -23,6 +23,7 @@ from pipeline.config import EncoderConfig
 class Modality(abc.ABC):
     name: ClassVar[str]
     Config: ClassVar[type]  # the modality's own dataclass (the ``model:`` section of a preset)
+    data_kind: ClassVar[str]  # the data_prep manifest's "modality" this modality trains on
     prefix_tokens: ClassVar[int] = 0  # tokens prepended by the embedder (e.g. CLS), excluded from targets
 
     def __init__(self, cfg: Any):
@@ -37,6 +38,13 @@ class Modality(abc.ABC):
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Examples -> a batch holding the model inputs and a bool ``mask`` (B, T), True = masked."""
         return {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]}
+
+    def check_manifest(self, manifest: dict) -> str | None:
+        """What is wrong with training this model on a data_prep manifest's shards (None: nothing)."""
+        kind = manifest.get("modality")
+        if kind != self.data_kind:
+            return f"holds {kind!r} shards but modality={self.name} trains on {self.data_kind!r} shards"
+        return None
 
     # -- model side ---------------------------------------------------------------------------
     @abc.abstractmethod

@@ -160,6 +160,7 @@ class SpeechEmbedder(nn.Module):
 
 class Speech(Modality):
     name = "speech"
+    data_kind = "audio"
     Config = SpeechConfig
 
     def example(self, sample, rng):

@@ -137,6 +137,7 @@ class TwoLayerHead(nn.Module):
 
 class Text(Modality):
     name = "text"
+    data_kind = "text"
     Config = TextConfig
 
     def example(self, sample, rng):
@@ -152,6 +153,16 @@ class Text(Modality):
                              f"made with a different sentencepiece model")
         student, mask = corrupt(tokens, self.cfg, rng)
         return {"tokens": tokens, "student_tokens": student, "mask": mask}
+
+    def check_manifest(self, manifest):
+        problem = super().check_manifest(manifest)
+        tok = manifest.get("tokenizer") or {}
+        if problem is None and tok.get("vocab_size") != self.cfg.vocab_size:
+            problem = (f"the shards' sentencepiece model has {tok.get('vocab_size')} pieces but model.vocab_size="
+                       f"{self.cfg.vocab_size}: set model.vocab_size={tok.get('vocab_size')}")
+        if problem is None and manifest.get("block_size", 0) > self.cfg.max_positions:
+            problem = (f"blocks of {manifest['block_size']} tokens exceed model.max_positions={self.cfg.max_positions}")
+        return problem
 
     def build_embedder(self, enc, mp):
         return TextEmbedder(self.cfg, enc, mp)

@@ -173,6 +173,7 @@ class PatchEmbedder(nn.Module):
 
 class Vision(Modality):
     name = "vision"
+    data_kind = "image"
     Config = VisionConfig
     prefix_tokens = 1  # CLS
 

@@ -1,0 +1,397 @@
+"""Text data prep: document reading, block packing, the sentencepiece model, and the shards end to end.
+
+Shards are read with independent readers (webdataset, tarfile, hashlib) and decoded with
+sentencepiece directly; the expected documents come from tests/text_fixtures.py, which builds
+every input file byte by byte.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import random
+import subprocess
+import sys
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from data_prep import core, text
+
+try:  # tests/ is a plain directory (rootdir on sys.path) or a package
+    from text_fixtures import TextCorpus, make_line_corpus, make_paragraph_corpus
+except ImportError:
+    from tests.text_fixtures import TextCorpus, make_line_corpus, make_paragraph_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+PAD, BOS, EOS, UNK, MASK = 0, 1, 2, 3, 4
+VOCAB, BLOCK = "600", 64
+OPTIONS = ["--vocab-size", VOCAB, "--block-size", str(BLOCK), "--shard-size", "40", "--quiet"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_main(argv: list[str]) -> tuple[core.PrepReport, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        report = text.main(argv)
+    return report, out.getvalue()
+
+
+def prep(corpus: TextCorpus, out: Path, *extra: str) -> tuple[core.PrepReport, str]:
+    return run_main(["--input", str(corpus.root), "--output", str(out), *OPTIONS, *extra])
+
+
+def error_of(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        text.main([*argv, "--quiet"])
+    return str(exc.value.code)
+
+
+def shard_blocks(out: Path) -> dict[str, list[tuple[str, np.ndarray, dict]]]:
+    """shard path -> [(key, ids, metadata)] in tar order, read with webdataset."""
+    import webdataset as wds
+
+    manifest = core.read_manifest(out)
+    field, dtype = manifest["field"], {"u16": "<u2", "i32": "<i4"}[manifest["field"]]
+    blocks: dict[str, list] = {s["path"]: [] for s in manifest["shards"]}
+    for s in wds.WebDataset([s["path"] for s in manifest["shards"]], shardshuffle=False):
+        blocks[s["__url__"]].append((s["__key__"], np.frombuffer(s[field], dtype=dtype), json.loads(s["json"])))
+    return blocks
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    return {p.relative_to(root).as_posix(): (sha(p.read_bytes()) if p.is_file() else None, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+def file_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def check_round_trip(out: Path, corpus: TextCorpus) -> None:
+    """Every non-empty document exactly once, in corpus order, shard by shard; blocks exact; metadata right."""
+    manifest = core.read_manifest(out)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    block = manifest["block_size"]
+    blocks = shard_blocks(out)
+    first = 0  # index in corpus.docs of the shard's first document
+    for s, rec in enumerate(manifest["shards"]):
+        docs = corpus.docs[first:first + rec["documents"]]
+        encoded = [sp.encode(d.text) for d in docs]
+        expected = [t for ids in encoded for t in [*ids, EOS]]
+        assert len(blocks[rec["path"]]) == rec["samples"] == -(-len(expected) // block)
+        stream = []
+        for k, (key, ids, meta) in enumerate(blocks[rec["path"]]):
+            assert key == f"{s:09d}_{k:09d}" and len(ids) == block
+            stream += ids.tolist()
+        assert stream == expected + [PAD] * (len(stream) - len(expected))  # last block padded, nothing else
+        assert rec["tokens"] == len(expected) and rec["pad_tokens"] == len(stream) - len(expected) < block
+        pieces = np.split(np.array(expected), np.flatnonzero(np.array(expected) == EOS) + 1)[:-1]
+        assert len(pieces) == len(docs)
+        for doc, piece in zip(docs, pieces):  # decoded text = the document after sentencepiece's normalisation
+            decoded = sp.decode(piece[:-1].tolist())
+            assert decoded == sp.decode(sp.encode(doc.text)) and decoded
+            if doc.text in corpus.plain:  # NFKC + whitespace collapsing, and no <unk> (byte fallback)
+                assert decoded == " ".join(unicodedata.normalize("NFKC", doc.text).split())
+        check_block_metadata(blocks[rec["path"]], docs, encoded, block, len(stream) - len(expected))
+        first += rec["documents"]
+    assert first == len(corpus.docs)
+
+
+def check_block_metadata(blocks, docs, encoded, block: int, pad: int) -> None:
+    starts = np.cumsum([0] + [len(ids) + 1 for ids in encoded])
+    for k, (_, _, meta) in enumerate(blocks):
+        pos = k * block
+        d = int(np.searchsorted(starts, pos, "right")) - 1
+        spanned = int(np.searchsorted(starts[:-1], pos + block, "left")) - d
+        last = k == len(blocks) - 1
+        assert meta == {"doc": d, "offset": int(pos - starts[d]), "docs": spanned, "path": docs[d].rel,
+                        "byte": docs[d].byte, "pad": pad if last else 0}
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> TextCorpus:
+    return make_line_corpus(tmp_path_factory.mktemp("text") / "in")
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+    """One single-worker run over the line corpus, shared by read-only tests."""
+    base = tmp_path_factory.mktemp("run")
+    before = snapshot(corpus.root.parent)
+    report, stdout = prep(corpus, base / "out")
+    return base, base / "out", report, stdout, before
+
+
+# ----------------------------------------------------------------------------- reading and packing
+
+
+def test_decoding_counts_invalid_utf8_and_rejects_bad_json_records():
+    counts = text.new_counts()
+    assert text.doc_text(b"a\xe2\x82 b\xff", "txt", "text", counts) == "a\ufffd b\ufffd"
+    assert (counts["invalid_utf8_documents"], counts["invalid_utf8_bytes"]) == (1, 3)
+    assert text.doc_text('{"body": "x"}'.encode(), "jsonl", "body", counts) == "x"
+    for bad in (b"{", b'{"text": null}', b'"text"', b'{"other": "x"}'):
+        assert text.doc_text(bad, "jsonl", "text", counts) is None
+    assert counts["invalid_json_lines"] == 4
+    for empty in (b"", b" \t", "\u3000".encode(), b'{"text": "  "}'):
+        assert text.doc_text(empty, "jsonl" if empty.startswith(b"{") else "txt", "text", counts) is None
+    assert counts["empty_documents"] == 4
+    assert text.doc_text("\ufeffhi".encode(), "txt", "text", counts, at_file_start=True) == "hi"
+
+
+@pytest.mark.parametrize("which", ["line", "paragraph"])
+def test_byte_ranges_partition_the_documents(tmp_path, which):
+    """Cut each file at random offsets: every document is read by exactly one range, in order."""
+    corpus = (make_line_corpus if which == "line" else make_paragraph_corpus)(tmp_path / "in")
+    files, _ = text.discover([corpus.root])
+    files, _ = text.measure(files, 1)
+    rng = random.Random(0)
+    for f in files:
+        want = [(d.text, d.byte) for d in corpus.docs if d.rel == f.rel]
+        whole = text.Corpus([f])
+        for trial in range(12):
+            cuts = sorted({0, f.size, *(rng.randrange(f.size) for _ in range(rng.choice([1, 5, 40])))})
+            if trial == 0:  # every offset around the 9000-space line and some line ends
+                cuts = sorted(set(range(0, f.size, 997)) | {0, f.size})
+            got, counts = [], text.new_counts()
+            with text._Opener() as opener:
+                for a, b in zip(cuts, cuts[1:]):
+                    docs = text.iter_documents(whole.segments(a, b), which, "text", counts, opener)
+                    got += [(d.text, d.byte) for d in docs if d.text not in corpus.vanishing]
+            assert got == want, (f.rel, cuts)
+            assert counts["text_bytes"] > 0
+
+
+def test_packer_matches_a_plain_list_reference():
+    rng = random.Random(1)
+    docs = [[rng.randrange(5, 100) for _ in range(rng.choice([0, 1, 3, 7, 20]) or 1)] for _ in range(200)]
+    for block in (1, 2, 7, 64):
+        packer = text.BlockPacker(block, EOS, PAD)
+        out = []
+        for i, ids in enumerate(docs):
+            out += packer.add(ids, text.Doc("", "f", i))
+        out += packer.finish()
+        stream = [t for ids in docs for t in [*ids, EOS]]
+        pad = -len(stream) % block
+        ref = stream + [PAD] * pad
+        assert [b.tolist() for b, _ in out] == [ref[i:i + block] for i in range(0, len(ref), block)]
+        check_block_metadata([(None, None, m) for _, m in out], [text.Doc("", "f", i) for i in range(len(docs))],
+                             docs, block, pad)
+
+
+def test_token_field_is_uint16_only_when_every_id_fits():
+    assert text.token_field(600) == text.token_field(65536) == "u16"
+    assert text.token_field(65537) == text.token_field(250_000) == "i32"
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_round_trip_gives_back_every_document_once_in_order(prepared, corpus):
+    _, out, report, _, _ = prepared
+    assert report.manifest["totals"]["shards"] >= 8  # several shards, each checked on its own
+    check_round_trip(out, corpus)
+
+
+def test_special_ids_are_fixed_and_never_come_from_text(prepared):
+    _, out, _, _, _ = prepared
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    assert [sp.id_to_piece(i) for i in range(5)] == ["<pad>", "<s>", "</s>", "<unk>", "<mask>"]
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id(), sp.piece_to_id("<mask>")) == (0, 1, 2, 3, 4)
+    assert MASK not in sp.encode("a literal <mask> here") and sp.vocab_size() == int(VOCAB)
+    ids = np.concatenate([b for blocks in shard_blocks(out).values() for _, b, _ in blocks])
+    assert not set(np.unique(ids).tolist()) & {BOS, UNK, MASK}  # <pad> only fills the last blocks (checked above)
+    assert ids.max() < sp.vocab_size()
+
+
+def test_manifest_counts_and_model(prepared, corpus):
+    _, out, report, stdout, _ = prepared
+    m = json.loads((out / "manifest.json").read_text())
+    assert m == report.manifest and m["modality"] == "text"
+    assert (m["block_size"], m["field"], m["dtype"]) == (BLOCK, "u16", "uint16")
+    tok = m["tokenizer"]
+    assert tok["sha256"] == sha((out / "spm.model").read_bytes()) and tok["vocab_size"] == int(VOCAB)
+    assert (tok["model_type"], tok["trained"], tok["special_ids"]) == ("bpe", True, text.SPECIAL_IDS)
+    t = m["totals"]
+    assert t["documents"] == len(corpus.docs) and t["empty_documents"] == corpus.empty
+    assert t["invalid_json_lines"] == corpus.invalid_json
+    assert (t["invalid_utf8_documents"], t["invalid_utf8_bytes"]) == (corpus.invalid_utf8_docs,
+                                                                      corpus.invalid_utf8_bytes)
+    assert t["tokens"] + t["pad_tokens"] == t["samples"] * BLOCK
+    for key in text.STAT_KEYS:
+        assert t[key] == sum(s[key] for s in m["shards"]), key
+    assert {s["path"]: s["reason"] for s in m["skipped"]} == corpus.skipped
+    assert f"{t['documents']:,} documents" in stdout and f"{corpus.empty} empty documents" in stdout
+    assert m["params"]["chunk_bytes"] > 0 and m["params"]["doc_mode"] == "line"
+    # a byte range inside the long line of a.txt holds no document start: a shard of 0 blocks, counted
+    assert any(s["samples"] == s["documents"] == 0 for s in m["shards"])
+    for rec in m["shards"]:
+        data = (out / rec["name"]).read_bytes()
+        sidecar = json.loads((out / f".{rec['name']}.json").read_text())
+        assert rec["sha256"] == sidecar["sha256"] == sha(data) and rec["bytes"] == len(data)
+    assert core.read_manifest(out, verify=True)["dir"] == str(out.resolve())
+
+
+def test_nothing_is_written_outside_out_and_no_temp_files(prepared, corpus):
+    base, out, report, _, before = prepared
+    assert snapshot(corpus.root.parent) == before
+    assert [p.name for p in base.iterdir()] == ["out"]
+    shards = {s["name"] for s in report.manifest["shards"]}
+    expected = shards | {f".{n}.json" for n in shards} | {"manifest.json", "spm.model", ".spm.model.json"}
+    assert {p.name for p in out.iterdir()} == expected
+
+
+def test_paragraph_mode_round_trip(tmp_path):
+    corpus = make_paragraph_corpus(tmp_path / "in")
+    report, _ = prep(corpus, tmp_path / "out", "--doc-mode", "paragraph", "--model-type", "unigram")
+    assert report.manifest["tokenizer"]["model_type"] == "unigram"
+    assert report.manifest["totals"]["empty_documents"] == corpus.empty == 2
+    check_round_trip(tmp_path / "out", corpus)
+
+
+def test_rerun_reuses_model_and_complete_shards(corpus, tmp_path):
+    out = tmp_path / "out"
+    first, _ = prep(corpus, out)
+    original = file_bytes(out)
+    names = [s["name"] for s in first.manifest["shards"]]
+    model_mtime = (out / "spm.model").stat().st_mtime_ns
+    (out / names[0]).unlink()
+    broken = bytearray(original[names[1]])
+    broken[700] ^= 0xFF  # same size: only the sha256 catches it
+    (out / names[1]).write_bytes(bytes(broken))
+    (out / f".{names[2]}.tmp-99999").write_bytes(b"left by a killed run")
+    (out / ".spm.model.tmp-99999").write_bytes(b"left by a killed run")
+
+    second, stdout = prep(corpus, out)
+    assert f"2 written, {len(names) - 2} reused" in stdout
+    assert file_bytes(out) == original and second.manifest == first.manifest
+    assert (out / "spm.model").stat().st_mtime_ns == model_mtime  # not retrained
+    report, _ = prep(corpus, out, "--block-size", "32")  # changed options: every shard rewritten
+    assert report.reused == 0 and report.manifest["block_size"] == 32
+
+
+def test_workers_give_byte_identical_output(prepared, corpus, tmp_path):
+    _, out, _, _, _ = prepared
+    cmd = [sys.executable, "-m", "data_prep.text", "--input", str(corpus.root), "--output", str(tmp_path / "two"),
+           *OPTIONS, "--workers", "2"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "documents" in done.stdout
+    assert file_bytes(tmp_path / "two") == file_bytes(out)
+
+
+def test_int32_blocks_when_the_vocabulary_exceeds_uint16(corpus, prepared, tmp_path, monkeypatch):
+    _, out, _, _, _ = prepared
+    monkeypatch.setattr(text, "token_field", lambda vocab_size: "i32")
+    report, _ = prep(corpus, tmp_path / "out")
+    assert (report.manifest["field"], report.manifest["dtype"]) == ("i32", "int32")
+    wide, narrow = shard_blocks(tmp_path / "out"), shard_blocks(out)
+    assert len(wide) == len(narrow)
+    for (_, w), (_, n) in zip(sorted(wide.items()), sorted(narrow.items())):
+        assert [b.dtype.str for _, b, _ in w] == ["<i4"] * len(w)
+        assert [b.tolist() for _, b, _ in w] == [b.tolist() for _, b, _ in n]
+
+
+def test_given_model_is_reused_and_gives_the_same_shards(prepared, corpus, tmp_path):
+    _, out, first, _, _ = prepared
+    report, _ = prep(corpus, tmp_path / "out", "--spm-model", str(out / "spm.model"), "--vocab-size", "999")
+    tok = report.manifest["tokenizer"]
+    assert tok["trained"] is False and tok["sha256"] == first.manifest["tokenizer"]["sha256"]
+    assert (tmp_path / "out" / "spm.model").read_bytes() == (out / "spm.model").read_bytes()
+    for rec in report.manifest["shards"]:
+        assert (tmp_path / "out" / rec["name"]).read_bytes() == (out / rec["name"]).read_bytes()
+
+
+def test_given_model_with_other_special_ids_is_rejected(corpus, tmp_path):
+    model = io.BytesIO()
+    lines = [d.text for d in corpus.docs[:200]]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=400, minloglevel=2)
+    (tmp_path / "default.model").write_bytes(model.getvalue())  # sentencepiece's defaults: unk=0 bos=1 eos=2
+    message = error_of(["--input", str(corpus.root), "--output", str(tmp_path / "out"),
+                        "--spm-model", str(tmp_path / "default.model")])
+    assert message.startswith("error: ") and "special token ids differ" in message
+    assert "<pad> is missing, not 0" in message and "<unk> is id 0, not 3" in message
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    message = error_of(["--input", str(corpus.root), "--output", str(tmp_path / "out"),
+                        "--spm-model", str(tmp_path / "junk.model")])
+    assert "is not a sentencepiece model" in message
+    assert not (tmp_path / "out" / "spm.model").exists()
+
+
+def test_too_large_vocabulary_names_the_largest_that_works(corpus, tmp_path, capsys):
+    argv = ["--input", str(corpus.root / "a.txt"), "--output", str(tmp_path / "out"), "--vocab-size", "60000",
+            "--block-size", "64"]
+    message = error_of(argv)
+    assert message.startswith("error: --vocab-size 60000 is too large for the training sample")
+    assert "INTERNAL" not in message and "trainer_interface" not in message
+    largest = int(message.split("the largest vocabulary it supports is ")[1].split(".")[0])
+    assert 600 < largest < 60000
+    report, _ = run_main([*argv, "--allow-smaller-vocab", "--quiet"])
+    assert f"using {largest}" in capsys.readouterr().err
+    assert report.manifest["tokenizer"]["vocab_size"] == largest
+    small = error_of([*argv[:-4], "--vocab-size", "100"])
+    assert "--vocab-size 100 is too small" in small and "Use --vocab-size" in small
+
+
+@pytest.mark.parametrize("case", ["missing", "unsupported", "no_text", "out_inside", "wrong_field"])
+def test_clear_errors_without_traceback(tmp_path, case):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "readme.md").write_text("no text input here")
+    target = src
+    if case == "unsupported":
+        target = src / "readme.md"
+    elif case == "missing":
+        target = src / "nope.txt"
+    elif case == "wrong_field":
+        (src / "a.jsonl").write_text('{"body": "some text"}\n' * 3)
+    elif case == "out_inside":
+        (src / "a.txt").write_text("some text\n")
+    out = src / "shards" if case == "out_inside" else tmp_path / "out"
+    message = error_of(["--input", str(target), "--output", str(out)])
+    assert message.startswith("error: ")
+    assert {"missing": "input not found", "unsupported": "unsupported input file", "no_text": "no text found",
+            "out_inside": "must not be inside", "wrong_field": "had no string field 'text'"}[case] in message
+    assert not (src / "shards").exists() and not (tmp_path / "out").exists()
+
+
+def test_help_lists_every_option():
+    done = subprocess.run([sys.executable, "-m", "data_prep.text", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0
+    for option in ("--input", "--output", "--name", "--vocab-size", "--allow-smaller-vocab", "--model-type",
+                   "--byte-fallback", "--spm-model", "--sample-docs", "--sample-bytes", "--block-size",
+                   "--doc-mode", "--jsonl-field", "--shard-size", "--workers", "--quiet"):
+        assert option in done.stdout, option
+
+
+def test_sample_is_bounded_and_spread_over_the_corpus(corpus):
+    files, _ = text.measure(text.discover([corpus.root])[0], 1)
+    whole = text.Corpus(files)
+    texts, info = text.sample_documents(whole, "line", "text", max_docs=10**6, max_bytes=40_000)
+    assert info["windows"] == 2 and 40_000 <= info["bytes"] < 60_000  # each window stops after its share
+    all_texts = [d.text for d in corpus.docs]
+    texts = [t for t in texts if t not in corpus.vanishing]
+    positions = [all_texts.index(t) for t in texts]
+    assert positions == sorted(positions) and positions[-1] > len(all_texts) // 2  # not just the start
+    texts, info = text.sample_documents(whole, "line", "text", max_docs=25, max_bytes=10**9)
+    assert len(texts) == 25 and info["windows"] == 1  # the first 25 (one of them vanishes when encoded)
+    assert [t for t in texts if t not in corpus.vanishing] == all_texts[:24]
+    gz = [f for f in files if f.gz]
+    with gzip.open(gz[0].path, "rb") as fh:
+        assert gz[0].size == len(fh.read())
