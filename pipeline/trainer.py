@@ -92,10 +92,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_student, data_parallel_group=rt.dp_group,
                                  dtype=rt.choice.dtype, mpu=rt.mpu):
-            student = Student(self.modality, cfg.encoder, mp, rt.tp_rank)
+            student = Student(self.modality, cfg.encoder, mp)
         with deepspeed.zero.Init(config_dict_or_path=self.ds_teacher, data_parallel_group=rt.dp_group,
                                  dtype=torch.float32, mpu=rt.mpu):
-            teacher = Backbone(self.modality, cfg.encoder, mp, rt.tp_rank)
+            teacher = Backbone(self.modality, cfg.encoder, mp)
         teacher.requires_grad_(False)
         t = cfg.train
         optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
@@ -107,6 +107,10 @@ class Trainer:
         student_params = {teacher_parameter_name(n): p for n, p in student.named_parameters()}
         self.ema = ShardedEMA(teacher, student_params, cfg.ema)
         self.ema.copy_student()
+        # Initialisation drew the same numbers on every rank (megatron slices a full CPU-initialised weight
+        # per tensor-parallel rank). From here on dropout differs between data-parallel ranks and agrees
+        # between tensor-parallel peers, whose draws have equal shapes and so stay in step.
+        torch.manual_seed(cfg.train.seed + 1000003 * (rt.dp_rank + 1))
 
     # -- the data2vec step --------------------------------------------------------------------
     @torch.no_grad()

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from PIL import Image
 
 from pipeline.config import EncoderConfig, doc, require
@@ -134,12 +135,14 @@ def to_tensor(img: Image.Image, mean: list, std: list) -> torch.Tensor:
 
 class RelativePositionBias(nn.Module):
     """BEiT's relative position bias shared by all blocks: table ((2H-1)(2W-1)+3, heads) -> (heads, T, T)
-    for T = 1 + H*W (the 3 extra entries are cls->token, token->cls and cls->cls)."""
+    for T = 1 + H*W (the 3 extra entries are cls->token, token->cls and cls->cls). Under tensor
+    parallelism the table is split by heads like the attention (this rank's heads only)."""
 
-    def __init__(self, grid: int, heads: int):
+    def __init__(self, grid: int, heads: int, tp: int = 1):
         super().__init__()
         size = (2 * grid - 1) ** 2 + 3
-        self.table = nn.Parameter(torch.zeros(size, heads))
+        self.table = nn.Parameter(torch.zeros(size, heads // tp))
+        set_tensor_model_parallel_attributes(self.table, True, 1, 1)
         coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
         rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (grid - 1)  # (N, N, 2)
         index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)
@@ -153,14 +156,14 @@ class RelativePositionBias(nn.Module):
 
 
 class PatchEmbedder(nn.Module):
-    def __init__(self, cfg: VisionConfig, enc: EncoderConfig):
+    def __init__(self, cfg: VisionConfig, enc: EncoderConfig, tp: int = 1):
         super().__init__()
         self.patch = nn.Conv2d(cfg.in_chans, enc.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.empty(1, 1, enc.dim))
         self.mask_token = nn.Parameter(torch.empty(1, 1, enc.dim))
         for p in (self.cls_token, self.mask_token):
             nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
-        self.rel_pos_bias = RelativePositionBias(cfg.grid, enc.heads)
+        self.rel_pos_bias = RelativePositionBias(cfg.grid, enc.heads, tp)
 
     def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
         x = self.patch(batch["image"]).flatten(2).transpose(1, 2)  # (B, N, D)
@@ -190,7 +193,7 @@ class Vision(Modality):
         return {"image": to_tensor(img, cfg.mean, cfg.std), "mask": mask}
 
     def build_embedder(self, enc, mp):
-        return PatchEmbedder(self.cfg, enc)
+        return PatchEmbedder(self.cfg, enc, mp.tensor_model_parallel_size)
 
     def tokens_per_sample(self):
         return self.cfg.grid ** 2

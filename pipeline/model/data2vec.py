@@ -14,11 +14,11 @@ from pipeline.model.transformer import Encoder
 class Backbone(nn.Module):
     """Local encoder (modality) + transformer encoder. The teacher is exactly this."""
 
-    def __init__(self, modality: Modality, enc: EncoderConfig, mp: ModelParallelConfig, tp_rank: int = 0):
+    def __init__(self, modality: Modality, enc: EncoderConfig, mp: ModelParallelConfig):
         super().__init__()
         self.prefix = modality.prefix_tokens
         self.embed = modality.build_embedder(enc, mp)
-        self.encoder = Encoder(enc, mp, tp_rank)
+        self.encoder = Encoder(enc, mp)
 
     def encode(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None):
         """-> (final (B, T, D), taps: list of (B, T, D)), prefix tokens (CLS) removed."""
@@ -33,9 +33,9 @@ class Backbone(nn.Module):
 
 
 class Student(nn.Module):
-    def __init__(self, modality: Modality, enc: EncoderConfig, mp: ModelParallelConfig, tp_rank: int = 0):
+    def __init__(self, modality: Modality, enc: EncoderConfig, mp: ModelParallelConfig):
         super().__init__()
-        self.backbone = Backbone(modality, enc, mp, tp_rank)
+        self.backbone = Backbone(modality, enc, mp)
         self.head = modality.build_head(enc, mp)
 
     def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

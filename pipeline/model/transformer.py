@@ -50,13 +50,13 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; this rank holds heads [head_offset, head_offset + local_heads)."""
+    """Multi-head self-attention; under tensor parallelism this rank holds heads/tp of the heads. A
+    per-head ``attn_bias`` (..., heads/tp, T, T) must hold this rank's heads; (..., 1, T, T) broadcasts."""
 
-    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, out_std: float, tp_rank: int = 0):
+    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, out_std: float):
         super().__init__()
         tp = mp.tensor_model_parallel_size
         self.local_heads = cfg.heads // tp
-        self.head_offset = tp_rank * self.local_heads
         self.head_dim = cfg.dim // cfg.heads
         self.attn_dropout = cfg.attn_dropout
         self.query = column(cfg.dim, cfg.dim, mp)
@@ -70,9 +70,6 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
         q, k, v = (self.split_heads(proj(x)[0]) for proj in (self.query, self.key, self.value))
-        if attn_bias is not None and attn_bias.dim() >= 3 and attn_bias.shape[-3] not in (1, self.local_heads):
-            # per-head bias (e.g. relative positions) computed for all heads: keep this rank's heads
-            attn_bias = attn_bias[..., self.head_offset:self.head_offset + self.local_heads, :, :]
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
@@ -95,13 +92,12 @@ class Block(nn.Module):
     """One encoder block. ``forward`` returns (output, ffn_branch) where ffn_branch is the FFN output
     before the last residual (and before the post-LN), the tap data2vec uses for speech and text."""
 
-    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, layer_id: int, drop_path: float,
-                 tp_rank: int = 0):
+    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, layer_id: int, drop_path: float):
         super().__init__()
         self.norm_first = cfg.norm_first
         out_std = 0.02 / math.sqrt(2.0 * layer_id) if cfg.norm_first else 0.02  # BEiT's rescaled init
         self.attn_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg, mp, out_std, tp_rank)
+        self.attn = Attention(cfg, mp, out_std)
         self.ffn_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps)
         self.ffn = FeedForward(cfg, mp, out_std)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -132,11 +128,11 @@ class Encoder(nn.Module):
     the block output (``tap='block'``) or the FFN branch (``tap='ffn'``).
     """
 
-    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, tp_rank: int = 0):
+    def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig):
         super().__init__()
         self.tap = cfg.tap
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, mp, i + 1, rates[i], tp_rank) for i in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(cfg, mp, i + 1, rates[i]) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None):
