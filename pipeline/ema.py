@@ -62,6 +62,7 @@ class ShardedEMA:
     def __init__(self, teacher: nn.Module, student_params: dict[str, nn.Parameter], cfg: EMAConfig,
                  teacher_state: Callable = zero3_partition, student_state: Callable = zero3_master_partition):
         self.cfg = cfg
+        self.module = teacher
         self.student_state = student_state
         self.names, self.teacher_parts, self.student_params, self.copied = [], [], [], []
         for name, t in teacher.named_parameters():

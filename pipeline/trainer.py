@@ -190,8 +190,7 @@ class Trainer:
         ckpt = path if path is not None else checkpoint.find_latest(self.ckpt_root)
         if ckpt is None:
             return
-        state = checkpoint.load(self.engine, self.ema, ckpt, self.rt.rank, self.rt.world_size,
-                                self.rt.choice.device_type)
+        state = checkpoint.load(self.engine, self.ema, ckpt, self.rt)
         self.step, self.batches_consumed = state["step"], state["batches_consumed"]
         if self.rt.is_main:
             log.info("resumed from %s at step %d", ckpt, self.step)
@@ -200,8 +199,7 @@ class Trainer:
         path = checkpoint.save(self.engine, self.ema, self.ckpt_root, self.step,
                                {"step": self.step, "batches_consumed": self.batches_consumed,
                                 "config": experiment_dict(self.cfg)},
-                               self.rt.choice.device_type, self.rt.rank, self.rt.world_size,
-                               self.cfg.train.keep_checkpoints)
+                               self.rt, self.cfg.train.keep_checkpoints)
         if self.rt.is_main:
             log.info("checkpoint saved: %s", path)
         return path

@@ -48,12 +48,12 @@ def read_losses(run_dir):
     return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
 
 
-def train(tiny_shards, out, steps, extra=()):
+def train(tiny_shards, out, steps, extra=(), nproc=2):
     args = ["-m", "pipeline.train", "--config", "configs/vision_tiny.yaml", f"data.manifest={tiny_shards}",
             f"train.output_dir={out}", f"train.steps={steps}", "train.log_every=1", "train.save_every=3",
             "train.micro_batch_size=4", "encoder.dropout=0.1", "encoder.drop_path=0.1", "data.workers=2",
             "train.warmup_steps=2", *extra]
-    proc = torchrun(args)
+    proc = torchrun(args, nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -81,14 +81,23 @@ def test_stop_and_resume_is_bit_identical(tiny_shards, tmp_path):
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def run_layout(tmp_path, nproc: int, tp: int) -> list[float]:
+    out = tmp_path / f"n{nproc}_tp{tp}.json"
+    proc = torchrun([str(ROOT / "tests/dist/dp_equivalence.py"), str(out), str(tp)], nproc=nproc)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_tp2_dp2_matches_tp1_dp4(tmp_path):
+    """Tensor parallel x ZeRO-3: same global batch, same losses and gradient norms as pure data parallel."""
+    a, b = run_layout(tmp_path, 4, tp=2), run_layout(tmp_path, 4, tp=1)
+    for x, y in zip(a, b):
+        assert math.isclose(x, y, rel_tol=1e-5), (a, b)
+
+
 def test_same_global_batch_same_losses_for_any_data_parallel_size(tmp_path):
     """Global masked-count normalisation + DeepSpeed's gradient averaging = the gradient of the global loss."""
-    losses = {}
-    for nproc in (1, 2):
-        out = tmp_path / f"dp{nproc}.json"
-        proc = torchrun([str(ROOT / "tests/dist/dp_equivalence.py"), str(out)], nproc=nproc)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        losses[nproc] = json.loads(out.read_text())
+    losses = {nproc: run_layout(tmp_path, nproc, tp=1) for nproc in (1, 2)}
     assert len(losses[1]) == 8  # (loss, gradient norm) per step
     for a, b in zip(losses[1], losses[2]):
         assert math.isclose(a, b, rel_tol=1e-5), (losses[1], losses[2])
@@ -103,3 +112,18 @@ def test_text_two_rank_zero3_with_sharded_teacher(tiny_text_shards, tmp_path):
                                    "embed.tokens.weight"]
     for name, part in r["partitions"].items():
         assert part["dtype"] == "torch.float32" and part["ceil"] <= part["numel"] < part["ceil"] + 64, name
+
+
+def test_stop_and_resume_under_tp2_dp2_is_bit_identical(tiny_shards, tmp_path):
+    """4 ranks, tensor parallel 2 x ZeRO-3 data parallel 2, dropout on: resume equals an uninterrupted run."""
+    layout = ["parallel.tp=2", "data.workers=1"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    train(tiny_shards, full, 5, layout, nproc=4)
+    train(tiny_shards, split, 5, [*layout, "train.stop_after=3"], nproc=4)
+    proc = train(tiny_shards, split, 5, layout, nproc=4)
+    assert "resumed from" in proc.stdout
+    a, b = read_losses(full), read_losses(split)
+    for step in (4, 5):
+        assert float(a[step]).hex() == float(b[step]).hex(), (step, a[step], b[step])
+    marker = json.loads((split / "checkpoints/step_00000005/COMPLETE").read_text())
+    assert (marker["tp"], marker["dp"], marker["world_size"]) == (2, 2, 4)

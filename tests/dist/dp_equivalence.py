@@ -1,7 +1,8 @@
-"""Run under torchrun with 1 or 2 CPU ranks: train on a fixed global batch split across data-parallel
-ranks and write the per-step losses (rank 0) to argv[1]. The same global batch must give the same
-losses whatever the data-parallel size (the loss is normalised by the global masked count and the
-gradient of the global loss is what the optimizer sees)."""
+"""Run under torchrun: train on a fixed global batch split across data-parallel ranks and write the
+per-step losses and gradient norms (rank 0) to argv[1]; argv[2] is the tensor-parallel size (default 1).
+The same global batch must give the same losses whatever the layout (the loss is normalised by the
+global masked count, the gradient of the global loss is what the optimizer sees, and tensor
+parallelism only changes the summation order)."""
 
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ def global_batches(cfg):
 
 def main() -> None:
     out = sys.argv[1]
+    tp = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     cfg = load_experiment("configs/vision_tiny.yaml", [
-        "train.warmup_steps=0", "train.lr=0.005", "train.schedule=constant", "train.output_dir=/unused"])
-    rt = init_runtime(1, choose_device("fp32"))
+        "train.warmup_steps=0", "train.lr=0.005", "train.schedule=constant", "train.output_dir=/unused",
+        f"parallel.tp={tp}"])
+    rt = init_runtime(tp, choose_device("fp32"))
     micro = GLOBAL_BATCH // rt.dp
     cfg.train.micro_batch_size = micro
     trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), [])
