@@ -13,6 +13,7 @@ Decoding, augmentation and masking run in the workers; sample bytes are never un
 from __future__ import annotations
 
 import random
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,7 +123,15 @@ def make_loader(shards: list[str], modality: Modality, cfg: DataConfig, batch_si
     # Own generator: creating the loader must not draw from the global RNG that dropout uses, or a
     # resumed run (loader created after the RNG state is restored) would drift from an uninterrupted one.
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(stream, batch_size=None, num_workers=cfg.workers, generator=generator, **kwargs)
+    return DataLoader(stream, batch_size=None, num_workers=cfg.workers, generator=generator,
+                      worker_init_fn=ignore_stop_signals, **kwargs)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker init: SIGTERM and SIGUSR2 are the rank's to handle (it saves a checkpoint first).
+    SLURM signals every process of a step, and torch's workers otherwise die on SIGTERM, crashing the rank."""
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -269,7 +269,13 @@ def model_parallel_config(tp: int):
     """megatron-core layer config. Weights are always initialised on the CPU from the default RNG
     (one device-agnostic path: megatron's GPU init needs its CUDA RNG tracker) and then placed by
     ZeRO-3; the dtype of the parameters is set by DeepSpeed."""
+    from megatron.core import parallel_state as ps
     from megatron.core.model_parallel_config import ModelParallelConfig
+    # megatron's parallel layers take the TP size from parallel_state, our head/table splits from this
+    # config: they must agree or shapes would silently disagree.
+    if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != tp:
+        raise ConfigError(f"model_parallel_config(tp={tp}) inside a tensor-parallel group of "
+                          f"{ps.get_tensor_model_parallel_world_size()}")
     return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                                perform_initialization=True)
 

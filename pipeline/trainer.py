@@ -47,13 +47,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader worker init: SIGTERM and SIGUSR2 are the rank's to handle (it saves a checkpoint first).
-    SLURM signals every process of a step, and torch's workers otherwise die on SIGTERM, which crashes the rank."""
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-
-
 def lr_lambda(cfg):
     """Warmup then cosine decay to min_lr (or constant), as a multiplier of train.lr."""
     floor = cfg.min_lr / cfg.lr
@@ -221,7 +214,6 @@ class Trainer:
         self.install_signal_handlers()
         loader = make_loader(self.shards, self.modality, self.cfg.data, t.micro_batch_size, t.seed,
                              self.rt.dp_rank, self.rt.dp, start_batch=self.batches_consumed)
-        loader.worker_init_fn = ignore_stop_signals
         self.batches = iter(loader)
         logger = MetricsLogger(self.output, self.rt.is_main, start_step=self.step)
         samples_per_step = t.micro_batch_size * t.grad_accum * self.rt.dp

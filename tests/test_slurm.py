@@ -112,7 +112,7 @@ def test_preemption_saves_at_an_agreed_step_requeues_and_resumes_exactly(slurm, 
     stop = int(re.search(r"INFO requeue at step (\d+)", text).group(1))
     assert 1 <= stop < 12, stop  # the signal landed mid-run
     ckpt = out / f"checkpoints/step_{stop:08d}"
-    assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": stop, "world_size": 2}
+    assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": stop, "world_size": 2, "tp": 1, "dp": 2}
     for rank in (0, 1):  # every rank wrote its part of the checkpoint at that step
         own = torch.load(ckpt / f"d2v_rank{rank:05d}.pt", map_location="cpu", weights_only=True)
         assert own["step"] == stop
