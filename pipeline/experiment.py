@@ -54,6 +54,8 @@ def check_consistency(cfg: ExperimentConfig) -> None:
             f"objective.top_k={cfg.objective.top_k} exceeds encoder.depth={enc.depth}")
     require(enc.heads % cfg.parallel.tp == 0,
             f"encoder.heads={enc.heads} is not divisible by parallel.tp={cfg.parallel.tp}")
+    require(cfg.collapse.action != "skip" or cfg.train.grad_accum == 1,
+            "collapse.action=skip skips whole optimizer steps and needs train.grad_accum=1; use 'log' or 'stop'")
     require(enc.ffn_dim % cfg.parallel.tp == 0,
             f"encoder.ffn_dim={enc.ffn_dim} is not divisible by parallel.tp={cfg.parallel.tp}")
 

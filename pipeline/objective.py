@@ -101,10 +101,12 @@ class CollapseConfig:
     min_prediction_std: float = doc("alarm when the all-reduced prediction std falls below this", 0.01)
     after_steps: int = doc("start checking after this many steps", 5000)
     action: str = doc("on alarm: 'log' (warn), 'skip' (skip the update) or 'stop' (save and exit non-zero)", "log")
+    max_skips: int = doc("with action=skip: stop (save, exit non-zero) after this many consecutive skipped steps", 100)
 
     def __post_init__(self):
         one_of("collapse.action", self.action, ("log", "skip", "stop"))
         require(self.after_steps >= 0, "collapse.after_steps must be >= 0")
+        require(self.max_skips >= 1, "collapse.max_skips must be >= 1")
 
 
 def collapse_alarm(step: int, target_std: float, prediction_std: float, cfg: CollapseConfig) -> str | None:

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         return 2
     from pipeline import distributed
     from pipeline.experiment import experiment_dict
-    from pipeline.trainer import Trainer
+    from pipeline.trainer import CollapseError, Trainer
 
     rt = distributed.init_runtime(cfg.parallel.tp, choice)
     try:
@@ -73,6 +73,11 @@ def main(argv=None) -> int:
         status = trainer.train()
         if rt.is_main:
             log.info("%s at step %d; checkpoints in %s", status, trainer.step, trainer.ckpt_root)
+    except CollapseError as exc:
+        if rt.is_main:
+            log.error("stopped: representation collapse: %s; checkpoint in %s (see collapse.* in --help)",
+                      exc, trainer.ckpt_root)
+        return 3
     except Exception as exc:  # name the rank: the launcher (srun --kill-on-bad-exit, torchrun) ends the others
         log.error("rank %d of %d failed: %r", rt.rank, rt.world_size, exc)
         raise

@@ -219,26 +219,32 @@ class Trainer:
         samples_per_step = t.micro_batch_size * t.grad_accum * self.rt.dp
         status = "done"
         last = min(t.steps, t.stop_after) if t.stop_after else t.steps
+        skips = 0
         try:
             while self.step < last:
                 metrics = self.optimizer_step()
-                if metrics.get("skipped"):
-                    continue
-                logger.record(self.step, metrics, samples=samples_per_step,
-                              tokens=samples_per_step * metrics["tokens"],
-                              flops=samples_per_step * self.flops_per_sample(round(metrics["tokens"])),
-                              devices=self.rt.world_size)
-                if self.step % t.log_every == 0 or self.step == last:
-                    logger.flush(self.step, t.steps)
+                skips = skips + 1 if metrics.get("skipped") else 0
+                if skips >= self.cfg.collapse.max_skips:
+                    raise CollapseError(f"{skips} consecutive steps skipped (collapse.max_skips)")
+                if not metrics.get("skipped"):
+                    logger.record(self.step, metrics, samples=samples_per_step,
+                                  tokens=samples_per_step * metrics["tokens"],
+                                  flops=samples_per_step * self.flops_per_sample(round(metrics["tokens"])),
+                                  devices=self.rt.world_size)
+                    if self.step % t.log_every == 0 or self.step == last:
+                        logger.flush(self.step, t.steps)
                 if metrics["stop"]:
                     self.save()
                     status = "requeue" if metrics["requeue"] else "preempted"
                     break
-                if t.save_every and self.step % t.save_every == 0 and self.step < last:
+                if not skips and t.save_every and self.step % t.save_every == 0 and self.step < last:
                     self.save()
             else:
                 self.save()
                 status = "done" if self.step >= t.steps else "stopped"
+        except CollapseError:
+            self.save()  # every rank raises at the same step: the statistics were all-reduced
+            raise
         finally:
             logger.close()
             self.batches = None  # stop the DataLoader workers now, not when SLURM ends the job (requeue)

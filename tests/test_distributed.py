@@ -127,3 +127,19 @@ def test_stop_and_resume_under_tp2_dp2_is_bit_identical(tiny_shards, tmp_path):
         assert float(a[step]).hex() == float(b[step]).hex(), (step, a[step], b[step])
     marker = json.loads((split / "checkpoints/step_00000005/COMPLETE").read_text())
     assert (marker["tp"], marker["dp"], marker["world_size"]) == (2, 2, 4)
+
+
+@pytest.mark.parametrize("action, message", [
+    ("stop", "representation collapse: target std"),
+    ("skip", "representation collapse: 3 consecutive steps skipped (collapse.max_skips)"),
+])
+def test_collapse_action_stops_with_a_checkpoint(tiny_shards, tmp_path, action, message):
+    """An impossible threshold trips the monitor: 'stop' saves and exits 3; 'skip' skips updates, then stops."""
+    args = ["-m", "pipeline.train", "--config", "configs/vision_tiny.yaml", f"data.manifest={tiny_shards}",
+            f"train.output_dir={tmp_path}", "train.steps=20", "train.micro_batch_size=4", "collapse.after_steps=2",
+            "collapse.min_target_std=100", f"collapse.action={action}", "collapse.max_skips=3"]
+    proc = torchrun(args)
+    assert proc.returncode != 0
+    assert message in proc.stdout, proc.stdout[-3000:]
+    assert "collapse alarm" in proc.stdout
+    assert (tmp_path / "checkpoints/step_00000002/COMPLETE").is_file()  # steps 0 and 1 ran; step 2 alarmed

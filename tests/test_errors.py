@@ -38,6 +38,7 @@ def test_valid_setup_passes(monkeypatch, tiny_shards):
     (["objective.top_k=9"], 2, "objective.top_k=9 exceeds encoder.depth=4"),
     (["train.precision=bf16"], 2, "needs a GPU"),
     (["train.ds_config=/no/such.json"], 2, "does not exist"),
+    (["collapse.action=skip", "train.grad_accum=2"], 2, "collapse.action=skip skips whole optimizer steps"),
 ])
 def test_bad_setup_is_rejected(monkeypatch, tiny_shards, overrides, world, message):
     overrides = [f"data.manifest={tiny_shards}", *overrides] if not overrides[0].startswith("data.manifest") else overrides

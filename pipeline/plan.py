@@ -1,0 +1,621 @@
+"""Capacity planner: layout checks, per-GPU memory and per-step communication for a cluster size.
+
+``python -m pipeline.plan --config configs/vision_large.yaml --nodes 8 --gpus-per-node 8 --tp 1``
+
+No GPU, no multi-rank job: parameter shapes come from building the real ``Student`` / ``Backbone`` on
+the meta device (a one-process gloo group + megatron-core parallel state with TP=1 are started for
+that, as the parallel layers need them), then every tensor-parallel parameter (megatron's
+``tensor_model_parallel`` / ``partition_dim`` attributes, also set on the vision relative-position
+table) is divided by TP. The text vocabulary is padded to ``vocab_multiple x TP`` first, as at TP.
+
+Everything else is analytic; the rules (bytes per GPU):
+
+* ZeRO-3 partitions (the DP group of one TP rank): ``ceil(n / DP)`` elements per parameter, as
+  DeepSpeed pads each parameter to a multiple of DP. Student parameters and gradients in the compute
+  dtype (bf16: 2 B), optimizer fp32 master + Adam m, v (12 B), teacher fp32 partition (4 B, no head).
+* Persistent parameters (``stage3_param_persistence_threshold`` of the DeepSpeed JSON; 0 for the
+  teacher): the student keeps them gathered in full all the time (compute dtype).
+* Gathered in flight: the largest block's TP-local parameters + the prefetch (at most
+  ``stage3_prefetch_bucket_size`` elements, here taken as one more block): student in the compute
+  dtype, teacher in fp32 (its forward gathers fp32 weights and computes under autocast).
+* Kept until backward: DeepSpeed does not release a parameter after the forward if it is used again
+  within ``stage3_max_reuse_distance`` elements of the module trace (forward, then backward). The
+  planner replays that rule on the module order; with ``ds_configs/zero3.json`` (1e9) every module
+  whose remaining forward + backward before its reuse is < 1e9 elements stays gathered (a whole
+  ViT-L; about half of a 1B model).
+* Student activations per micro-batch, stored for backward, no recomputation, no sequence parallelism
+  (Korthikanti et al. 2022, generalised to the FFN width f and our block). With a = activation bytes
+  (2 for bf16), s = sequence, b = micro batch, D = width, h = heads, t = TP, per block:
+  ``a*s*b*D*(4 + 2*layer_scale) + s*b*D*2*[dropout>0] + (4*a*s*b*D + 2*a*s*b*f)/t + attention``
+  with ``attention = s*s*b*h*(a + [attn_dropout>0]*(1 + a))/t`` (softmax output, dropout mask and
+  output); with fused SDPA kernels (``--fused-attention``) ``4*s*b*h/t`` (log-sum-exp) instead. For
+  f = 4D, bf16, dropout on, this is Korthikanti's ``s*b*D*(10 + 24/t + 5*h*s/(D*t))``. Plus the local
+  encoder (patch conv / conv feature encoder / embeddings), the final norm, the head and the loss on
+  the masked positions.
+* Teacher forward (no grad): the code keeps every block's tap (``Encoder.forward`` collects all L,
+  ``teacher_targets`` uses the top K) in fp32 (upper bound: L x s x b x D x 4), plus the targets'
+  normalised copies and one block's transients.
+* Peak = model states + persistent + ZeRO reduce bucket + a fixed allowance (CUDA context, NCCL,
+  allocator: ``--overhead-gb``) + the largest of three phases that do not overlap in time: teacher
+  forward, student forward/backward (kept + in-flight parameters + activations), optimizer step (the
+  fp32 copy of the gradient partition DeepSpeed makes per sub-group).
+
+Communication per GPU (bytes sent; ring algorithms), per micro-batch, x grad_accum per step:
+all-gather / reduce-scatter over DP: ``size * (DP-1)/DP``; all-reduce over TP: ``2 * size * (TP-1)/TP``.
+Student parameters all-gathered in forward and again in backward (nominally 2x; minus what stays
+gathered, see above; persistent parameters are never re-gathered), gradients reduce-scattered (1x,
+compute dtype), the teacher's fp32 parameters all-gathered for its forward (1x). TP all-reduces of
+(s, b, D) activations in the compute dtype: per block 2 in the student forward (attention and FFN
+row-parallel outputs), 4 in its backward (the q, k, v and fc1 column-parallel input gradients: q, k, v
+are separate layers), 2 in the teacher forward; text adds the vocab-parallel embedding (1 each
+forward; fp32 in the teacher). The EMA update: 0 bytes (shard-local).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import ConfigError
+
+GiB = 2 ** 30
+ROOT = Path(__file__).resolve().parents[1]
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter shapes from the real modules (meta device)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str  # student parameter name
+    module: str  # the module that owns it directly (DeepSpeed fetches per module)
+    numel: int  # TP-local elements (what ZeRO-3 partitions over DP on one TP rank)
+    full_numel: int  # elements of the whole (TP=1-shaped, padded vocabulary) parameter
+    split: bool  # divided over TP ranks
+    teacher: bool  # the teacher has it (everything but the head)
+    ndim: int  # for the optimizer's decay / no-decay groups
+
+
+def _ensure_parallel_state() -> None:
+    """A one-process gloo group + megatron-core parallel state (TP=1), enough to build parallel layers."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        with _quiet_fd(1, 2):  # gloo logs one line per group megatron creates
+            if not dist.is_initialized():
+                from pipeline.distributed import free_port
+                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+            if not ps.model_parallel_is_initialized():
+                ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    if ps.get_tensor_model_parallel_world_size() != 1:
+        raise RuntimeError("pipeline.plan builds shapes under TP=1 parallel state; call it from a process "
+                           "whose megatron parallel state has tensor_model_parallel_size=1 (or none)")
+
+
+class _quiet_fd:
+    """Send OS-level file descriptors to /dev/null for a while (C++ logging bypasses sys.stderr)."""
+
+    def __init__(self, *fds: int):
+        self.fds = fds
+
+    def __enter__(self):
+        import os
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.saved = [os.dup(fd) for fd in self.fds]
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in self.fds:
+            os.dup2(null, fd)
+        os.close(null)
+
+    def __exit__(self, *exc):
+        import os
+        for fd, saved in zip(self.fds, self.saved):
+            os.dup2(saved, fd)
+            os.close(saved)
+        return False
+
+
+_SHAPES: dict[str, tuple] = {}
+
+
+def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, int]]]:
+    """TP-local parameter list, and the module order (name, TP-local direct numel) in pre-order.
+
+    Built once per (model, tp) on the meta device with a TP=1 layer config; split parameters are
+    divided by ``tp`` along megatron's ``partition_dim`` (which must divide evenly).
+    """
+    key = json.dumps([cfg.modality, dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.encoder), tp],
+                     sort_keys=True, default=str)
+    if key in _SHAPES:
+        return _SHAPES[key]
+    import torch
+
+    from pipeline.distributed import model_parallel_config
+    from pipeline.model.data2vec import Student, teacher_parameter_name
+
+    _ensure_parallel_state()
+    model_cfg = cfg.model
+    if hasattr(model_cfg, "vocab_multiple"):  # build the vocabulary padded as at TP=tp (a multiple of 128 x tp)
+        model_cfg = dataclasses.replace(model_cfg, vocab_multiple=model_cfg.vocab_multiple * tp)
+    modality = type(cfg.make_modality())(model_cfg)
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        student = Student(modality, cfg.encoder, model_parallel_config(1))
+    infos, order = [], []
+    for mod_name, module in student.named_modules():
+        direct = 0
+        for pname, p in module.named_parameters(recurse=False):
+            name = f"{mod_name}.{pname}" if mod_name else pname
+            shape = list(p.shape)
+            split = bool(getattr(p, "tensor_model_parallel", False))
+            if split and tp > 1:
+                dim = p.partition_dim
+                if shape[dim] % tp:
+                    raise ConfigError(f"parameter {name} has {shape[dim]} entries on its tensor-parallel dim, "
+                                      f"not divisible by TP={tp}")
+                shape[dim] //= tp
+            numel = math.prod(shape)
+            direct += numel
+            infos.append(ParamInfo(name, mod_name, numel, p.numel(), split, teacher_parameter_name(name) is not None,
+                                   p.dim()))
+        order.append((mod_name, direct))
+    _SHAPES[key] = (infos, order)
+    return infos, order
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    config: str
+    modality: str
+    nodes: int
+    gpus_per_node: int
+    world: int
+    tp: int
+    dp: int
+    micro: int
+    accum: int
+    global_batch: int
+    dtype: str
+    seq: int
+    checks: list = field(default_factory=list)  # (ok: bool, message)
+    # element counts per rank (TP-local, ZeRO partitions)
+    student_numel: int = 0  # whole model, TP=1 shapes (padded vocabulary)
+    teacher_numel: int = 0
+    student_tp_numel: int = 0  # one TP rank's share, before ZeRO
+    teacher_tp_numel: int = 0
+    student_partition: int = 0  # sum ceil(n / DP): parameters = gradients = fp32 master = Adam m = Adam v
+    teacher_partition: int = 0
+    persistent_numel: int = 0  # student parameters kept gathered (persistence threshold)
+    kept_numel: int = 0  # student parameters still gathered after the forward (persistent included)
+    largest_block: int = 0
+    memory: dict = field(default_factory=dict)  # bytes per GPU
+    phases: dict = field(default_factory=dict)
+    peak: int = 0
+    gpu_memory_gb: float = 80.0
+    fits: bool = False
+    comm: dict = field(default_factory=dict)  # bytes per GPU per micro-batch
+    suggestions: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for ok, _ in self.checks)
+
+    def comm_per_step(self) -> dict:
+        return {k: v * self.accum for k, v in self.comm.items()}
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def resolve_ds_config(cfg) -> dict:
+    from pipeline.distributed import load_ds_config
+    path = Path(cfg.train.ds_config)
+    if not path.is_file() and not path.is_absolute():
+        path = ROOT / path
+    return load_ds_config(path)
+
+
+def layout_checks(cfg, world: int, tp: int, micro: int, accum: int, global_batch: int | None,
+                  ds: dict, dtype: str, nodes: int, gpus: int) -> list[tuple[bool, str]]:
+    enc = cfg.encoder
+    checks = []
+    good_tp = [d for d in _divisors(enc.heads) if enc.ffn_dim % d == 0]
+    fit_tp = [d for d in good_tp if world % d == 0]
+    ok = enc.heads % tp == 0
+    checks.append((ok, f"encoder.heads={enc.heads} divisible by TP {tp} ({enc.heads // tp} heads per rank)" if ok else
+                   f"encoder.heads={enc.heads} is not divisible by --tp {tp}: use a TP that divides the heads and "
+                   f"encoder.ffn_dim (here {', '.join(map(str, good_tp))}), or change encoder.heads"))
+    ok = enc.ffn_dim % tp == 0
+    checks.append((ok, f"encoder.ffn_dim={enc.ffn_dim} divisible by TP {tp}" if ok else
+                   f"encoder.ffn_dim={enc.ffn_dim} is not divisible by --tp {tp}: use a TP that divides it "
+                   f"(with the heads: {', '.join(map(str, good_tp))}), or change encoder.ffn_dim"))
+    ok = world % tp == 0
+    checks.append((ok, f"world {world} divisible by TP {tp}: DP = {world // tp}" if ok else
+                   f"world size {world} ({nodes} nodes x {gpus} GPUs) is not divisible by --tp {tp}: use --tp in "
+                   f"{{{', '.join(map(str, fit_tp))}}} or a world size that is a multiple of {tp}"))
+    if cfg.modality == "text":
+        m = cfg.model
+        padded = m.padded_vocab(tp) if tp >= 1 else m.vocab_size
+        ok = padded % (m.vocab_multiple * tp) == 0 and padded >= m.vocab_size
+        checks.append((ok, f"text vocabulary {m.vocab_size} padded to {padded} (a multiple of {m.vocab_multiple} x TP "
+                           f"{tp}): {padded // tp} rows per TP rank, {padded - m.vocab_size} padding rows"))
+    dp = world // tp if world % tp == 0 else None
+    if dp:
+        gb = micro * accum * dp
+        if global_batch is not None and gb != global_batch:
+            per_rank = global_batch / dp
+            if per_rank != int(per_rank):
+                good_dp = [d for d in _divisors(global_batch) if d * tp <= 4 * world]
+                msg = (f"global batch {micro} x {accum} x DP {dp} = {gb}, not the requested {global_batch}; "
+                       f"{global_batch} is not a multiple of DP {dp}: pick a world size whose DP divides it "
+                       f"(DP in {{{', '.join(map(str, good_dp[-6:]))}}}, world = DP x TP {tp})")
+            else:
+                per_rank = int(per_rank)
+                m2 = max(d for d in _divisors(per_rank) if d <= max(micro, 1))
+                msg = (f"global batch {micro} x {accum} x DP {dp} = {gb}, not the requested {global_batch}: use "
+                       f"--micro-batch {m2} --grad-accum {per_rank // m2} (train.micro_batch_size={m2} "
+                       f"train.grad_accum={per_rank // m2})")
+            checks.append((False, msg))
+        else:
+            from pipeline.distributed import student_ds_config
+            import torch
+            try:
+                student_ds_config(ds, micro, accum, dp, torch.bfloat16 if dtype == "bf16" else torch.float32,
+                                  cfg.train.grad_clip)
+                checks.append((True, f"global batch = micro {micro} x accumulation {accum} x DP {dp} = {gb} "
+                                     f"(the DeepSpeed JSON agrees)"))
+            except ConfigError as exc:
+                checks.append((False, f"global batch {gb}: {exc}"))
+    return checks
+
+
+def sequence_length(cfg) -> int:
+    mod = cfg.make_modality()
+    return mod.tokens_per_sample() + mod.prefix_tokens
+
+
+def masked_fraction(cfg) -> float:
+    m = cfg.model
+    if cfg.modality == "vision":
+        return m.num_masked / m.grid ** 2
+    if cfg.modality == "speech":
+        return 1.0 - math.exp(-m.mask_prob)  # overlapping spans: ~49% of frames at 0.65
+    if cfg.modality == "text":
+        keep = 1.0 - m.random_token_prob - m.leave_unmasked_prob
+        return m.mask_prob * (keep if m.loss_on == "mask_token" else 1.0)
+    return 1.0
+
+
+def block_activation_bytes(enc, s: int, b: int, tp: int, a: int, fused: bool) -> tuple[float, float]:
+    """(stored bytes of one block for backward, of which attention scores) — the formula above."""
+    d, f, h = enc.dim, enc.ffn_dim, enc.heads
+    sbd = s * b * d
+    replicated = a * sbd * (4 + (2 if enc.layer_scale_init > 0 else 0)) + (2 * sbd if enc.dropout > 0 else 0)
+    split = (4 * a * sbd + 2 * a * s * b * f) / tp
+    if fused:
+        scores = 4.0 * s * b * h / tp
+    else:
+        scores = s * s * b * h * (a + ((1 + a) if enc.attn_dropout > 0 else 0)) / tp
+    return replicated + split + scores, scores
+
+
+def embed_activation_bytes(cfg, s: int, b: int, a: int) -> float:
+    """Stored activations of the local encoder (student)."""
+    d = cfg.encoder.dim
+    if cfg.modality == "vision":
+        m = cfg.model
+        return a * (b * m.in_chans * m.image_size ** 2 + 3 * s * b * d)
+    if cfg.modality == "speech":
+        m = cfg.model
+        total, length, in_ch = a * b * m.max_samples, m.max_samples, 1
+        for ch, kernel, stride in m.conv_layers:
+            length = (length - kernel) // stride + 1
+            total += 3 * a * b * ch * length  # conv output (LayerNorm input), LayerNorm output (GELU input), GELU out
+            in_ch = ch
+        total += 2 * a * b * length * in_ch  # feature LayerNorm in, projection in
+        total += a * s * b * d * (3 * m.pos_conv_layers + 3)  # positional convs (conv, LN, GELU), residual, norm
+        return total
+    return a * s * b * d * 3 + s * b * d  # text: embeddings sum, LayerNorm, dropout mask
+
+
+def kept_after_forward(order: list[tuple[str, int]], persistent_modules: dict[str, int], reuse: int) -> int:
+    """Student elements still gathered when the backward starts (DeepSpeed's max_reuse_distance rule).
+
+    ``order``: modules in forward (pre-order) order with their direct TP-local elements; the backward
+    visits them in reverse. A module's parameters are released after its forward unless its next use
+    (in the backward) comes within ``reuse`` elements of traced modules."""
+    sizes = [n for _, n in order]
+    suffix = [0] * (len(sizes) + 1)
+    for i in range(len(sizes) - 1, -1, -1):
+        suffix[i] = suffix[i + 1] + sizes[i]
+    names = [n for n, _ in order]
+    kept = 0
+    for i, (name, numel) in enumerate(order):
+        if numel == 0:
+            continue
+        # released after its subtree ran; the backward meets the modules after it, in reverse, then it
+        end = i
+        while name and end + 1 < len(names) and names[end + 1].startswith(name + "."):
+            end += 1
+        between = suffix[end + 1] + suffix[i + 1]
+        non_persistent = numel - persistent_modules.get(name, 0)
+        if between < reuse:
+            kept += non_persistent
+    return kept + sum(persistent_modules.values())
+
+
+def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None = None, *,
+         gpu_memory_gb: float = 80.0, dtype: str = "bf16", fused_attention: bool = False,
+         overhead_gb: float = 2.0, global_batch: int | None = None, ds: dict | None = None,
+         nodes: int | None = None, gpus_per_node: int | None = None, config_name: str = "",
+         suggest: bool = True) -> Plan:
+    """The plan for ``world`` GPUs at tensor-parallel size ``tp`` (see the module docstring)."""
+    micro = micro or cfg.train.micro_batch_size
+    accum = accum or cfg.train.grad_accum
+    nodes = nodes or 1
+    gpus_per_node = gpus_per_node or world
+    ds = resolve_ds_config(cfg) if ds is None else ds
+    dp = world // tp if tp >= 1 and world % tp == 0 else 0
+    p = Plan(config=config_name, modality=cfg.modality, nodes=nodes, gpus_per_node=gpus_per_node, world=world, tp=tp,
+             dp=dp, micro=micro, accum=accum, global_batch=micro * accum * dp, dtype=dtype,
+             seq=sequence_length(cfg), gpu_memory_gb=gpu_memory_gb)
+    p.checks = layout_checks(cfg, world, tp, micro, accum, global_batch, ds, dtype, nodes, gpus_per_node)
+    if not (cfg.encoder.heads % tp == 0 and cfg.encoder.ffn_dim % tp == 0 and dp):
+        return p
+    infos, order = param_infos(cfg, tp)
+    enc = cfg.encoder
+    cb = DTYPE_BYTES[dtype]
+    zero = ds.get("zero_optimization", {})
+    threshold = int(zero.get("stage3_param_persistence_threshold", 100000))
+    model_threshold = int(zero.get("stage3_model_persistence_threshold", sys.maxsize)) // dp
+    reuse = int(zero.get("stage3_max_reuse_distance", 1000000000))
+    prefetch = int(zero.get("stage3_prefetch_bucket_size", 50000000))
+    reduce_bucket = int(zero.get("reduce_bucket_size", 500000000))
+    sub_group = int(zero.get("sub_group_size", 1000000000))
+
+    ceil = lambda n: -(-n // dp)  # noqa: E731
+    p.student_numel = sum(i.full_numel for i in infos)
+    p.teacher_numel = sum(i.full_numel for i in infos if i.teacher)
+    p.student_tp_numel = sum(i.numel for i in infos)
+    p.teacher_tp_numel = sum(i.numel for i in infos if i.teacher)
+    p.student_partition = sum(ceil(i.numel) for i in infos)
+    p.teacher_partition = sum(ceil(i.numel) for i in infos if i.teacher)
+    persistent, total_persist = {}, 0  # DeepSpeed's zero.Init marks in creation order (= named_parameters order)
+    for i in infos:
+        if i.numel <= threshold and total_persist + i.numel <= model_threshold:
+            persistent[i.module] = persistent.get(i.module, 0) + i.numel
+            total_persist += i.numel
+    p.persistent_numel = total_persist
+    p.kept_numel = kept_after_forward(order, persistent, reuse)
+    blocks: dict[str, int] = {}
+    for i in infos:
+        if i.name.startswith("backbone.encoder.blocks."):
+            key = ".".join(i.name.split(".")[:4])
+            blocks[key] = blocks.get(key, 0) + i.numel
+    p.largest_block = max(blocks.values())
+    in_flight = p.largest_block + min(prefetch, p.largest_block)
+
+    # optimizer groups (decay / no decay, as pipeline.trainer.param_groups), split into sub-groups
+    from pipeline.trainer import NO_DECAY_SUFFIXES
+    groups = [0, 0]
+    for i in infos:
+        groups[int(i.ndim <= 1 or i.name.endswith(NO_DECAY_SUFFIXES))] += ceil(i.numel)
+    largest_sub = max(min(g, sub_group) for g in groups)
+
+    s, b = p.seq, micro
+    a = cb
+    block_act, scores = block_activation_bytes(enc, s, b, tp, a, fused_attention)
+    masked = max(1, round(masked_fraction(cfg) * (s - cfg.make_modality().prefix_tokens))) * b
+    head = masked * enc.dim * a * (3 if cfg.modality == "text" else 1)  # head input (text: + 2D hidden)
+    loss = masked * enc.dim * 4 * 3  # fp32 prediction copy, targets, loss elements
+    student_act = (enc.depth * block_act + embed_activation_bytes(cfg, s, b, a)
+                   + (a * s * b * enc.dim if enc.norm_first else 0) + a * masked * enc.dim + head + loss)
+    sbd = s * b * enc.dim
+    teacher_taps = enc.depth * sbd * 4
+    teacher_phase = (teacher_taps + 3 * sbd * 4 + block_activation_bytes(enc, s, b, tp, 2, fused_attention)[0]
+                     + in_flight * 4)
+    student_phase = (p.kept_numel - p.persistent_numel + in_flight) * cb + student_act
+    step_phase = largest_sub * 4
+
+    mem = {
+        "student parameters (ZeRO-3 partition)": p.student_partition * cb,
+        "gradients (partition)": p.student_partition * cb,
+        "optimizer states (fp32 master + Adam m, v)": p.student_partition * 12,
+        "teacher (fp32 partition)": p.teacher_partition * 4,
+        "persistent student parameters (full)": p.persistent_numel * cb,
+        "ZeRO reduce bucket": min(reduce_bucket, p.student_partition * dp) * cb,
+        "CUDA context, NCCL, allocator (allowance)": int(overhead_gb * GiB),
+    }
+    p.phases = {
+        "teacher forward": {"gathered in flight (fp32)": in_flight * 4, "taps of all blocks (fp32)": teacher_taps,
+                            "targets + one block's transients": teacher_phase - teacher_taps - in_flight * 4},
+        "student forward/backward": {
+            "gathered in flight (2 x largest block)": in_flight * cb,
+            "kept gathered until backward (max_reuse_distance)": (p.kept_numel - p.persistent_numel) * cb,
+            "activations": student_act, "of which attention scores": scores * enc.depth},
+        "optimizer step": {"fp32 gradient copy of the largest sub-group": step_phase},
+    }
+    phase_total = {"teacher forward": teacher_phase, "student forward/backward": student_phase,
+                   "optimizer step": step_phase}
+    p.memory = mem
+    worst = max(phase_total, key=phase_total.get)
+    p.memory[f"peak phase: {worst}"] = phase_total[worst]
+    p.peak = int(sum(mem.values()))
+    p.fits = p.peak <= gpu_memory_gb * GiB
+
+    # communication per GPU per micro-batch (bytes sent)
+    dp_frac = (dp - 1) / dp
+    tp_frac = 2 * (tp - 1) / tp
+    gathered = p.student_tp_numel - p.persistent_numel
+    regathered = p.student_tp_numel - p.kept_numel
+    act = sbd * cb * tp_frac
+    text_embed = 1 if cfg.modality == "text" else 0
+    p.comm = {
+        "student all-gather, forward": gathered * cb * dp_frac,
+        "student all-gather, backward": regathered * cb * dp_frac,
+        "gradient reduce-scatter": p.student_tp_numel * cb * dp_frac,
+        "teacher all-gather (fp32)": p.teacher_tp_numel * 4 * dp_frac,
+        "TP all-reduce, student forward": (2 * enc.depth + text_embed) * act,
+        "TP all-reduce, student backward": 4 * enc.depth * act,
+        "TP all-reduce, teacher forward": 2 * enc.depth * act + text_embed * sbd * 4 * tp_frac,
+        "EMA update": 0,
+    }
+    p.notes.append(f"nominal ZeRO-3 student all-gather (2 x parameters) would be "
+                   f"{2 * p.student_tp_numel * cb * dp_frac / GiB:.3f} GiB per micro-batch; parameters kept "
+                   f"gathered (stage3_max_reuse_distance={reuse:.0e}) and persistent ones are not re-gathered")
+    if suggest and not p.fits:
+        p.suggestions = suggestions(cfg, p, gpu_memory_gb=gpu_memory_gb, dtype=dtype, fused=fused_attention,
+                                    overhead_gb=overhead_gb, ds=ds)
+    return p
+
+
+def suggestions(cfg, p: Plan, **kw) -> list[str]:
+    out = []
+    rerun = lambda world, tp, micro, accum, **extra: plan(  # noqa: E731
+        cfg, world, tp, micro, accum, suggest=False, **{**kw, **extra})
+    per_rank = p.micro * p.accum
+    for m in range(p.micro - 1, 0, -1):
+        if per_rank % m == 0 and rerun(p.world, p.tp, m, per_rank // m).fits:
+            out.append(f"lower the micro batch: --micro-batch {m} --grad-accum {per_rank // m} keeps the global "
+                       f"batch {p.global_batch} and fits")
+            break
+    else:
+        if rerun(p.world, p.tp, 1, p.accum).fits:
+            out.append("lower the micro batch (--micro-batch 1 fits; raise --grad-accum to keep the global batch)")
+    enc = cfg.encoder
+    for t in _divisors(enc.heads):
+        if t > p.tp and enc.ffn_dim % t == 0 and p.world % t == 0 and rerun(p.world, t, p.micro, p.accum).fits:
+            out.append(f"raise TP: --tp {t} fits (DP {p.world // t}, global batch {p.micro * p.accum * p.world // t})")
+            break
+    if not kw.get("fused"):
+        if rerun(p.world, p.tp, p.micro, p.accum, fused_attention=True).fits:
+            out.append("fits if attention runs in a fused SDPA kernel (--fused-attention: no stored scores)")
+    for mult in (2, 4, 8, 16, 32):
+        world = p.world * mult
+        if rerun(world, p.tp, p.micro, p.accum).fits:
+            out.append(f"more GPUs: {world} GPUs ({-(-world // p.gpus_per_node)} nodes of {p.gpus_per_node}) fit "
+                       f"(DP {world // p.tp} shrinks every ZeRO partition)")
+            break
+    if not out:
+        out.append("no single change fits: combine a higher TP, a smaller micro batch and more GPUs, or shrink the model")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+def gib(x: float) -> str:
+    return f"{x / GiB:8.3f}"
+
+
+def report(p: Plan, cfg) -> str:
+    enc = cfg.encoder
+    lines = [f"plan: {p.config} ({p.modality}, {enc.depth} x {enc.dim}, {enc.heads} heads, ffn {enc.ffn_dim}; "
+             f"sequence {p.seq}, compute dtype {p.dtype})",
+             f"layout: {p.nodes} node(s) x {p.gpus_per_node} GPUs = world {p.world}; TP {p.tp}, DP "
+             f"{p.dp if p.dp else '-'}; global batch = micro {p.micro} x accumulation {p.accum} x DP "
+             f"{p.dp if p.dp else '-'} = {p.global_batch if p.dp else '-'}",
+             "checks:"]
+    lines += [f"  {'ok ' if ok else 'FIX'}  {msg}" for ok, msg in p.checks]
+    if not p.ok:
+        return "\n".join(lines)
+    lines += [f"parameters: student {p.student_numel / 1e6:.1f}M (teacher {p.teacher_numel / 1e6:.1f}M, no head); per "
+              f"TP rank {p.student_tp_numel / 1e6:.2f}M / {p.teacher_tp_numel / 1e6:.2f}M; ZeRO-3 partition per GPU "
+              f"{p.student_partition / 1e6:.3f}M / {p.teacher_partition / 1e6:.3f}M elements; largest block "
+              f"{p.largest_block / 1e6:.2f}M",
+              f"memory per GPU (GiB; --gpu-memory-gb {p.gpu_memory_gb:g}):"]
+    for k, v in p.memory.items():
+        lines.append(f"  {gib(v)}  {k}")
+    for phase, parts in p.phases.items():
+        lines.append(f"           phase '{phase}': " + ", ".join(f"{k} {v / GiB:.3f}" for k, v in parts.items()))
+    verdict = "fits" if p.fits else "DOES NOT FIT"
+    lines.append(f"  {gib(p.peak)}  total (peak): {verdict} in {p.gpu_memory_gb:g} GiB "
+                 f"({(p.gpu_memory_gb * GiB - p.peak) / GiB:+.2f} GiB headroom)")
+    for s in p.suggestions:
+        lines.append(f"  -> {s}")
+    lines.append(f"communication per GPU (GiB sent; per micro-batch, and per step = x {p.accum} accumulation):")
+    for k, v in p.comm.items():
+        lines.append(f"  {gib(v)}  {gib(v * p.accum)}  {k}")
+    total = sum(p.comm.values())
+    lines.append(f"  {gib(total)}  {gib(total * p.accum)}  total")
+    lines += [f"note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+def plan_dict(p: Plan) -> dict:
+    d = dataclasses.asdict(p)
+    d["ok"], d["comm_per_step"] = p.ok, p.comm_per_step()
+    return d
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.plan",
+        description="Capacity plan for a cluster size: layout checks, per-GPU memory (ZeRO-3 partitions, sharded "
+                    "fp32 teacher, gathered parameters, activations) and per-step communication. Analytic: no GPU "
+                    "and no multi-rank job. Exit status: 0 fits, 1 does not fit, 2 a layout or config problem.",
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/vision_large.yaml")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: parallel.tp of the config)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
+    parser.add_argument("--grad-accum", type=int, default=None, help="default: train.grad_accum")
+    parser.add_argument("--global-batch", type=int, default=None, help="check that the layout gives this global batch")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    parser.add_argument("--precision", choices=sorted(DTYPE_BYTES), default="bf16",
+                        help="student compute dtype on the GPUs (default bf16; the teacher is fp32 regardless)")
+    parser.add_argument("--fused-attention", action="store_true",
+                        help="assume fused SDPA kernels (flash / memory-efficient): no stored attention scores")
+    parser.add_argument("--overhead-gb", type=float, default=2.0,
+                        help="fixed allowance for CUDA context, NCCL buffers and allocator fragmentation (GiB)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("overrides", nargs="*", help="config overrides such as encoder.depth=32 train.micro_batch_size=16")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    import logging
+    import os
+    import warnings
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    args = parse_args(argv)
+    from pipeline.experiment import load_experiment
+    try:
+        for name in ("nodes", "gpus_per_node", "tp", "micro_batch", "grad_accum", "global_batch"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        cfg = load_experiment(args.config, args.overrides)
+        tp = args.tp or cfg.parallel.tp
+        p = plan(cfg, args.nodes * args.gpus_per_node, tp, args.micro_batch, args.grad_accum,
+                 gpu_memory_gb=args.gpu_memory_gb, dtype=args.precision, fused_attention=args.fused_attention,
+                 overhead_gb=args.overhead_gb, global_batch=args.global_batch, nodes=args.nodes,
+                 gpus_per_node=args.gpus_per_node, config_name=str(args.config))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan_dict(p), indent=1) if args.json else report(p, cfg))
+    if not p.ok:
+        return 2
+    return 0 if p.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
