@@ -23,33 +23,27 @@ workers for prep, 1 otherwise). Inputs are read from the page cache (just writte
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import os
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO_ROOT, Stopwatch, command_line, fmt, machine_info, now, table  # noqa: E402
+from bench.common import (  # noqa: E402
+    Stopwatch, add_run_args, add_workers_arg, clean_up, fmt, prep_parser, start_report, table, time_each, time_prep,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python bench/bench_prep_audio.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = prep_parser("audio", __doc__)
     p.add_argument("--files", type=int, default=60, help="clips to generate (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=5.0, help="length of each clip (default: %(default)s)")
     p.add_argument("--rate", type=int, default=44100, help="sample rate of the stereo clips (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="data_prep.audio --workers (default: %(default)s; 0 = all usable CPUs)")
+    add_workers_arg(p, "audio")
     p.add_argument("--shard-size", type=int, default=20, help="data_prep.audio --shard-size (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported "
-                                                          "(default: %(default)s)")
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench/prep_audio"),
-                   help="scratch directory, relative to the repository root (default: %(default)s)")
-    p.add_argument("--keep", action="store_true", help="keep the generated audio and shards afterwards")
+    add_run_args(p, "audio", "generated audio and shards")
     args = p.parse_args(argv)
     if args.files < 1 or args.seconds <= 0 or args.shard_size < 1 or args.repeats < 1 or args.workers < 0:
         p.error("--files, --shard-size and --repeats must be >= 1, --seconds > 0, --workers >= 0")
@@ -106,12 +100,8 @@ def run_prep(raw: Path, out: Path, workers: int, shard_size: int) -> tuple[float
     """Seconds for one data_prep.audio run into an empty ``out``, and its manifest."""
     from data_prep import audio
 
-    shutil.rmtree(out, ignore_errors=True)  # a fresh output: otherwise prep reuses complete shards
-    argv = ["--input", str(raw), "--output", str(out), "--shard-size", str(shard_size),
-            "--workers", str(workers), "--quiet"]
-    with Stopwatch() as sw, contextlib.redirect_stdout(io.StringIO()):
-        report = audio.main(argv)
-    return sw.seconds, report.manifest
+    return time_prep(audio.main, ["--input", str(raw), "--shard-size", str(shard_size), "--workers", str(workers)],
+                     out)
 
 
 def run_processor(paths: list[Path]) -> float:
@@ -121,29 +111,22 @@ def run_processor(paths: list[Path]) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with Stopwatch() as sw:
-            for path in paths:
-                audio.process_audio(str(path), path.name, audio.Utterance(), audio.Options())
+        return time_each(lambda p: audio.process_audio(str(p), p.name, audio.Utterance(), audio.Options()), paths)
     finally:
         torch.set_num_threads(threads)
-    return sw.seconds
 
 
 def run_decode(paths: list[Path]) -> float:
     """Seconds for soundfile to read and decode every file, one process."""
     import soundfile
-    with Stopwatch() as sw:
-        for path in paths:
-            soundfile.read(io.BytesIO(path.read_bytes()), dtype="float32", always_2d=True)
-    return sw.seconds
+    return time_each(lambda p: soundfile.read(io.BytesIO(p.read_bytes()), dtype="float32", always_2d=True), paths)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.chdir(REPO_ROOT)
+    start_report()
     work = args.workdir
     raw = work / f"raw-{args.files}x{args.seconds:g}s"
-    print(f"machine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}", flush=True)
 
     with Stopwatch() as gen:
         stereo, mono16k = make_inputs(raw, args.files, args.seconds, args.rate)
@@ -178,9 +161,7 @@ def main(argv=None) -> int:
         row("item processor only, 1 process, 1 torch thread", "proc", 1),
         row(f"soundfile decode only ({args.rate} Hz stereo), 1 process", "decode", 1),
     ]))
-    if not args.keep:
-        for d in (raw, work / "shards", work / "shards16"):
-            shutil.rmtree(d, ignore_errors=True)
+    clean_up(args.keep, raw, work / "shards", work / "shards16")
     return 0
 
 

@@ -33,27 +33,23 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO_ROOT, Stopwatch, fmt, machine_info, now, command_line, table  # noqa: E402
+from bench.common import (  # noqa: E402
+    Stopwatch, add_run_args, add_workers_arg, clean_up, fmt, prep_parser, start_report, table, time_each, time_prep,
+)
 
 CLASSES = ("ellipse", "rectangle", "triangle", "stripes")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python bench/bench_prep_images.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = prep_parser("images", __doc__)
     p.add_argument("--count", type=int, default=2000, help="JPEG files to generate and shard (default: %(default)s)")
     p.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated files (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="data_prep.images --workers (default: %(default)s; 0 = all usable CPUs)")
+    add_workers_arg(p, "images")
     p.add_argument("--shard-size", type=int, default=250,
                    help="data_prep.images --shard-size, also the raw write's files per tar (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported "
-                                                          "(default: %(default)s)")
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench/prep_images"),
-                   help="scratch directory on the disk to measure, relative to the repository root "
-                        "(default: %(default)s)")
-    p.add_argument("--keep", action="store_true", help="keep the generated images and shards afterwards")
+    add_run_args(p, "images", "generated images and shards",
+                 workdir_help="scratch directory on the disk to measure, relative to the repository root")
     args = p.parse_args(argv)
     if args.count < 1 or args.size < 8 or args.shard_size < 1 or args.repeats < 1:
         p.error("--count, --shard-size and --repeats must be >= 1 and --size >= 8")
@@ -108,12 +104,8 @@ def run_prep(raw: Path, out: Path, workers: int, shard_size: int) -> tuple[float
     """Seconds for one data_prep.images run into an empty ``out``, and its manifest."""
     from data_prep import images
 
-    shutil.rmtree(out, ignore_errors=True)  # a fresh output: otherwise prep reuses complete shards
-    argv = ["--input", str(raw), "--output", str(out), "--shard-size", str(shard_size),
-            "--workers", str(workers), "--quiet"]
-    with Stopwatch() as sw:
-        report = images.main(argv)
-    return sw.seconds, report.manifest
+    argv = ["--input", str(raw), "--shard-size", str(shard_size), "--workers", str(workers)]
+    return time_prep(images.main, argv, out, quiet_stdout=False)
 
 
 def run_raw_write(out: Path, sizes: list[int], shard_size: int, seed: int = 0) -> float:
@@ -141,19 +133,18 @@ def run_raw_write(out: Path, sizes: list[int], shard_size: int, seed: int = 0) -
 def run_decode(paths: list[Path]) -> float:
     """Seconds for Pillow to read and fully decode every file, one process."""
     from PIL import Image
-    with Stopwatch() as sw:
-        for path in paths:
-            with Image.open(io.BytesIO(path.read_bytes())) as img:
-                img.load()
-    return sw.seconds
+
+    def decode(path: Path) -> None:
+        with Image.open(io.BytesIO(path.read_bytes())) as img:
+            img.load()
+    return time_each(decode, paths)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.chdir(REPO_ROOT)
+    start_report()
     work = args.workdir
     raw = work / f"raw-{args.count}x{args.size}-q{args.quality}"
-    print(f"machine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}", flush=True)
 
     with Stopwatch() as gen:
         paths = make_inputs(raw, args.count, args.size, args.quality)
@@ -190,9 +181,7 @@ def main(argv=None) -> int:
     ]))
     print(f"\nprep / raw write: {raw_s / prep_s:.3f} (prep reaches {100 * raw_s / prep_s:.1f}% of the disk's "
           f"write speed); shards are {shard_bytes / total:.3f}x the input bytes")
-    if not args.keep:
-        for d in (raw, work / "shards", work / "raw_write"):
-            shutil.rmtree(d, ignore_errors=True)
+    clean_up(args.keep, raw, work / "shards", work / "raw_write")
     return 0
 
 

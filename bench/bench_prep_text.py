@@ -21,10 +21,8 @@ for prep, per worker process (the machine's cores are shared with everything els
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gzip
 import hashlib
-import io
 import os
 import shutil
 import statistics
@@ -33,26 +31,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO_ROOT, Stopwatch, command_line, fmt, machine_info, now, table  # noqa: E402
+from bench.common import (  # noqa: E402
+    Stopwatch, add_run_args, add_workers_arg, clean_up, fmt, prep_parser, start_report, table, time_prep,
+)
 
 SOURCES = (Path("/usr/share/common-licenses"), Path("/usr/share/doc"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python bench/bench_prep_text.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = prep_parser("text", __doc__)
     p.add_argument("--mb", type=float, default=8.0, help="corpus size in MB of text (default: %(default)s)")
     p.add_argument("--vocab-size", type=int, default=16000, help="BPE vocabulary size (default: %(default)s)")
     p.add_argument("--block-size", type=int, default=512, help="data_prep.text --block-size (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=500,
                    help="data_prep.text --shard-size in blocks (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=2,
-                   help="data_prep.text --workers (default: %(default)s; 0 = all usable CPUs)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported "
-                                                          "(default: %(default)s)")
-    p.add_argument("--workdir", type=Path, default=Path("runs/bench/prep_text"),
-                   help="scratch directory, relative to the repository root (default: %(default)s)")
-    p.add_argument("--keep", action="store_true", help="keep the corpus, model and shards afterwards")
+    add_workers_arg(p, "text")
+    add_run_args(p, "text", "corpus, model and shards")
     args = p.parse_args(argv)
     if args.mb <= 0 or args.vocab_size < 300 or args.repeats < 1 or args.workers < 0:
         p.error("--mb must be > 0, --vocab-size >= 300, --repeats >= 1, --workers >= 0")
@@ -105,10 +99,7 @@ def make_corpus(path: Path, mb: float) -> tuple[list[str], int]:
 
 def run_prep(argv: list[str], out: Path) -> tuple[float, dict]:
     from data_prep import text
-    shutil.rmtree(out, ignore_errors=True)  # a fresh output: otherwise prep reuses complete shards
-    with Stopwatch() as sw, contextlib.redirect_stdout(io.StringIO()):
-        report = text.main([*argv, "--output", str(out), "--quiet"])
-    return sw.seconds, report.manifest
+    return time_prep(text.main, argv, out)
 
 
 def run_pack_only(model: Path, docs: list[str], block_size: int) -> float:
@@ -141,9 +132,8 @@ def run_sp_encode(model: Path, docs: list[str]) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.chdir(REPO_ROOT)
+    start_report()
     work = args.workdir
-    print(f"machine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}", flush=True)
     corpus = work / f"raw-{args.mb:g}MB" / "corpus.txt"
     with Stopwatch() as gen:
         docs, nbytes = make_corpus(corpus, args.mb)
@@ -184,8 +174,7 @@ def main(argv=None) -> int:
         row("encode + pack only (no tar), 1 process", pack_s, 1),
         row("sentencepiece encode only, 1 process", enc_s, 1),
     ]))
-    if not args.keep:
-        shutil.rmtree(work, ignore_errors=True)
+    clean_up(args.keep, work)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmark scripts: repo path, timing, matmul peak, machine info, tables.
+"""Shared helpers for the benchmark scripts: repo path, timing, matmul peak, machine info, tables,
+and the options and runs common to the data-prep benchmarks.
 
 Imported as ``bench.common`` by ``bench/bench_*.py`` (each script puts the repository root on
 ``sys.path`` first, so ``python bench/<script>.py`` works from any directory).
@@ -6,10 +7,14 @@ Imported as ``bench.common`` by ``bench/bench_*.py`` (each script puts the repos
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime
+import io
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -68,6 +73,14 @@ class Stopwatch:
         sync(self.device)
         self.seconds = time.perf_counter() - self.start
         return False
+
+
+def time_each(fn: Callable[[object], object], items: Sequence) -> float:
+    """Seconds for ``fn(item)`` over every item, one after the other."""
+    with Stopwatch() as sw:
+        for item in items:
+            fn(item)
+    return sw.seconds
 
 
 def summarize(times: Sequence[float]) -> dict:
@@ -155,3 +168,49 @@ def fmt(value: float | None, digits: int = 3) -> str:
     if abs(value) >= 10 ** digits:
         return f"{value:,.0f}"
     return f"{value:.{digits}g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data-prep benchmarks (bench/bench_prep_<modality>.py)
+# ---------------------------------------------------------------------------------------------
+
+def prep_parser(modality: str, doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"python bench/bench_prep_{modality}.py", description=doc,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_workers_arg(p: argparse.ArgumentParser, modality: str) -> None:
+    p.add_argument("--workers", type=int, default=2,
+                   help=f"data_prep.{modality} --workers (default: %(default)s; 0 = all usable CPUs)")
+
+
+def add_run_args(p: argparse.ArgumentParser, modality: str, keep_what: str,
+                 workdir_help: str = "scratch directory, relative to the repository root") -> None:
+    """--repeats, --workdir (default runs/bench/prep_<modality>) and --keep."""
+    p.add_argument("--repeats", type=int, default=3, help="runs of each measurement; the median is reported "
+                                                          "(default: %(default)s)")
+    p.add_argument("--workdir", type=Path, default=Path(f"runs/bench/prep_{modality}"),
+                   help=f"{workdir_help} (default: %(default)s)")
+    p.add_argument("--keep", action="store_true", help=f"keep the {keep_what} afterwards")
+
+
+def start_report() -> None:
+    """Work in the repository root (--workdir is relative to it); print the machine, date and command."""
+    os.chdir(REPO_ROOT)
+    print(f"machine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}", flush=True)
+
+
+def clean_up(keep: bool, *dirs: Path) -> None:
+    """Remove the scratch ``dirs`` unless --keep was given."""
+    if not keep:
+        for d in dirs:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def time_prep(main: Callable, argv: Sequence[str], out: Path, quiet_stdout: bool = True) -> tuple[float, dict]:
+    """Seconds for one data-prep ``main([*argv, --output out, --quiet])`` into an empty ``out``, and its manifest."""
+    shutil.rmtree(out, ignore_errors=True)  # a fresh output: otherwise prep reuses complete shards
+    stdout = contextlib.redirect_stdout(io.StringIO()) if quiet_stdout else contextlib.nullcontext()
+    with Stopwatch() as sw, stdout:
+        report = main([*argv, "--output", str(out), "--quiet"])
+    return sw.seconds, report.manifest

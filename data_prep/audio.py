@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,11 +74,7 @@ class Discovery:
 
 def process_audio(path: str, rel: str, utt: Utterance, opts: Options) -> list[dict]:
     """Worker entry point: read ``path`` and build its samples (see ``audio_samples``)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise core.SkipItem(f"unreadable: {exc.strerror or exc}") from None
-    return audio_samples(data, rel, utt, opts)
+    return audio_samples(core.read_input(path), rel, utt, opts)
 
 
 def audio_samples(data: bytes, rel: str, utt: Utterance = Utterance(), opts: Options = Options()) -> list[dict]:
@@ -183,10 +178,7 @@ def _pieces(n: int, opts: Options) -> list[tuple[int, int, int | None]]:
 
 def discover(input_dir: Path) -> Discovery:
     """List candidate files under ``input_dir`` (sorted) with their ids and transcripts."""
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise core.PrepError(f"input directory not found: {root}")
-    root = root.resolve()
+    root = core.input_root(input_dir)
     files, transcript_files, skipped = _walk(root)
     transcripts, bad_transcripts = _read_transcripts(transcript_files)
     if not files:
@@ -196,45 +188,21 @@ def discover(input_dir: Path) -> Discovery:
 
 
 def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]], list[dict]]:
-    """Recursive listing: (audio files, transcript files, skipped); follows symlinks that stay
-    inside ``root``, skips hidden directories."""
-    files, transcripts, skipped, seen = [], [], [], {root}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = _enter_dirs(root, Path(dirpath), dirnames, seen, skipped)
-        for name in filenames:
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            reason = _file_problem(root, path)
-            if reason is None:
-                files.append((path, rel))
-            elif reason == "transcript":
-                transcripts.append((path, rel))
-            else:
-                skipped.append({"path": rel, "reason": reason})
+    """Recursive listing (see ``core.walk_files``): (audio files, transcript files, skipped)."""
+    files, transcripts, skipped = [], [], []
+    for path, rel in core.walk_files(root, skipped):
+        reason = _file_problem(path)
+        if reason is None:
+            files.append((path, rel))
+        elif reason == "transcript":
+            transcripts.append((path, rel))
+        else:
+            skipped.append({"path": rel, "reason": reason})
     return sorted(files, key=lambda f: f[1]), sorted(transcripts, key=lambda f: f[1]), skipped
 
 
-def _enter_dirs(root: Path, parent: Path, names: list[str], seen: set, skipped: list) -> list[str]:
-    keep = []
-    for name in sorted(names):
-        if name.startswith("."):
-            continue
-        real = (parent / name).resolve()
-        rel = (parent / name).relative_to(root).as_posix()
-        if not real.is_relative_to(root):
-            skipped.append({"path": rel, "reason": "outside input directory"})
-        elif real in seen:
-            skipped.append({"path": rel, "reason": "directory already listed (symlink)"})
-        else:
-            seen.add(real)
-            keep.append(name)
-    return keep
-
-
-def _file_problem(root: Path, path: Path) -> str | None:
+def _file_problem(path: Path) -> str | None:
     """None for a candidate audio file, "transcript" for a trans.txt, else the skip reason."""
-    if not path.resolve().is_relative_to(root):
-        return "outside input directory"
     if not path.is_file():
         return "not a regular file"
     if path.name.lower().endswith(TRANSCRIPT_SUFFIX):
@@ -275,18 +243,7 @@ def _utterance(rel: str, transcripts: dict[tuple[str, str], str]) -> Utterance:
 
 def make_items(found: Discovery, opts: Options) -> list[core.WorkItem]:
     """One WorkItem per candidate file; the key is its index in the sorted list."""
-    return [
-        core.WorkItem(core.item_key(i), rel, (str(path), rel, utt, opts), _stamp(path))
-        for i, (path, rel, utt) in enumerate(found.files)
-    ]
-
-
-def _stamp(path: Path) -> str:
-    try:
-        st = path.stat()
-    except OSError:
-        return ""
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return core.file_items(found.files, opts)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -295,19 +252,10 @@ def _stamp(path: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep.audio", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", type=Path, required=True, metavar="DIR",
-                   help="LibriSpeech tree or any folder of audio; searched recursively for "
-                        ".flac .wav .ogg (any case) and *.trans.txt transcripts")
-    p.add_argument("--output", type=Path, required=True, metavar="OUT",
-                   help="directory for shards, sidecars and manifest.json; must not be inside DIR")
-    p.add_argument("--name", type=_name_arg, default="audio",
-                   help="shard prefix, OUT/<name>-000000.tar; letters, digits, _ . - (default: %(default)s)")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=1000, metavar="N",
-                   help="input files per shard; bad files make a shard smaller, split ones larger "
-                        "(default: %(default)s)")
-    p.add_argument("--workers", type=_int_at_least(0), default=1, metavar="N",
-                   help="worker processes, each writing one shard at a time; 0 = all usable CPUs "
-                        "(default: %(default)s)")
+    core.add_io_args(p, "audio", "LibriSpeech tree or any folder of audio; searched recursively for "
+                                 ".flac .wav .ogg (any case) and *.trans.txt transcripts")
+    core.add_shard_args(p, "input files per shard; bad files make a shard smaller, split ones larger "
+                           "(default: %(default)s)")
     p.add_argument("--min-seconds", type=_seconds, default=0.0, metavar="S",
                    help="skip recordings shorter than S seconds, reason 'too short'; with --split-long "
                         "also drops a last piece shorter than S (default: %(default)s)")
@@ -319,29 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "each its own sample with key suffix _pNNNNN and json 'piece'")
     p.add_argument("--format", choices=("flac",), default="flac",
                    help="stored encoding: 16 kHz mono 16-bit FLAC under the 'flac' key (default: %(default)s)")
-    p.add_argument("--task-index", type=_int_at_least(0), default=0, metavar="I",
-                   help="SLURM array task index (e.g. $SLURM_ARRAY_TASK_ID); writes a disjoint block of shards")
-    p.add_argument("--num-tasks", type=_int_at_least(1), default=1, metavar="N",
-                   help="SLURM array size; with N > 1 each task writes manifest.task-I-of-N.json, then "
-                        "run `python -m data_prep.core merge OUT` (default: %(default)s)")
+    core.add_task_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-def _name_arg(value: str) -> str:
-    try:
-        return core.check_name(value)
-    except core.PrepError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _int_at_least(low: int):
-    def parse(value: str) -> int:
-        if not (value.lstrip("-").isdigit() and int(value) >= low):
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value!r}")
-        return int(value)
-    parse.__name__ = "int"
-    return parse
 
 
 def _seconds(value: str) -> float:
@@ -367,30 +295,14 @@ def options(args: argparse.Namespace) -> Options:
 
 def run(args: argparse.Namespace) -> core.PrepReport:
     """Discover, check, and hand the items to the shared shard writer."""
-    if args.task_index >= args.num_tasks:
-        raise core.PrepError(f"--task-index {args.task_index} must be < --num-tasks {args.num_tasks}")
+    core.check_task_args(args)
     opts = options(args)
     found = discover(args.input)
-    out = _check_output(args.output, args.input)
-    items, first = core.task_items(make_items(found, opts), args.shard_size, args.task_index, args.num_tasks)
-    task = None
-    if args.num_tasks > 1:
-        task = {"index": args.task_index, "count": args.num_tasks, "first_shard": first,
-                "num_shards": math.ceil(len(items) / args.shard_size)}
-    return core.write_shards(
-        items, process_audio, out, args.name, modality="audio", shard_size=args.shard_size,
-        workers=core.resolve_workers(args.workers), params=_params(args, found),
-        extra={"sample_rate": SAMPLE_RATE}, pre_skipped=found.skipped, shard_offset=first,
-        manifest_name=core.task_manifest_name(args.task_index, args.num_tasks), task=task,
-        progress=not args.quiet,
+    out = core.check_output_outside(args.output, args.input)
+    return core.write_task_shards(
+        args, make_items(found, opts), process_audio, out, modality="audio", params=_params(args, found),
+        extra={"sample_rate": SAMPLE_RATE}, pre_skipped=found.skipped,
     )
-
-
-def _check_output(output: Path, input_dir: Path) -> Path:
-    out = output.resolve()
-    if out.is_relative_to(input_dir.resolve()):
-        raise core.PrepError(f"output directory {output} must not be inside the input directory {input_dir}")
-    return out
 
 
 def _params(args: argparse.Namespace, found: Discovery) -> dict:
@@ -400,11 +312,7 @@ def _params(args: argparse.Namespace, found: Discovery) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> core.PrepReport:
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except core.PrepError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    report = core.cli_run(build_parser(), run, argv)
     print(report.summary())
     print(f"  {report.manifest['totals'].get('hours', 0.0):.3f} hours of 16 kHz mono audio")
     return report

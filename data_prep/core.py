@@ -24,6 +24,7 @@ Importable without torch: the training code uses ``read_manifest``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -143,6 +144,90 @@ def resolve_workers(workers: int) -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------- input files
+
+
+def input_root(input_dir: str | os.PathLike) -> Path:
+    """``input_dir`` resolved; PrepError if it is not a directory."""
+    root = Path(input_dir)
+    if not root.is_dir():
+        raise PrepError(f"input directory not found: {root}")
+    return root.resolve()
+
+
+def walk_files(root: Path, skipped: list) -> Iterator[tuple[Path, str]]:
+    """``(path, relative posix path)`` of every file below the resolved ``root``, in ``os.walk`` order.
+
+    Follows symlinks that stay inside ``root`` and skips hidden directories; directories and files
+    outside ``root``, and directories listed already, go to ``skipped`` instead.
+    """
+    seen = {root}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = _enter_dirs(root, Path(dirpath), dirnames, seen, skipped)
+        for name in filenames:
+            path = Path(dirpath, name)
+            rel = path.relative_to(root).as_posix()
+            if path.resolve().is_relative_to(root):
+                yield path, rel
+            else:
+                skipped.append({"path": rel, "reason": "outside input directory"})
+
+
+def _enter_dirs(root: Path, parent: Path, names: list[str], seen: set, skipped: list) -> list[str]:
+    keep = []
+    for name in sorted(names):
+        if name.startswith("."):
+            continue
+        real = (parent / name).resolve()
+        rel = (parent / name).relative_to(root).as_posix()
+        if not real.is_relative_to(root):
+            skipped.append({"path": rel, "reason": "outside input directory"})
+        elif real in seen:
+            skipped.append({"path": rel, "reason": "directory already listed (symlink)"})
+        else:
+            seen.add(real)
+            keep.append(name)
+    return keep
+
+
+def check_output_outside(output: Path, input_dir: Path) -> Path:
+    """``output`` resolved; PrepError if it lies inside ``input_dir``."""
+    out = output.resolve()
+    if out.is_relative_to(input_dir.resolve()):
+        raise PrepError(f"output directory {output} must not be inside the input directory {input_dir}")
+    return out
+
+
+def file_items(files: Sequence[tuple[Path, str, Any]], *options: Any) -> list[WorkItem]:
+    """One WorkItem per ``(path, rel, meta)`` of the sorted ``files``: key = its index,
+    args = ``(str(path), rel, meta, *options)``, stamp = ``file_stamp(path)``."""
+    return [
+        WorkItem(item_key(i), rel, (str(path), rel, meta, *options), file_stamp(path))
+        for i, (path, rel, meta) in enumerate(files)
+    ]
+
+
+def file_stamp(path: Path) -> str:
+    """``stat_stamp`` of ``path``, or "" if it cannot be stat'ed."""
+    try:
+        return stat_stamp(path.stat())
+    except OSError:
+        return ""
+
+
+def stat_stamp(st: os.stat_result) -> str:
+    """Cheap change detector of a file: "size:mtime_ns"."""
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def read_input(path: str) -> bytes:
+    """The bytes of an input file, for an item processor; SkipItem if it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SkipItem(f"unreadable: {exc.strerror or exc}") from None
 
 
 # ----------------------------------------------------------------------------- SLURM arrays
@@ -310,18 +395,9 @@ def _reusable_result(tar_path: Path, sidecar: Path, fingerprint: str) -> ShardRe
 
 
 def _write_tar_atomic(tar_path: Path, items: list[WorkItem], process_fn: Callable) -> tuple[int, list, dict]:
-    tmp = _temp_path(tar_path)
-    try:
-        with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                counts = _fill_tar(tar, items, process_fn)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, tar_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return counts
+    with _atomic_file(tar_path) as f:
+        with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            return _fill_tar(tar, items, process_fn)
 
 
 def _fill_tar(tar: tarfile.TarFile, items: list[WorkItem], process_fn: Callable) -> tuple[int, list, dict]:
@@ -427,19 +503,32 @@ def _merge_skipped(lists: list[list[dict]]) -> list[dict]:
     return [{"path": p, "reason": r} for p, r in sorted(unique)]
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temp file + ``os.replace`` (readers never see half a file)."""
+@contextlib.contextmanager
+def _atomic_file(path: Path, mode: str = "wb", **open_kw) -> Iterator[Any]:
+    """A temp file for ``path``: fsynced and ``os.replace``d onto ``path`` on success, removed on failure."""
     tmp = _temp_path(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
+        with open(tmp, mode, **open_kw) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temp file + ``os.replace`` (readers never see half a file)."""
+    with _atomic_file(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Like ``atomic_write_json``, for bytes."""
+    with _atomic_file(path) as f:
+        f.write(data)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -563,6 +652,88 @@ def _check_all_tasks(parts: list[dict]) -> None:
     missing = sorted(set(range(tasks[0]["count"])) - {t["index"] for t in tasks})
     if missing:
         raise PrepError(f"task manifests missing for task indices {missing}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def name_arg(value: str) -> str:
+    """argparse type of --name: a valid shard-name prefix."""
+    try:
+        return check_name(value)
+    except PrepError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def int_arg(low: int, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low`` (and <= ``high`` if given)."""
+    def parse(value: str) -> int:
+        ok = value.lstrip("-").isdigit() and int(value) >= low and (high is None or int(value) <= high)
+        if not ok:
+            bound = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {value!r}")
+        return int(value)
+    parse.__name__ = "int"
+    return parse
+
+
+def add_io_args(p: argparse.ArgumentParser, default_name: str, input_help: str,
+                output_help: str = "directory for shards, sidecars and manifest.json; must not be inside DIR",
+                input_metavar: str = "DIR", input_nargs: str | None = None) -> None:
+    """--input, --output and --name."""
+    p.add_argument("--input", type=Path, nargs=input_nargs, required=True, metavar=input_metavar, help=input_help)
+    p.add_argument("--output", type=Path, required=True, metavar="OUT", help=output_help)
+    p.add_argument("--name", type=name_arg, default=default_name,
+                   help="shard prefix, OUT/<name>-000000.tar; letters, digits, _ . - (default: %(default)s)")
+
+
+def add_shard_args(p: argparse.ArgumentParser, shard_size_help: str, default: int = 1000,
+                   metavar: str = "N", worker_task: str = "writing") -> None:
+    """--shard-size and --workers."""
+    p.add_argument("--shard-size", type=int_arg(1), default=default, metavar=metavar, help=shard_size_help)
+    p.add_argument("--workers", type=int_arg(0), default=1, metavar="N",
+                   help=f"worker processes, each {worker_task} one shard at a time; 0 = all usable CPUs "
+                        "(default: %(default)s)")
+
+
+def add_task_args(p: argparse.ArgumentParser) -> None:
+    """--task-index and --num-tasks (SLURM arrays; see ``write_task_shards``)."""
+    p.add_argument("--task-index", type=int_arg(0), default=0, metavar="I",
+                   help="SLURM array task index (e.g. $SLURM_ARRAY_TASK_ID); writes a disjoint block of shards")
+    p.add_argument("--num-tasks", type=int_arg(1), default=1, metavar="N",
+                   help="SLURM array size; with N > 1 each task writes manifest.task-I-of-N.json, then "
+                        "run `python -m data_prep.core merge OUT` (default: %(default)s)")
+
+
+def check_task_args(args: argparse.Namespace) -> None:
+    if args.task_index >= args.num_tasks:
+        raise PrepError(f"--task-index {args.task_index} must be < --num-tasks {args.num_tasks}")
+
+
+def write_task_shards(args: argparse.Namespace, items: Sequence[WorkItem], process_fn: Callable[..., dict],
+                      out: Path, **kwargs: Any) -> PrepReport:
+    """``write_shards`` of this array task's block of ``items``, as the options of
+    ``add_io_args``, ``add_shard_args``, ``add_task_args`` and --quiet say."""
+    items, first = task_items(items, args.shard_size, args.task_index, args.num_tasks)
+    task = None
+    if args.num_tasks > 1:
+        task = {"index": args.task_index, "count": args.num_tasks, "first_shard": first,
+                "num_shards": math.ceil(len(items) / args.shard_size)}
+    return write_shards(
+        items, process_fn, out, args.name, shard_size=args.shard_size, workers=resolve_workers(args.workers),
+        shard_offset=first, manifest_name=task_manifest_name(args.task_index, args.num_tasks), task=task,
+        progress=not args.quiet, **kwargs,
+    )
+
+
+def cli_run(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],
+            argv: Sequence[str] | None) -> Any:
+    """``run(parsed argv)``; a PrepError exits with its message and no traceback."""
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except PrepError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

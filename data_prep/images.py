@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +47,7 @@ class Discovery:
 
 def process_image(path: str, rel: str, label: ClassLabel | None, resize: int | None, quality: int) -> dict:
     """Worker entry point: read ``path`` and build its sample (see ``image_sample``)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise core.SkipItem(f"unreadable: {exc.strerror or exc}") from None
-    return image_sample(data, rel, label, resize, quality)
+    return image_sample(core.read_input(path), rel, label, resize, quality)
 
 
 def image_sample(data: bytes, rel: str, label: ClassLabel | None,
@@ -134,10 +128,7 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
 
 def discover(input_dir: Path, layout: str = "auto") -> Discovery:
     """List candidate files under ``input_dir`` (sorted) with labels, and what was skipped."""
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise core.PrepError(f"input directory not found: {root}")
-    root = root.resolve()
+    root = core.input_root(input_dir)
     files, skipped = _walk(root)
     layout = _choose_layout(root, files, layout)
     if layout == "flat":
@@ -152,42 +143,19 @@ def discover(input_dir: Path, layout: str = "auto") -> Discovery:
 
 
 def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
-    """Recursive listing; follows symlinks that stay inside ``root``, skips hidden directories."""
-    files, skipped, seen = [], [], {root}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = _enter_dirs(root, Path(dirpath), dirnames, seen, skipped)
-        for name in filenames:
-            path = Path(dirpath, name)
-            rel = path.relative_to(root).as_posix()
-            reason = _file_problem(root, path)
-            if reason:
-                skipped.append({"path": rel, "reason": reason})
-            else:
-                files.append((path, rel))
+    """Recursive listing (see ``core.walk_files``): supported files sorted by relative path, and skipped."""
+    files, skipped = [], []
+    for path, rel in core.walk_files(root, skipped):
+        reason = _file_problem(path)
+        if reason:
+            skipped.append({"path": rel, "reason": reason})
+        else:
+            files.append((path, rel))
     files.sort(key=lambda f: f[1])
     return files, skipped
 
 
-def _enter_dirs(root: Path, parent: Path, names: list[str], seen: set, skipped: list) -> list[str]:
-    keep = []
-    for name in sorted(names):
-        if name.startswith("."):
-            continue
-        real = (parent / name).resolve()
-        rel = (parent / name).relative_to(root).as_posix()
-        if not real.is_relative_to(root):
-            skipped.append({"path": rel, "reason": "outside input directory"})
-        elif real in seen:
-            skipped.append({"path": rel, "reason": "directory already listed (symlink)"})
-        else:
-            seen.add(real)
-            keep.append(name)
-    return keep
-
-
-def _file_problem(root: Path, path: Path) -> str | None:
-    if not path.resolve().is_relative_to(root):
-        return "outside input directory"
+def _file_problem(path: Path) -> str | None:
     if path.suffix.lower() not in EXTENSIONS:
         return "unsupported extension"
     if not path.is_file():
@@ -221,18 +189,7 @@ def _label(files: list[tuple[Path, str]], classes: list[str]) -> tuple[list, lis
 
 def make_items(found: Discovery, resize: int | None, quality: int) -> list[core.WorkItem]:
     """One WorkItem per candidate file; the key is its index in the sorted list."""
-    return [
-        core.WorkItem(core.item_key(i), rel, (str(path), rel, label, resize, quality), _stamp(path))
-        for i, (path, rel, label) in enumerate(found.files)
-    ]
-
-
-def _stamp(path: Path) -> str:
-    try:
-        st = path.stat()
-    except OSError:
-        return ""
-    return f"{st.st_size}:{st.st_mtime_ns}"
+    return core.file_items(found.files, resize, quality)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -241,79 +198,31 @@ def _stamp(path: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep.images", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", type=Path, required=True, metavar="DIR",
-                   help="DIR/<class>/<file> tree (label = index in the sorted class folder names) or a "
-                        "flat folder; searched recursively for .jpg .jpeg .png .webp (any case)")
-    p.add_argument("--output", type=Path, required=True, metavar="OUT",
-                   help="directory for shards, sidecars and manifest.json; must not be inside DIR")
-    p.add_argument("--name", type=_name_arg, default="images",
-                   help="shard prefix, OUT/<name>-000000.tar; letters, digits, _ . - (default: %(default)s)")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=1000, metavar="N",
-                   help="input files per shard; bad files only make a shard smaller (default: %(default)s)")
-    p.add_argument("--workers", type=_int_at_least(0), default=1, metavar="N",
-                   help="worker processes, each writing one shard at a time; 0 = all usable CPUs "
-                        "(default: %(default)s)")
-    p.add_argument("--resize", type=_int_at_least(1), metavar="SHORT_SIDE",
+    core.add_io_args(p, "images", "DIR/<class>/<file> tree (label = index in the sorted class folder names) or a "
+                                  "flat folder; searched recursively for .jpg .jpeg .png .webp (any case)")
+    core.add_shard_args(p, "input files per shard; bad files only make a shard smaller (default: %(default)s)")
+    p.add_argument("--resize", type=core.int_arg(1), metavar="SHORT_SIDE",
                    help="re-encode as RGB JPEG, shrinking the shorter side to SHORT_SIDE if larger "
                         "(default: keep the original bytes)")
-    p.add_argument("--quality", type=_int_at_least(1, 100), default=95,
+    p.add_argument("--quality", type=core.int_arg(1, 100), default=95,
                    help="JPEG quality (1-100) used with --resize (default: %(default)s)")
     p.add_argument("--layout", choices=("auto", "classes", "flat"), default="auto",
                    help="auto: classes if DIR holds only folders at its top level, else flat "
                         "(default: %(default)s)")
-    p.add_argument("--task-index", type=_int_at_least(0), default=0, metavar="I",
-                   help="SLURM array task index (e.g. $SLURM_ARRAY_TASK_ID); writes a disjoint block of shards")
-    p.add_argument("--num-tasks", type=_int_at_least(1), default=1, metavar="N",
-                   help="SLURM array size; with N > 1 each task writes manifest.task-I-of-N.json, then "
-                        "run `python -m data_prep.core merge OUT` (default: %(default)s)")
+    core.add_task_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
-def _name_arg(value: str) -> str:
-    try:
-        return core.check_name(value)
-    except core.PrepError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _int_at_least(low: int, high: int | None = None):
-    def parse(value: str) -> int:
-        ok = value.lstrip("-").isdigit() and int(value) >= low and (high is None or int(value) <= high)
-        if not ok:
-            bound = f"in {low}..{high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {value!r}")
-        return int(value)
-    parse.__name__ = "int"
-    return parse
-
-
 def run(args: argparse.Namespace) -> core.PrepReport:
     """Discover, check, and hand the items to the shared shard writer."""
-    if args.task_index >= args.num_tasks:
-        raise core.PrepError(f"--task-index {args.task_index} must be < --num-tasks {args.num_tasks}")
+    core.check_task_args(args)
     found = discover(args.input, args.layout)
-    out = _check_output(args.output, args.input)
-    items, first = core.task_items(make_items(found, args.resize, args.quality),
-                                   args.shard_size, args.task_index, args.num_tasks)
-    task = None
-    if args.num_tasks > 1:
-        task = {"index": args.task_index, "count": args.num_tasks, "first_shard": first,
-                "num_shards": math.ceil(len(items) / args.shard_size)}
-    return core.write_shards(
-        items, process_image, out, args.name, modality="image", shard_size=args.shard_size,
-        workers=core.resolve_workers(args.workers), params=_params(args, found),
-        extra={"classes": found.classes}, pre_skipped=found.skipped, shard_offset=first,
-        manifest_name=core.task_manifest_name(args.task_index, args.num_tasks), task=task,
-        progress=not args.quiet,
+    out = core.check_output_outside(args.output, args.input)
+    return core.write_task_shards(
+        args, make_items(found, args.resize, args.quality), process_image, out, modality="image",
+        params=_params(args, found), extra={"classes": found.classes}, pre_skipped=found.skipped,
     )
-
-
-def _check_output(output: Path, input_dir: Path) -> Path:
-    out = output.resolve()
-    if out.is_relative_to(input_dir.resolve()):
-        raise core.PrepError(f"output directory {output} must not be inside the input directory {input_dir}")
-    return out
 
 
 def _params(args: argparse.Namespace, found: Discovery) -> dict:
@@ -322,11 +231,7 @@ def _params(args: argparse.Namespace, found: Discovery) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> core.PrepReport:
-    args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except core.PrepError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    report = core.cli_run(build_parser(), run, argv)
     print(report.summary())
     return report
 

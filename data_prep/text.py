@@ -536,7 +536,7 @@ def measure(files: list[TextFile], workers: int) -> tuple[list[TextFile], list[d
         if problem:
             skipped.append({"path": f.rel, "reason": problem})
             continue
-        measured.append(TextFile(f.path, f.rel, f.fmt, f.gz, size, f"{st.st_size}:{st.st_mtime_ns}"))
+        measured.append(TextFile(f.path, f.rel, f.fmt, f.gz, size, core.stat_stamp(st)))
     return measured, skipped
 
 
@@ -701,7 +701,7 @@ def prepare_tokenizer(args: argparse.Namespace, corpus: Corpus, out: Path, log) 
     path = out / MODEL_FILE
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed training leaves nothing behind
     if not path.is_file() or path.read_bytes() != data:
-        _atomic_write_bytes(path, data)
+        core.atomic_write_bytes(path, data)
     model_type = None if args.spm_model else args.model_type
     tok = _tokenizer(path, data, sp, bytes_per_token(sp, texts), sample, model_type)
     # written after the model, so its presence with a matching sha256 marks a complete model
@@ -736,21 +736,6 @@ def _model_spec_fields(data: bytes, model_type: str | None) -> dict:
                 "normalization": proto.normalizer_spec.name}
     except Exception:  # noqa: BLE001 - informational only
         return {"model_type": model_type or "unknown", "normalization": "nmt_nfkc" if model_type else "unknown"}
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Like core.atomic_write_json, for bytes (temp file + fsync + os.replace)."""
-    core._remove_stale_temps(path)
-    tmp = core._temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _model_spec(args: argparse.Namespace, corpus: Corpus) -> dict:
@@ -795,14 +780,11 @@ def _cached_tokenizer(out: Path, spec: dict) -> Tokenizer | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m data_prep.text", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", type=Path, nargs="+", required=True, metavar="PATH",
-                   help="files or directories (searched recursively, sorted; hidden folders ignored) of .txt, "
-                        ".jsonl, .txt.gz, .jsonl.gz files, read in the order given")
-    p.add_argument("--output", type=Path, required=True, metavar="OUT",
-                   help="directory for shards, sidecars, spm.model and manifest.json; not inside an input")
-    p.add_argument("--name", type=_name_arg, default="text",
-                   help="shard prefix, OUT/<name>-000000.tar; letters, digits, _ . - (default: %(default)s)")
-    p.add_argument("--vocab-size", type=_int_at_least(8), default=50000, metavar="N",
+    core.add_io_args(p, "text", "files or directories (searched recursively, sorted; hidden folders ignored) of "
+                                ".txt, .jsonl, .txt.gz, .jsonl.gz files, read in the order given",
+                     "directory for shards, sidecars, spm.model and manifest.json; not inside an input",
+                     input_metavar="PATH", input_nargs="+")
+    p.add_argument("--vocab-size", type=core.int_arg(8), default=50000, metavar="N",
                    help="sentencepiece vocabulary size, special tokens included; ids are stored as uint16 up to "
                         "65536, else int32 (default: %(default)s, about RoBERTa's)")
     p.add_argument("--allow-smaller-vocab", action="store_true",
@@ -815,42 +797,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spm-model", type=Path, metavar="PATH",
                    help="use this sentencepiece model instead of training one; it must have <pad>=0 <s>=1 </s>=2 "
                         "<unk>=3 <mask>=4 (--vocab-size, --model-type, --byte-fallback are then ignored)")
-    p.add_argument("--sample-docs", type=_int_at_least(1), default=1_000_000, metavar="N",
+    p.add_argument("--sample-docs", type=core.int_arg(1), default=1_000_000, metavar="N",
                    help="train on at most N documents (default: %(default)s)")
     p.add_argument("--sample-bytes", type=_size_arg, default=100_000_000, metavar="SIZE",
                    help="... and at most SIZE bytes of text, e.g. 500M or 2G. A corpus larger than this is sampled "
                         "from up to 1024 evenly spaced windows, not just its start (default: 100M)")
-    p.add_argument("--block-size", type=_int_at_least(2), default=512, metavar="TOKENS",
+    p.add_argument("--block-size", type=core.int_arg(2), default=512, metavar="TOKENS",
                    help="tokens per block, </s> separators included (default: %(default)s)")
     p.add_argument("--doc-mode", choices=("line", "paragraph"), default="line",
                    help=".txt documents: one per line, or one per run of non-blank lines (default: %(default)s); "
                         ".jsonl files always hold one document per line")
     p.add_argument("--jsonl-field", default="text", metavar="KEY",
                    help="the string field of each JSON object that holds the text (default: %(default)s)")
-    p.add_argument("--shard-size", type=_int_at_least(1), default=10000, metavar="BLOCKS",
-                   help="about this many blocks per shard: the stream is cut every BLOCKS x --block-size x "
-                        "(bytes per token measured on the sample) bytes of text (default: %(default)s)")
-    p.add_argument("--workers", type=_int_at_least(0), default=1, metavar="N",
-                   help="worker processes, each encoding one shard at a time; 0 = all usable CPUs "
-                        "(default: %(default)s)")
+    core.add_shard_args(p, "about this many blocks per shard: the stream is cut every BLOCKS x --block-size x "
+                           "(bytes per token measured on the sample) bytes of text (default: %(default)s)",
+                        default=10000, metavar="BLOCKS", worker_task="encoding")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     return p
-
-
-def _name_arg(value: str) -> str:
-    try:
-        return core.check_name(value)
-    except core.PrepError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _int_at_least(low: int):
-    def parse(value: str) -> int:
-        if not value.lstrip("-").isdigit() or int(value) < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value!r}")
-        return int(value)
-    parse.__name__ = "int"
-    return parse
 
 
 def _size_arg(value: str) -> int:
@@ -928,11 +891,7 @@ def summary(report: core.PrepReport, tok: Tokenizer) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> core.PrepReport:
-    args = build_parser().parse_args(argv)
-    try:
-        report, tok = run(args)
-    except core.PrepError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    report, tok = core.cli_run(build_parser(), run, argv)
     print(summary(report, tok))
     return report
 

@@ -12,6 +12,11 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+try:  # tests/ is a plain directory (rootdir on sys.path) or a package
+    from file_fixtures import FileTree
+except ImportError:
+    from tests.file_fixtures import FileTree
+
 
 @dataclass(frozen=True)
 class Good:
@@ -31,11 +36,8 @@ class Good:
 
 
 @dataclass
-class AudioTree:
-    root: Path
+class AudioTree(FileTree):
     good: dict[str, Good] = field(default_factory=dict)  # rel path -> expectation
-    bad: dict[str, str] = field(default_factory=dict)  # rel path -> reason prefix
-    data: dict[str, bytes] = field(default_factory=dict)  # rel path -> bytes written
 
 
 def sine(amplitude: float, freq: float, rate: int, frames: int) -> np.ndarray:
@@ -127,15 +129,7 @@ def _transcript_files() -> dict[str, bytes]:
 def make_tree(root: Path) -> AudioTree:
     """Write the good files, the bad files and the LibriSpeech transcripts under ``root``."""
     tree = AudioTree(root)
-    for rel, (data, good) in _good_files().items():
-        tree.good[rel] = good
-        tree.data[rel] = data
-    for rel, (data, reason) in _bad_files().items():
-        tree.bad[rel] = reason
-        tree.data[rel] = data
+    tree.add(_good_files(), _bad_files())
     tree.data.update(_transcript_files())
-    for rel, data in tree.data.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
+    tree.write()
     return tree

@@ -9,6 +9,11 @@ from pathlib import Path
 
 from PIL import Image
 
+try:  # tests/ is a plain directory (rootdir on sys.path) or a package
+    from file_fixtures import FileTree
+except ImportError:
+    from tests.file_fixtures import FileTree
+
 
 @dataclass(frozen=True)
 class Good:
@@ -18,11 +23,8 @@ class Good:
 
 
 @dataclass
-class ImageTree:
-    root: Path
+class ImageTree(FileTree):
     good: dict[str, Good] = field(default_factory=dict)  # rel path -> expectation
-    bad: dict[str, str] = field(default_factory=dict)  # rel path -> reason prefix
-    data: dict[str, bytes] = field(default_factory=dict)  # rel path -> bytes written
     classes: list[str] | None = None
 
 
@@ -79,15 +81,8 @@ def make_tree(root: Path, outside: Path, flat: bool = False) -> ImageTree:
     def place(rel: str) -> str:
         return rel.split("/", 1)[1] if flat else rel
 
-    for rel, (data, good) in _good_files().items():
-        tree.good[place(rel)] = good
-        tree.data[place(rel)] = data
-    for rel, (data, reason) in _bad_files().items():
-        tree.bad[place(rel)] = reason
-        tree.data[place(rel)] = data
-    for rel, data in tree.data.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
+    tree.add(_good_files(), _bad_files(), place)
+    tree.write()
     _add_outside_links(tree, outside, place)
     return tree
 
