@@ -19,6 +19,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def randomise(module, seed: int, scale: float = 0.2) -> dict:
+    """Fill every parameter with seeded N(0, scale^2) values; return the weights as a float64 state dict."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return {k: v.detach().clone().double() for k, v in module.state_dict().items() if torch.is_tensor(v)}
+
+
 @pytest.fixture(scope="session")
 def single_process_group():
     """torch.distributed + megatron-core parallel state for one process, so parallel layers can be built."""

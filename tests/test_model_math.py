@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import reference as ref
+from conftest import randomise
 from pipeline.config import EncoderConfig
 from pipeline.distributed import model_parallel_config
 from pipeline.model.data2vec import Backbone, Student
@@ -21,14 +22,6 @@ ENCODERS = [
     EncoderConfig(dim=32, depth=4, heads=4, ffn_dim=64, norm_first=True, layer_scale_init=0.1, key_bias=False, tap="block"),
     EncoderConfig(dim=32, depth=4, heads=2, ffn_dim=48, norm_first=False, layer_scale_init=0.0, key_bias=True, tap="ffn"),
 ]
-
-
-def randomise(module: torch.nn.Module, seed: int) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return {k: v.detach().clone().double() for k, v in module.state_dict().items() if torch.is_tensor(v)}
 
 
 @pytest.mark.parametrize("obj", OBJECTIVES, ids=["v1-vision", "l2-instance", "smoothl1-sum"])

@@ -11,7 +11,7 @@ import soundfile
 import torch
 
 import reference as ref
-from conftest import ROOT
+from conftest import ROOT, randomise
 from pipeline.config import EncoderConfig
 from pipeline.distributed import model_parallel_config
 from pipeline.experiment import load_experiment
@@ -55,21 +55,13 @@ def speech_setup(enc_kw=None):
     return Speech(cfg), cfg, enc
 
 
-def randomise(module, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return {k: v.detach().clone().double() for k, v in module.state_dict().items() if torch.is_tensor(v)}
-
-
 def test_targets_and_loss_match_dense_reference(single_process_group):
     modality, cfg, enc = speech_setup()
     obj = load_experiment(ROOT / "configs/speech_tiny.yaml").objective  # instance norm, L2, 1/sqrt(D)
     obj.top_k = 2
     mp = model_parallel_config(1)
     student, teacher = Student(modality, enc, mp).eval(), Backbone(modality, enc, mp).eval()
-    s_sd, t_sd = randomise(student, 1), randomise(teacher, 2)
+    s_sd, t_sd = randomise(student, 1, 0.3), randomise(teacher, 2, 0.3)
     wav = torch.randn(3, 1600, generator=torch.Generator().manual_seed(3))
     frames = frames_for(cfg.conv_layers, 1600)
     mask = span_mask(3, frames, 0.65, 3, random.Random(0))

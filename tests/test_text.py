@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reference as ref
-from conftest import ROOT
+from conftest import ROOT, randomise
 from pipeline.config import EncoderConfig
 from pipeline.distributed import model_parallel_config
 from pipeline.experiment import load_experiment
@@ -58,14 +58,8 @@ def test_targets_and_loss_match_dense_reference(single_process_group):
     mp = model_parallel_config(1)
     student, teacher = Student(modality, enc, mp).eval(), Backbone(modality, enc, mp).eval()
 
-    def randomise(module, seed):
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-        return {k: v.detach().clone().double() for k, v in module.state_dict().items() if torch.is_tensor(v)}
 
-    s_sd, t_sd = randomise(student, 1), randomise(teacher, 2)
+    s_sd, t_sd = randomise(student, 1, 0.3), randomise(teacher, 2, 0.3)
     rng = random.Random(0)
     tokens = torch.randint(5, 200, (3, 16), generator=torch.Generator().manual_seed(4))
     tokens[2, 12:] = cfg.model.pad_id  # one padded row: padding must not leak into the other positions
