@@ -15,14 +15,18 @@ Everything else is analytic; the rules (bytes per GPU):
   dtype (bf16: 2 B), optimizer fp32 master + Adam m, v (12 B), teacher fp32 partition (4 B, no head).
 * Persistent parameters (``stage3_param_persistence_threshold`` of the DeepSpeed JSON; 0 for the
   teacher): the student keeps them gathered in full all the time (compute dtype).
-* Gathered in flight: the largest block's TP-local parameters + the prefetch (at most
-  ``stage3_prefetch_bucket_size`` elements, here taken as one more block): student in the compute
-  dtype, teacher in fp32 (its forward gathers fp32 weights and computes under autocast).
-* Kept until backward: DeepSpeed does not release a parameter after the forward if it is used again
-  within ``stage3_max_reuse_distance`` elements of the module trace (forward, then backward). The
-  planner replays that rule on the module order; with ``ds_configs/zero3.json`` (1e9) every module
-  whose remaining forward + backward before its reuse is < 1e9 elements stays gathered (a whole
-  ViT-L; about half of a 1B model).
+* Gathered parameters: DeepSpeed 0.19's ``PartitionedParameterCoordinator`` is replayed on the module
+  call order (the forward; the backward meets modules in the reverse order of their forward
+  completion). Each module fetch all-gathers its parameters and prefetches trace entries until
+  ``stage3_prefetch_bucket_size`` not yet gathered elements are queued (at most
+  ``stage3_max_live_parameters`` gathered in all); after a module ran its parameters are released
+  unless persistent, already prefetched for a later use, or used again within
+  ``stage3_max_reuse_distance`` elements of the trace. With ``ds_configs/zero3.json`` (5e7, 1e9, 1e9)
+  the prefetch front runs ahead of the compute, so the student's whole TP-local model (up to 1e9
+  elements) is gathered from the forward to the backward (and not re-gathered in the backward), and
+  the teacher gathers its whole fp32 model during its forward. tests/test_plan.py checks the replay
+  against DeepSpeed on CPU ranks. The nominal ZeRO-3 working set, 2 x the largest block (one in
+  use, one prefetched), is printed for reference.
 * Student activations per micro-batch, stored for backward, no recomputation, no sequence parallelism
   (Korthikanti et al. 2022, generalised to the FFN width f and our block). With a = activation bytes
   (2 for bf16), s = sequence, b = micro batch, D = width, h = heads, t = TP, per block:
@@ -32,18 +36,20 @@ Everything else is analytic; the rules (bytes per GPU):
   f = 4D, bf16, dropout on, this is Korthikanti's ``s*b*D*(10 + 24/t + 5*h*s/(D*t))``. Plus the local
   encoder (patch conv / conv feature encoder / embeddings), the final norm, the head and the loss on
   the masked positions.
-* Teacher forward (no grad): the code keeps every block's tap (``Encoder.forward`` collects all L,
-  ``teacher_targets`` uses the top K) in fp32 (upper bound: L x s x b x D x 4), plus the targets'
-  normalised copies and one block's transients.
+* Teacher forward (no grad): the teacher keeps only the top K blocks' taps (``Encoder.forward(keep=K)``),
+  counted in fp32 (upper bound: K x s x b x D x 4), plus the targets' normalised copies and one block's
+  transients.
 * Peak = model states + persistent + ZeRO reduce bucket + a fixed allowance (CUDA context, NCCL,
   allocator: ``--overhead-gb``) + the largest of three phases that do not overlap in time: teacher
-  forward, student forward/backward (kept + in-flight parameters + activations), optimizer step (the
-  fp32 copy of the gradient partition DeepSpeed makes per sub-group).
+  forward (gathered fp32 parameters + taps), student forward/backward (gathered parameters at their
+  peak + activations), optimizer step (per ``sub_group_size`` group of the partition: DeepSpeed's flat
+  copy of the gradients and its fp32 cast, plus one fp32 AdamW temporary).
 
 Communication per GPU (bytes sent; ring algorithms), per micro-batch, x grad_accum per step:
 all-gather / reduce-scatter over DP: ``size * (DP-1)/DP``; all-reduce over TP: ``2 * size * (TP-1)/TP``.
-Student parameters all-gathered in forward and again in backward (nominally 2x; minus what stays
-gathered, see above; persistent parameters are never re-gathered), gradients reduce-scattered (1x,
+Student parameters all-gathered in forward and again in backward (nominally 2x; the replay above
+gives what is really gathered: persistent parameters never, parameters still gathered after the
+forward not again in the backward), gradients reduce-scattered every micro-batch (1x,
 compute dtype), the teacher's fp32 parameters all-gathered for its forward (1x). TP all-reduces of
 (s, b, D) activations in the compute dtype: per block 2 in the student forward (attention and FFN
 row-parallel outputs), 4 in its backward (the q, k, v and fc1 column-parallel input gradients: q, k, v
@@ -126,8 +132,24 @@ class _quiet_fd:
 _SHAPES: dict[str, tuple] = {}
 
 
-def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, int]]]:
-    """TP-local parameter list, and the module order (name, TP-local direct numel) in pre-order.
+def call_kind(module) -> str:
+    """How a module appears in DeepSpeed's module trace (see ``forward_events``)."""
+    import torch.nn as nn
+
+    from pipeline.model.data2vec import Backbone
+    from pipeline.model.transformer import Block
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return "container"  # never called itself: its children are
+    if isinstance(module, Backbone):
+        return "backbone"  # called as the teacher; the student calls backbone.encode(), not the module
+    if isinstance(module, Block):
+        return "block_pre" if module.norm_first else "block_post"
+    return "module"
+
+
+def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, list[int], list[int], str]]]:
+    """TP-local parameters, and the module tree: (name, indices of its direct parameters, child nodes,
+    call kind), node 0 the student.
 
     Built once per (model, tp) on the meta device with a TP=1 layer config; split parameters are
     divided by ``tp`` along megatron's ``partition_dim`` (which must divide evenly).
@@ -148,9 +170,10 @@ def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, int]]]:
     modality = type(cfg.make_modality())(model_cfg)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         student = Student(modality, cfg.encoder, model_parallel_config(1))
-    infos, order = [], []
+    infos, tree, index = [], [], {}
     for mod_name, module in student.named_modules():
-        direct = 0
+        index[id(module)] = len(tree)
+        mine = []
         for pname, p in module.named_parameters(recurse=False):
             name = f"{mod_name}.{pname}" if mod_name else pname
             shape = list(p.shape)
@@ -161,13 +184,13 @@ def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, int]]]:
                     raise ConfigError(f"parameter {name} has {shape[dim]} entries on its tensor-parallel dim, "
                                       f"not divisible by TP={tp}")
                 shape[dim] //= tp
-            numel = math.prod(shape)
-            direct += numel
-            infos.append(ParamInfo(name, mod_name, numel, p.numel(), split, teacher_parameter_name(name) is not None,
-                                   p.dim()))
-        order.append((mod_name, direct))
-    _SHAPES[key] = (infos, order)
-    return infos, order
+            mine.append(len(infos))
+            infos.append(ParamInfo(name, mod_name, math.prod(shape), p.numel(), split,
+                                   teacher_parameter_name(name) is not None, p.dim()))
+        tree.append((mod_name, mine, [id(c) for c in module.children()], call_kind(module)))
+    tree = [(name, mine, [index[c] for c in kids], kind) for name, mine, kids, kind in tree]
+    _SHAPES[key] = (infos, tree)
+    return infos, tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,8 +222,11 @@ class Plan:
     persistent_numel: int = 0  # student parameters kept gathered (persistence threshold)
     kept_numel: int = 0  # student parameters still gathered after the forward (persistent included)
     largest_block: int = 0
-    memory: dict = field(default_factory=dict)  # bytes per GPU
-    phases: dict = field(default_factory=dict)
+    student_gather_peak: int = 0  # most non-persistent student elements gathered at once (simulated)
+    teacher_gather_peak: int = 0
+    memory: dict = field(default_factory=dict)  # bytes per GPU held all the time
+    phases: dict = field(default_factory=dict)  # phase -> {item: bytes}; the largest phase adds to the peak
+    peak_phase: str = ""
     peak: int = 0
     gpu_memory_gb: float = 80.0
     fits: bool = False
@@ -244,7 +270,7 @@ def layout_checks(cfg, world: int, tp: int, micro: int, accum: int, global_batch
                    f"(with the heads: {', '.join(map(str, good_tp))}), or change encoder.ffn_dim"))
     ok = world % tp == 0
     checks.append((ok, f"world {world} divisible by TP {tp}: DP = {world // tp}" if ok else
-                   f"world size {world} ({nodes} nodes x {gpus} GPUs) is not divisible by --tp {tp}: use --tp in "
+                   f"world size {world} ({nodes} node(s) x {gpus} GPUs) is not divisible by --tp {tp}: use --tp in "
                    f"{{{', '.join(map(str, fit_tp))}}} or a world size that is a multiple of {tp}"))
     if cfg.modality == "text":
         m = cfg.model
@@ -258,10 +284,12 @@ def layout_checks(cfg, world: int, tp: int, micro: int, accum: int, global_batch
         if global_batch is not None and gb != global_batch:
             per_rank = global_batch / dp
             if per_rank != int(per_rank):
-                good_dp = [d for d in _divisors(global_batch) if d * tp <= 4 * world]
+                divs = _divisors(global_batch)
+                near = sorted({max(d for d in divs if d <= dp), min((d for d in divs if d >= dp), default=dp)} - {dp})
+                options = " or ".join(f"DP {d} (world {d * tp} at TP {tp})" for d in near)
                 msg = (f"global batch {micro} x {accum} x DP {dp} = {gb}, not the requested {global_batch}; "
-                       f"{global_batch} is not a multiple of DP {dp}: pick a world size whose DP divides it "
-                       f"(DP in {{{', '.join(map(str, good_dp[-6:]))}}}, world = DP x TP {tp})")
+                       f"{global_batch} is not a multiple of DP {dp}: change the world size to one whose DP divides "
+                       f"it, e.g. {options}, or change --tp")
             else:
                 per_rank = int(per_rank)
                 m2 = max(d for d in _divisors(per_rank) if d <= max(micro, 1))
@@ -270,8 +298,9 @@ def layout_checks(cfg, world: int, tp: int, micro: int, accum: int, global_batch
                        f"train.grad_accum={per_rank // m2})")
             checks.append((False, msg))
         else:
-            from pipeline.distributed import student_ds_config
             import torch
+
+            from pipeline.distributed import student_ds_config
             try:
                 student_ds_config(ds, micro, accum, dp, torch.bfloat16 if dtype == "bf16" else torch.float32,
                                   cfg.train.grad_clip)
@@ -292,7 +321,7 @@ def masked_fraction(cfg) -> float:
     if cfg.modality == "vision":
         return m.num_masked / m.grid ** 2
     if cfg.modality == "speech":
-        return 1.0 - math.exp(-m.mask_prob)  # overlapping spans: ~49% of frames at 0.65
+        return 1.0 - math.exp(-m.mask_prob)  # overlapping spans: ~48% of frames at 0.65
     if cfg.modality == "text":
         keep = 1.0 - m.random_token_prob - m.leave_unmasked_prob
         return m.mask_prob * (keep if m.loss_on == "mask_token" else 1.0)
@@ -331,30 +360,116 @@ def embed_activation_bytes(cfg, s: int, b: int, a: int) -> float:
     return a * s * b * d * 3 + s * b * d  # text: embeddings sum, LayerNorm, dropout mask
 
 
-def kept_after_forward(order: list[tuple[str, int]], persistent_modules: dict[str, int], reuse: int) -> int:
-    """Student elements still gathered when the backward starts (DeepSpeed's max_reuse_distance rule).
+@dataclass
+class GatherSim:
+    """What DeepSpeed's ZeRO-3 parameter coordinator keeps gathered (elements, TP-local, one rank)."""
+    peak: int = 0  # most elements gathered at once (persistent ones excluded)
+    kept_after_forward: int = 0  # still gathered when the backward starts (persistent ones excluded)
+    gathered_forward: int = 0  # elements all-gathered during the forward
+    gathered_backward: int = 0  # re-gathered during the backward
 
-    ``order``: modules in forward (pre-order) order with their direct TP-local elements; the backward
-    visits them in reverse. A module's parameters are released after its forward unless its next use
-    (in the backward) comes within ``reuse`` elements of traced modules."""
-    sizes = [n for _, n in order]
-    suffix = [0] * (len(sizes) + 1)
-    for i in range(len(sizes) - 1, -1, -1):
-        suffix[i] = suffix[i + 1] + sizes[i]
-    names = [n for n, _ in order]
-    kept = 0
-    for i, (name, numel) in enumerate(order):
-        if numel == 0:
-            continue
-        # released after its subtree ran; the backward meets the modules after it, in reverse, then it
-        end = i
-        while name and end + 1 < len(names) and names[end + 1].startswith(name + "."):
-            end += 1
-        between = suffix[end + 1] + suffix[i + 1]
-        non_persistent = numel - persistent_modules.get(name, 0)
-        if between < reuse:
-            kept += non_persistent
-    return kept + sum(persistent_modules.values())
+
+_SIMS: dict = {}
+
+
+def forward_events(tree, root: int) -> list[tuple[str, int]]:
+    """("fetch" | "release", node) in the order DeepSpeed's hooks see them in one forward: a module is
+    fetched when called and released when it returns. Calls follow registration order, except blocks
+    (pipeline.model.transformer.Block: norms around attention/FFN as norm_first says, and dropout +
+    drop-path called after each branch) and containers / the student's backbone, which are not called."""
+    events = []
+
+    def visit(node: int, is_root: bool = False):
+        name, _, kids, kind = tree[node]
+        called = is_root or kind not in ("container", "backbone")
+        if called:
+            events.append(("fetch", node))
+        if kind in ("block_pre", "block_post"):
+            child = {tree[k][0].rsplit(".", 1)[-1]: k for k in kids}
+            branch = [child["dropout"], child["drop_path"]]
+            if kind == "block_pre":
+                order = [child["attn_norm"], child["attn"], *branch, child["ffn_norm"], child["ffn"], *branch]
+            else:
+                order = [child["attn"], *branch, child["attn_norm"], child["ffn"], *branch, child["ffn_norm"]]
+        else:
+            order = kids
+        for kid in order:
+            visit(kid)
+        if called:
+            events.append(("release", node))
+    visit(root, is_root=True)
+    return events
+
+
+def simulate_gathering(key, tree, root: int, sizes: list[int], persistent: set[int], prefetch: int, max_live: int,
+                       reuse: int, backward: bool) -> GatherSim:
+    """Replay ``PartitionedParameterCoordinator`` (deepspeed 0.19) on one step with a complete trace.
+
+    Modules run in the tree's order (forward: registration order, parent first; backward: parent
+    first, children reversed); each fetch all-gathers the module's own parameters, then prefetches
+    trace entries until ``stage3_prefetch_bucket_size`` new elements are queued (at most
+    ``stage3_max_live_parameters`` gathered in all): with the default JSON the prefetch front runs far
+    ahead. A module's parameters are released after it ran unless they are persistent, already
+    prefetched for a later use, or used again within ``stage3_max_reuse_distance`` elements of the
+    trace. ``backward=False``: the teacher's forward-only trace."""
+    if key in _SIMS:
+        return _SIMS[key]
+    import collections
+    events = forward_events(tree, root)
+    forward_count = len(events)
+    if backward:  # the backward meets the modules in the reverse order of their forward completion
+        events += [("release" if kind == "fetch" else "fetch", node) for kind, node in reversed(events)]
+    trace = [node for kind, node in events if kind == "fetch"]  # submodule order; index = step id
+    queue = collections.deque((p, step) for step, node in enumerate(trace) for p in sorted(tree[node][1]))
+    trace_numel = [sum(sizes[p] for p in tree[node][1]) for node in trace]
+    available = set(persistent)
+    recent = collections.defaultdict(lambda: -10 ** 12)
+    sim = GatherSim()
+    n_avail, step = 0, 0
+    for i, (kind, node) in enumerate(events):
+        own = tree[node][1]
+        if kind == "fetch":
+            new = [p for p in own if p not in available]
+            gathered = sum(sizes[p] for p in new)
+            available.update(new)
+            n_avail += gathered
+            not_fetched = [p for p in own if recent[p] < step]
+            for _ in range(len(not_fetched)):
+                if queue:
+                    p, used_at = queue.popleft()
+                    recent[p] = used_at
+            budget, queued, chosen = min(max_live - n_avail, prefetch), 0, set()
+            while queue and queued < budget:
+                p, used_at = queue.popleft()
+                recent[p] = max(recent[p], used_at)
+                if p not in available and p not in chosen:
+                    chosen.add(p)
+                    queued += sizes[p]
+            available.update(chosen)
+            n_avail += queued
+            gathered += queued
+            if i < forward_count:
+                sim.gathered_forward += gathered
+            else:
+                sim.gathered_backward += gathered
+            step += 1
+            sim.peak = max(sim.peak, n_avail)
+        else:
+            release = {p for p in own if p not in persistent and recent[p] <= step}
+            traversed = 0
+            for later in range(step, len(trace)):
+                if traversed >= reuse or not release:
+                    break
+                release -= set(tree[trace[later]][1])
+                traversed += trace_numel[later]
+            for p in release:
+                if p in available:
+                    available.discard(p)
+                    n_avail -= sizes[p]
+        if i == forward_count - 1:
+            sim.kept_after_forward = n_avail
+    _SIMS[key] = sim
+    return sim
 
 
 def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None = None, *,
@@ -375,7 +490,7 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     p.checks = layout_checks(cfg, world, tp, micro, accum, global_batch, ds, dtype, nodes, gpus_per_node)
     if not (cfg.encoder.heads % tp == 0 and cfg.encoder.ffn_dim % tp == 0 and dp):
         return p
-    infos, order = param_infos(cfg, tp)
+    infos, tree = param_infos(cfg, tp)
     enc = cfg.encoder
     cb = DTYPE_BYTES[dtype]
     zero = ds.get("zero_optimization", {})
@@ -383,8 +498,10 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     model_threshold = int(zero.get("stage3_model_persistence_threshold", sys.maxsize)) // dp
     reuse = int(zero.get("stage3_max_reuse_distance", 1000000000))
     prefetch = int(zero.get("stage3_prefetch_bucket_size", 50000000))
+    max_live = int(zero.get("stage3_max_live_parameters", 1000000000))
     reduce_bucket = int(zero.get("reduce_bucket_size", 500000000))
     sub_group = int(zero.get("sub_group_size", 1000000000))
+    contiguous = bool(zero.get("contiguous_gradients", True))
 
     ceil = lambda n: -(-n // dp)  # noqa: E731
     p.student_numel = sum(i.full_numel for i in infos)
@@ -393,20 +510,29 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     p.teacher_tp_numel = sum(i.numel for i in infos if i.teacher)
     p.student_partition = sum(ceil(i.numel) for i in infos)
     p.teacher_partition = sum(ceil(i.numel) for i in infos if i.teacher)
-    persistent, total_persist = {}, 0  # DeepSpeed's zero.Init marks in creation order (= named_parameters order)
-    for i in infos:
+    persistent, total_persist = set(), 0  # zero.Init marks them in creation order, up to the model threshold
+    for k, i in enumerate(infos):
         if i.numel <= threshold and total_persist + i.numel <= model_threshold:
-            persistent[i.module] = persistent.get(i.module, 0) + i.numel
+            persistent.add(k)
             total_persist += i.numel
     p.persistent_numel = total_persist
-    p.kept_numel = kept_after_forward(order, persistent, reuse)
+    sizes = [i.numel for i in infos]
+    base = (id(tree), prefetch, max_live, reuse)
+    student_sim = simulate_gathering(("student", *base, threshold, model_threshold), tree, 0, sizes, persistent,
+                                     prefetch, max_live, reuse, backward=True)
+    backbone = next(k for k, node in enumerate(tree) if node[0] == "backbone")
+    teacher_sim = simulate_gathering(("teacher", *base), tree, backbone, sizes, set(), prefetch, max_live, reuse,
+                                     backward=False)
+    p.kept_numel = student_sim.kept_after_forward + p.persistent_numel
+    p.student_gather_peak = student_sim.peak
+    p.teacher_gather_peak = teacher_sim.peak
     blocks: dict[str, int] = {}
     for i in infos:
         if i.name.startswith("backbone.encoder.blocks."):
             key = ".".join(i.name.split(".")[:4])
             blocks[key] = blocks.get(key, 0) + i.numel
     p.largest_block = max(blocks.values())
-    in_flight = p.largest_block + min(prefetch, p.largest_block)
+    in_flight = p.largest_block + min(prefetch, p.largest_block)  # the nominal working set
 
     # optimizer groups (decay / no decay, as pipeline.trainer.param_groups), split into sub-groups
     from pipeline.trainer import NO_DECAY_SUFFIXES
@@ -424,60 +550,59 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     student_act = (enc.depth * block_act + embed_activation_bytes(cfg, s, b, a)
                    + (a * s * b * enc.dim if enc.norm_first else 0) + a * masked * enc.dim + head + loss)
     sbd = s * b * enc.dim
-    teacher_taps = enc.depth * sbd * 4
+    teacher_taps = cfg.objective.top_k * sbd * 4
     teacher_phase = (teacher_taps + 3 * sbd * 4 + block_activation_bytes(enc, s, b, tp, 2, fused_attention)[0]
-                     + in_flight * 4)
-    student_phase = (p.kept_numel - p.persistent_numel + in_flight) * cb + student_act
-    step_phase = largest_sub * 4
+                     + teacher_sim.peak * 4)
+    student_phase = student_sim.peak * cb + student_act
+    step_phase = largest_sub * (cb + 4 + 4)  # flat gradient copy, its fp32 cast, one AdamW temporary
 
-    mem = {
-        "student parameters (ZeRO-3 partition)": p.student_partition * cb,
-        "gradients (partition)": p.student_partition * cb,
+    p.memory = {
+        f"student parameters (ZeRO-3 partition, {dtype})": p.student_partition * cb,
+        f"gradients (partition, {dtype})": p.student_partition * cb,
         "optimizer states (fp32 master + Adam m, v)": p.student_partition * 12,
         "teacher (fp32 partition)": p.teacher_partition * 4,
-        "persistent student parameters (full)": p.persistent_numel * cb,
-        "ZeRO reduce bucket": min(reduce_bucket, p.student_partition * dp) * cb,
-        "CUDA context, NCCL, allocator (allowance)": int(overhead_gb * GiB),
+        f"persistent student parameters (full, {dtype})": p.persistent_numel * cb,
+        "ZeRO reduce bucket (reduce_bucket_size, contiguous_gradients)": reduce_bucket * cb if contiguous else 0,
+        "CUDA context, NCCL, allocator (--overhead-gb)": int(overhead_gb * GiB),
     }
     p.phases = {
-        "teacher forward": {"gathered in flight (fp32)": in_flight * 4, "taps of all blocks (fp32)": teacher_taps,
-                            "targets + one block's transients": teacher_phase - teacher_taps - in_flight * 4},
         "student forward/backward": {
-            "gathered in flight (2 x largest block)": in_flight * cb,
-            "kept gathered until backward (max_reuse_distance)": (p.kept_numel - p.persistent_numel) * cb,
-            "activations": student_act, "of which attention scores": scores * enc.depth},
-        "optimizer step": {"fp32 gradient copy of the largest sub-group": step_phase},
+            f"gathered student parameters (peak; nominal 2 x largest block: {in_flight * cb / GiB:.3f})":
+                student_sim.peak * cb,
+            f"activations (attention scores {scores * enc.depth / GiB:.3f} of it"
+            f"{'' if fused_attention else '; ~0 with --fused-attention'})": student_act},
+        "teacher forward": {
+            "gathered fp32 teacher parameters (peak)": teacher_sim.peak * 4,
+            f"taps of the top {cfg.objective.top_k} blocks, fp32": teacher_taps,
+            "targets + one block's transients": teacher_phase - teacher_taps - teacher_sim.peak * 4},
+        "optimizer step": {"largest sub-group: flat gradient copy, its fp32 cast, an AdamW temporary": step_phase},
     }
-    phase_total = {"teacher forward": teacher_phase, "student forward/backward": student_phase,
-                   "optimizer step": step_phase}
-    p.memory = mem
-    worst = max(phase_total, key=phase_total.get)
-    p.memory[f"peak phase: {worst}"] = phase_total[worst]
-    p.peak = int(sum(mem.values()))
+    totals = {name: sum(parts.values()) for name, parts in p.phases.items()}
+    p.peak_phase = max(totals, key=totals.get)
+    p.peak = int(sum(p.memory.values()) + totals[p.peak_phase])
     p.fits = p.peak <= gpu_memory_gb * GiB
 
     # communication per GPU per micro-batch (bytes sent)
     dp_frac = (dp - 1) / dp
     tp_frac = 2 * (tp - 1) / tp
-    gathered = p.student_tp_numel - p.persistent_numel
-    regathered = p.student_tp_numel - p.kept_numel
     act = sbd * cb * tp_frac
     text_embed = 1 if cfg.modality == "text" else 0
     p.comm = {
-        "student all-gather, forward": gathered * cb * dp_frac,
-        "student all-gather, backward": regathered * cb * dp_frac,
+        "student all-gather, forward": student_sim.gathered_forward * cb * dp_frac,
+        "student all-gather, backward": student_sim.gathered_backward * cb * dp_frac,
         "gradient reduce-scatter": p.student_tp_numel * cb * dp_frac,
-        "teacher all-gather (fp32)": p.teacher_tp_numel * 4 * dp_frac,
+        "teacher all-gather (fp32)": teacher_sim.gathered_forward * 4 * dp_frac,
         "TP all-reduce, student forward": (2 * enc.depth + text_embed) * act,
         "TP all-reduce, student backward": 4 * enc.depth * act,
         "TP all-reduce, teacher forward": 2 * enc.depth * act + text_embed * sbd * 4 * tp_frac,
         "EMA update": 0,
     }
     p.notes.append(f"nominal ZeRO-3 student all-gather (2 x parameters) would be "
-                   f"{2 * p.student_tp_numel * cb * dp_frac / GiB:.3f} GiB per micro-batch; parameters kept "
-                   f"gathered (stage3_max_reuse_distance={reuse:.0e}) and persistent ones are not re-gathered")
+                   f"{2 * p.student_tp_numel * cb * dp_frac / GiB:.3f} GiB per micro-batch; persistent parameters "
+                   f"and those still gathered after the forward are not gathered again (DeepSpeed JSON: "
+                   f"prefetch bucket {prefetch:.0e}, max live {max_live:.0e}, max reuse distance {reuse:.0e} elements)")
     if suggest and not p.fits:
-        p.suggestions = suggestions(cfg, p, gpu_memory_gb=gpu_memory_gb, dtype=dtype, fused=fused_attention,
+        p.suggestions = suggestions(cfg, p, gpu_memory_gb=gpu_memory_gb, dtype=dtype, fused_attention=fused_attention,
                                     overhead_gb=overhead_gb, ds=ds)
     return p
 
@@ -498,9 +623,12 @@ def suggestions(cfg, p: Plan, **kw) -> list[str]:
     enc = cfg.encoder
     for t in _divisors(enc.heads):
         if t > p.tp and enc.ffn_dim % t == 0 and p.world % t == 0 and rerun(p.world, t, p.micro, p.accum).fits:
-            out.append(f"raise TP: --tp {t} fits (DP {p.world // t}, global batch {p.micro * p.accum * p.world // t})")
+            dp2 = p.world // t
+            keep = (f"; --grad-accum {p.global_batch // (p.micro * dp2)} keeps the global batch {p.global_batch}"
+                    if p.global_batch % (p.micro * dp2) == 0 else "")
+            out.append(f"raise TP: --tp {t} fits (DP {dp2}, global batch {p.micro * p.accum * dp2}{keep})")
             break
-    if not kw.get("fused"):
+    if not kw.get("fused_attention"):
         if rerun(p.world, p.tp, p.micro, p.accum, fused_attention=True).fits:
             out.append("fits if attention runs in a fused SDPA kernel (--fused-attention: no stored scores)")
     for mult in (2, 4, 8, 16, 32):
@@ -510,7 +638,8 @@ def suggestions(cfg, p: Plan, **kw) -> list[str]:
                        f"(DP {world // p.tp} shrinks every ZeRO partition)")
             break
     if not out:
-        out.append("no single change fits: combine a higher TP, a smaller micro batch and more GPUs, or shrink the model")
+        out.append("no single change fits: combine a higher TP, a smaller micro batch and more GPUs, "
+                   "or shrink the model")
     return out
 
 
@@ -537,11 +666,14 @@ def report(p: Plan, cfg) -> str:
               f"TP rank {p.student_tp_numel / 1e6:.2f}M / {p.teacher_tp_numel / 1e6:.2f}M; ZeRO-3 partition per GPU "
               f"{p.student_partition / 1e6:.3f}M / {p.teacher_partition / 1e6:.3f}M elements; largest block "
               f"{p.largest_block / 1e6:.2f}M",
-              f"memory per GPU (GiB; --gpu-memory-gb {p.gpu_memory_gb:g}):"]
+              f"memory per GPU (GiB), held all the time:"]
     for k, v in p.memory.items():
         lines.append(f"  {gib(v)}  {k}")
+    lines.append("  phases that do not overlap (the largest, marked *, adds to the peak):")
     for phase, parts in p.phases.items():
-        lines.append(f"           phase '{phase}': " + ", ".join(f"{k} {v / GiB:.3f}" for k, v in parts.items()))
+        mark = "*" if phase == p.peak_phase else " "
+        lines.append(f"  {gib(sum(parts.values()))} {mark}{phase}")
+        lines += [f"      {gib(v)}  {k}" for k, v in parts.items()]
     verdict = "fits" if p.fits else "DOES NOT FIT"
     lines.append(f"  {gib(p.peak)}  total (peak): {verdict} in {p.gpu_memory_gb:g} GiB "
                  f"({(p.gpu_memory_gb * GiB - p.peak) / GiB:+.2f} GiB headroom)")
@@ -572,7 +704,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/vision_large.yaml")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: parallel.tp of the config)")
+    parser.add_argument("--tp", type=int, default=None,
+                        help="tensor-parallel size (default: parallel.tp of the config)")
     parser.add_argument("--micro-batch", type=int, default=None, help="default: train.micro_batch_size")
     parser.add_argument("--grad-accum", type=int, default=None, help="default: train.grad_accum")
     parser.add_argument("--global-batch", type=int, default=None, help="check that the layout gives this global batch")
@@ -584,17 +717,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overhead-gb", type=float, default=2.0,
                         help="fixed allowance for CUDA context, NCCL buffers and allocator fragmentation (GiB)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-    parser.add_argument("overrides", nargs="*", help="config overrides such as encoder.depth=32 train.micro_batch_size=16")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides such as encoder.depth=32 train.micro_batch_size=16")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    import logging
-    import os
-    import warnings
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    warnings.filterwarnings("ignore")
-    logging.disable(logging.WARNING)
+    """The CLI; returns the exit status (0 fits, 1 does not fit, 2 a layout or config problem)."""
     args = parse_args(argv)
     from pipeline.experiment import load_experiment
     try:
@@ -618,4 +747,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    import logging
+    import os
+    import warnings
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's "no CUDA runtime" notice
+    warnings.filterwarnings("ignore")  # megatron-core's "Transformer Engine and Apex are not installed"
+    logging.disable(logging.WARNING)
     sys.exit(main())

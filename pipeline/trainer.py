@@ -110,7 +110,7 @@ class Trainer:
     def teacher_targets(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Teacher (fp32 weights, bf16 autocast on GPU) on the unmasked input -> (B, T, D) fp32 targets."""
         with torch.autocast(self.rt.choice.device_type, dtype=self.rt.choice.dtype, enabled=self.rt.choice.autocast):
-            taps = self.teacher(inputs)
+            taps = self.teacher(inputs, keep=self.cfg.objective.top_k)  # only the K layers the targets use
         return teacher_targets(taps, self.cfg.objective)
 
     def student_forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

@@ -20,16 +20,17 @@ class Backbone(nn.Module):
         self.embed = modality.build_embedder(enc, mp)
         self.encoder = Encoder(enc, mp)
 
-    def encode(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None):
-        """-> (final (B, T, D), taps: list of (B, T, D)), prefix tokens (CLS) removed."""
+    def encode(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None, keep: int | None = None):
+        """-> (final (B, T, D), taps: list of (B, T, D), the top ``keep`` blocks' or all), prefix tokens
+        (CLS) removed."""
         x, attn_bias = self.embed(batch, mask)
-        final, taps = self.encoder(x, attn_bias)
+        final, taps = self.encoder(x, attn_bias, keep)
         p = self.prefix
         return final[:, p:], [t[:, p:] for t in taps]
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """Teacher mode: the unmasked input's per-block taps."""
-        return self.encode(batch, None)[1]
+    def forward(self, batch: dict[str, torch.Tensor], keep: int | None = None) -> list[torch.Tensor]:
+        """Teacher mode: the unmasked input's per-block taps (only the top ``keep`` when given)."""
+        return self.encode(batch, None, keep)[1]
 
 
 class Student(nn.Module):
@@ -40,7 +41,7 @@ class Student(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """Predictions at the masked positions, (M, D) in row-major (batch, time) order."""
-        final, _ = self.backbone.encode(batch, mask)
+        final, _ = self.backbone.encode(batch, mask, keep=0)
         return self.head(final[mask])
 
 

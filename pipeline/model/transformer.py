@@ -135,11 +135,14 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, mp, i + 1, rates[i]) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, keep: int | None = None):
+        """``keep``: return only the top ``keep`` taps (the teacher needs K of them, not all L)."""
+        first = 0 if keep is None else len(self.blocks) - keep
         taps = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             x, ffn = block(x, attn_bias)
-            taps.append(x if self.tap == "block" else ffn)
+            if i >= first:
+                taps.append(x if self.tap == "block" else ffn)
         return self.final_norm(x), taps
 
 
