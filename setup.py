@@ -19,6 +19,7 @@ setup(
         "tqdm>=4.60",
         "tensorboard>=2.15",
         "numpy",
+        "soundfile>=0.12",  # audio decoding (libsndfile: FLAC/WAV/OGG); torchaudio only resamples
     ],
     extras_require={
         # transformers: Data2Vec reference models for the benchmark comparison
