@@ -19,25 +19,15 @@ import itertools
 import json
 import sys
 
-import torch
 import torch.distributed as dist
+
+from bench.bench_train_vision import synthetic_batch
 
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
 from pipeline.trainer import Trainer
 
 MICRO = 2
-
-
-def synthetic_vision_batch(cfg, batch: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    m = cfg.model
-    n = m.grid ** 2
-    image = torch.randn(batch, m.in_chans, m.image_size, m.image_size, generator=g)
-    order = torch.rand(batch, n, generator=g).argsort(dim=1)
-    mask = torch.zeros(batch, n, dtype=torch.bool)
-    mask.scatter_(1, order[:, :m.num_masked], True)
-    return {"image": image, "mask": mask}
 
 
 def main() -> None:
@@ -51,7 +41,7 @@ def main() -> None:
     ds_base = load_ds_config(cfg.train.ds_config)
     ds_base.setdefault("zero_optimization", {}).update(zero_overrides)
     trainer = Trainer(cfg, rt, ds_base, ["unused"])  # shards are never read: batches are fed here
-    trainer.batches = itertools.repeat(synthetic_vision_batch(cfg, MICRO))
+    trainer.batches = itertools.repeat(synthetic_batch(cfg))  # micro batch MICRO (set in the config)
 
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from deepspeed.utils import safe_get_local_fp32_param
