@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,10 +184,6 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
-def to_dict(obj: Any) -> Any:
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
-
-
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(dotted key, default, help) for every field of a dataclass tree, for --help."""
     rows = []
@@ -231,7 +226,3 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             require(isinstance(node, dict), f"override '{item}': '{part}' is not a section")
         node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
     return raw
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(to_dict(obj), indent=2, sort_keys=False, default=str)
