@@ -1,9 +1,20 @@
-"""Checkpoints: the DeepSpeed engine's state plus, per rank, the teacher partition and RNG state.
+"""Checkpoints in one format of our own: per rank, fp32 partitions named by parameter.
 
-A checkpoint directory ``<output>/checkpoints/step_XXXXXXXX`` is reported as saved only after every
-rank has written and fsync'ed its files and rank 0 has written the ``COMPLETE`` marker; the
-``latest`` pointer is updated after that. Resuming picks the newest complete checkpoint, so a job
-killed mid-save resumes from the previous one.
+A checkpoint directory ``<output>/checkpoints/step_XXXXXXXX`` holds one ``d2v_rankNNNNN.pt`` per rank
+with that rank's ZeRO-3 partitions of the student's fp32 master weights, of every Adam moment and of
+the EMA teacher, plus the parameter layout, the trainer's position (step, data position, LR
+schedule) and the RNG state; rank 0 adds ``config.json``. Nothing in it needs unpickling: every file
+loads with ``torch.load(weights_only=True)``.
+
+It is reported as saved only after every rank has written and fsync'ed its file and rank 0 has
+written the ``COMPLETE`` marker (which records the TP x DP grid); the ``latest`` pointer is updated
+after that. Resuming picks the newest complete checkpoint, so a job killed mid-save resumes from the
+previous one.
+
+Because partitions are stored per parameter, a checkpoint can be resumed on a different
+data-parallel size with the same tensor-parallel size: ZeRO-3 splits each flattened parameter into
+equal contiguous slices in data-parallel rank order, so each new rank copies the overlap of its new
+slice with the saved slices (memory-mapped: only those bytes are read).
 """
 
 from __future__ import annotations
@@ -51,6 +62,11 @@ def rank_file(ckpt: Path, rank: int) -> Path:
     return ckpt / f"d2v_rank{rank:05d}.pt"
 
 
+def read_rank_file(path: Path) -> dict:
+    """A rank's state, memory-mapped: tensors are read from disk only where they are used."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def rng_state(device_type: str) -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": 3}
     if device_type != "cpu":
@@ -92,43 +108,120 @@ def param_layout(module: torch.nn.Module) -> dict:
     return layout
 
 
-def rank_state(engine, ema, step: int, rt) -> dict:
-    """What one rank adds to a checkpoint: its teacher partition (the EMA state), its fp32 master
-    partition of the student (so python -m pipeline.export can consolidate without DeepSpeed's internal
-    optimizer format), the parameter layout, its position in the TP x DP grid and its RNG state."""
+# -- the student's ZeRO-3 optimizer state, per parameter ------------------------------------------
+# DeepSpeed keeps one flat fp32 tensor per parameter sub-group and the client optimizer's state
+# (Adam: step, exp_avg, exp_avg_sq) is keyed by those flat tensors; it is created lazily at the
+# first step. safe_get/set_local_* read and write one parameter's slice of them.
+
+def optimizer_state(engine, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(partitions, scalars): per state key the fp32 partition of every parameter, and the per-group
+    scalars (Adam's ``step``) that are equal across parameters. Empty before the first step."""
+    from deepspeed.utils import safe_get_local_optimizer_state
+    flats = engine.optimizer.fp32_partitioned_groups_flat
+    if not flats or flats[0] not in optimizer.state:
+        return {}, {}
+    first = optimizer.state[flats[0]]
+    keys = [k for k, v in first.items() if torch.is_tensor(v) and v.shape == flats[0].shape]
+    scalars = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in first.items() if k not in keys}
+    parts = {k: {name: safe_get_local_optimizer_state(p, k).detach().cpu().clone()
+                 for name, p in engine.module.named_parameters()} for k in keys}
+    return parts, scalars
+
+
+def ensure_optimizer_state(engine, optimizer: torch.optim.Optimizer, keys: list[str], scalars: dict) -> None:
+    """Create the state the optimizer would create lazily, so saved moments have somewhere to go."""
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        state = optimizer.state[flat]
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        for key, value in scalars.items():
+            state[key] = value.clone() if torch.is_tensor(value) else value
+
+
+def set_student_state(engine, optimizer: torch.optim.Optimizer, master: dict, moments: dict, scalars: dict) -> None:
+    """Write this rank's partitions of the fp32 master weights and optimizer moments, then the working
+    (bf16 on GPU) partitions the forward gathers, and re-gather the parameters ZeRO keeps resident."""
+    from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
+    if moments:
+        ensure_optimizer_state(engine, optimizer, list(moments), scalars)
+    with torch.no_grad():
+        for name, p in engine.module.named_parameters():
+            safe_set_local_fp32_param(p, master[name])
+            for key, parts in moments.items():
+                safe_set_local_optimizer_state(p, parts[name], key)
+            p.ds_tensor.data.copy_(master[name].reshape(p.ds_tensor.shape))
+    persistent = engine.optimizer.persistent_parameters
+    if persistent:  # small parameters stay gathered between steps: release and gather them afresh
+        persistent[0].partition(persistent)
+    engine.optimizer.checkpoint_event_epilogue()
+
+
+def partition_sizes(module: torch.nn.Module) -> dict[str, int]:
+    return {name: p.ds_tensor.numel() for name, p in module.named_parameters()}
+
+
+# -- save ---------------------------------------------------------------------------------------
+def rank_state(trainer) -> dict:
+    """What one rank writes: its fp32 partitions of the student, of each optimizer moment and of the
+    teacher, the layout and its place in the TP x DP grid, the trainer's position and its RNG state."""
     from pipeline.ema import zero3_master_partition
+    engine, rt = trainer.engine, trainer.rt
     student = engine.module
-    return {"teacher": ema.state_dict(),
-            "student": {n: zero3_master_partition(p).detach().cpu().clone() for n, p in student.named_parameters()},
-            "layout": {"student": param_layout(student), "teacher": param_layout(ema.module)},
+    moments, scalars = optimizer_state(engine, trainer.scheduler.optimizer)
+    return {"partitions": {"student": {n: zero3_master_partition(p).detach().cpu().clone()
+                                       for n, p in student.named_parameters()},
+                           "teacher": trainer.ema.state_dict(), **moments},
+            "moments": list(moments), "optimizer_scalars": scalars,
+            "layout": {"student": param_layout(student), "teacher": param_layout(trainer.ema.module)},
             "grid": {"tp": rt.tp, "tp_rank": rt.tp_rank, "dp": rt.dp, "dp_rank": rt.dp_rank},
-            "rng": rng_state(rt.choice.device_type), "step": step, "world_size": rt.world_size}
+            "trainer": trainer.position(), "scheduler": trainer.scheduler.state_dict(),
+            "rng": rng_state(rt.choice.device_type), "step": trainer.step, "world_size": rt.world_size}
 
 
-def save(engine, ema, root: Path, step: int, client_state: dict, rt, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory once it is complete."""
-    root = Path(root)
-    tag = tag_for(step)
-    ckpt = root / tag
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    ok = 1.0
-    try:
-        atomic_torch_save(rank_state(engine, ema, step, rt), rank_file(ckpt, rt.rank))
-    except OSError as exc:
-        print(f"[rank {rt.rank}] could not write {rank_file(ckpt, rt.rank)}: {exc}", flush=True)
-        ok = 0.0
-    flag = torch.tensor([ok], device=engine.device)
+def grid_table(rt) -> list[list[int]]:
+    """[tp_rank, dp_rank] of every global rank (rank 0's view, gathered)."""
+    mine = torch.tensor([rt.tp_rank, rt.dp_rank], dtype=torch.int64)
+    if not dist.is_initialized():
+        return [mine.tolist()]
+    everyone = [torch.zeros_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(everyone, mine.to(rt.device))
+    return [t.tolist() for t in everyone]
+
+
+def all_ok(ok: bool, device) -> bool:
+    flag = torch.tensor([1.0 if ok else 0.0], device=device)
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    if flag.item() < 1:
-        raise CheckpointError(f"checkpoint {ckpt} is incomplete: a rank failed to write its files")
+    return flag.item() > 0
+
+
+def save(trainer, root: Path, keep: int, config: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory once it is complete."""
+    rt = trainer.rt
+    root = Path(root)
+    tag = tag_for(trainer.step)
+    ckpt = root / tag
+    if rt.rank == 0:  # a re-save of the same step must not look complete while it is rewritten
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / COMPLETE).unlink(missing_ok=True)
+    grid = grid_table(rt)  # also orders the marker's removal before any rank writes
+    ok = True
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(rank_state(trainer), rank_file(ckpt, rt.rank))
+    except OSError as exc:
+        print(f"[rank {rt.rank}] could not write {rank_file(ckpt, rt.rank)}: {exc}", flush=True)
+        ok = False
+    if not all_ok(ok, rt.device):
+        raise CheckpointError(f"checkpoint {ckpt} is incomplete: a rank failed to write its file")
     if rt.rank == 0:
         missing = [r for r in range(rt.world_size) if not rank_file(ckpt, r).is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {ckpt} lacks the files of ranks {missing}")
-        if "config" in client_state:  # readable without DeepSpeed (python -m pipeline.export)
-            atomic_write_bytes(ckpt / "config.json", json.dumps(client_state["config"], indent=1).encode())
-        marker = {"step": step, "world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp}
+        if config is not None:  # readable without torch (and by python -m pipeline.export)
+            atomic_write_bytes(ckpt / "config.json", json.dumps(config, indent=1).encode())
+        marker = {"step": trainer.step, "world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp, "grid": grid}
         atomic_write_bytes(ckpt / COMPLETE, json.dumps(marker).encode())
         atomic_write_bytes(root / LATEST, tag.encode())
         prune(root, keep)
@@ -145,20 +238,95 @@ def prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load(engine, ema, ckpt: Path, rt) -> dict:
-    """Restore engine, teacher partition and RNG; returns the client state (step, data position)."""
+# -- load ---------------------------------------------------------------------------------------
+def read_marker(ckpt: Path, tp: int) -> dict:
+    """The ``COMPLETE`` marker of a checkpoint a job with tensor-parallel size ``tp`` can resume from.
+    Cheap (no tensors are read), so ``pipeline.train`` calls it before any process group starts."""
     ckpt = Path(ckpt)
     if not is_complete(ckpt):
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker); pick another with "
+                              f"--resume, or start over with --no-resume")
     marker = json.loads((ckpt / COMPLETE).read_text())
-    if marker["world_size"] != rt.world_size or marker.get("tp", 1) != rt.tp:
-        raise CheckpointError(f"{ckpt} was written by {marker['world_size']} ranks (tp={marker.get('tp', 1)}); this job "
-                              f"has {rt.world_size} (tp={rt.tp}). Resume with the same layout, or consolidate it "
-                              f"with python -m pipeline.export and start from the consolidated weights")
-    path, client_state = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    if path is None:
-        raise CheckpointError(f"DeepSpeed could not load {ckpt}")
-    own = torch.load(rank_file(ckpt, rt.rank), map_location="cpu", weights_only=True)
-    ema.load_state_dict(own["teacher"])
-    set_rng_state(own["rng"], rt.choice.device_type)
-    return client_state
+    if "grid" not in marker:
+        raise CheckpointError(f"{ckpt} was written by an older version of the pipeline (no grid in {COMPLETE}); "
+                              f"it cannot be resumed by this one: start over with --no-resume")
+    if marker["tp"] != tp:
+        raise CheckpointError(f"{ckpt} was written with tensor parallel size {marker['tp']}; this job has "
+                              f"parallel.tp={tp}. Resume with parallel.tp={marker['tp']} (any number of "
+                              f"data-parallel ranks), or consolidate it with python -m pipeline.export")
+    return marker
+
+
+def repartition(saved: list[torch.Tensor], start: int, size: int, rank: int) -> torch.Tensor:
+    """This rank's slice (``size`` elements, zero-padded past the end) of a flat parameter saved as
+    contiguous slices ``saved``, the first of which begins at element ``start``."""
+    out = torch.zeros(size, dtype=saved[0].dtype if saved else torch.float32)  # all padding: nothing saved
+    lo = rank * size
+    for part in saved:
+        a, b = max(lo, start), min(lo + size, start + part.numel())
+        if a < b:
+            out[a - lo:b - lo] = part.reshape(-1)[a - start:b - start]
+        start += part.numel()
+    return out
+
+
+class SavedGrid:
+    """The rank files of one tensor-parallel rank of a checkpoint, opened lazily and memory-mapped."""
+
+    def __init__(self, ckpt: Path, marker: dict, tp_rank: int):
+        self.ckpt, self.dp = ckpt, marker["dp"]
+        self.rank_of = {dp_rank: rank for rank, (t, dp_rank) in enumerate(marker["grid"]) if t == tp_rank}
+        self.cache: dict[int, dict] = {}
+
+    def state(self, dp_rank: int) -> dict:
+        if dp_rank not in self.cache:
+            self.cache[dp_rank] = read_rank_file(rank_file(self.ckpt, self.rank_of[dp_rank]))
+        return self.cache[dp_rank]
+
+    def partitions(self, kind: str, name: str, size: int, dp_rank: int) -> torch.Tensor:
+        """The slice of ``kind``/``name`` that data-parallel rank ``dp_rank`` of ``size``-element
+        partitions holds, read from the saved slices that overlap it."""
+        saved_size = self.state(0)["partitions"][kind][name].numel()
+        lo, hi = dp_rank * size, (dp_rank + 1) * size
+        first, last = lo // saved_size, min(self.dp - 1, (hi - 1) // saved_size)
+        parts = [self.state(r)["partitions"][kind][name] for r in range(first, last + 1)]
+        return repartition(parts, first * saved_size, size, dp_rank)
+
+
+def check_layout(saved: dict, live: dict, kind: str, ckpt: Path) -> None:
+    if saved != live:
+        diff = sorted(set(saved) ^ set(live)) or [n for n in live if saved[n] != live[n]]
+        raise CheckpointError(f"{ckpt}: the {kind} in the checkpoint does not match this model "
+                              f"(first differences: {diff[:3]}). Resume with the configuration it was saved with "
+                              f"(its config.json)")
+
+
+def load(trainer, ckpt: Path) -> dict:
+    """Restore the student (weights and optimizer), the teacher, the LR schedule and, on the same
+    layout, the RNG. Returns the saved trainer position and whether the data-parallel size changed."""
+    rt = trainer.rt
+    ckpt = Path(ckpt)
+    marker = read_marker(ckpt, rt.tp)
+    grid = SavedGrid(ckpt, marker, rt.tp_rank)
+    same = marker["dp"] == rt.dp
+    own = grid.state(rt.dp_rank) if same else grid.state(0)
+    student, teacher = trainer.engine.module, trainer.ema.module
+    check_layout(own["layout"]["student"], param_layout(student), "student", ckpt)
+    check_layout(own["layout"]["teacher"], param_layout(teacher), "teacher", ckpt)
+
+    def mine(kind: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        sizes = partition_sizes(module)
+        if same:
+            return {n: own["partitions"][kind][n] for n in sizes}
+        return {n: grid.partitions(kind, n, size, rt.dp_rank) for n, size in sizes.items()}
+
+    moments = {k: mine(k, student) for k in own["moments"]}
+    set_student_state(trainer.engine, trainer.scheduler.optimizer, mine("student", student), moments,
+                      own["optimizer_scalars"])
+    trainer.ema.load_state_dict(mine("teacher", teacher))
+    trainer.scheduler.load_state_dict(own["scheduler"])
+    for group, lr in zip(trainer.scheduler.optimizer.param_groups, trainer.scheduler.get_last_lr()):
+        group["lr"] = lr
+    if same:
+        set_rng_state(own["rng"], rt.choice.device_type)
+    return {**own["trainer"], "saved_dp": marker["dp"]}

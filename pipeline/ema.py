@@ -109,5 +109,5 @@ class ShardedEMA:
         for name, part in zip(self.names, self.teacher_parts):
             require(state[name].shape == part.shape,
                     f"teacher partition {name} has shape {tuple(state[name].shape)} in the checkpoint but "
-                    f"{tuple(part.shape)} here: resume with the same data-parallel size, or consolidate first")
+                    f"{tuple(part.shape)} here")
             part.copy_(state[name])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import COMPLETE, atomic_torch_save, is_complete
+from pipeline.checkpoint import COMPLETE, atomic_torch_save, is_complete, read_rank_file, repartition
 
 
 class ExportError(RuntimeError):
@@ -32,7 +32,7 @@ def load_rank_files(ckpt: Path) -> dict[tuple[int, int], dict]:
     """{(tp_rank, dp_rank): rank state} for every rank file, checked to form a full TP x DP grid."""
     states = {}
     for path in sorted(ckpt.glob("d2v_rank*.pt")):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_rank_file(path)
         grid = state["grid"]
         states[(grid["tp_rank"], grid["dp_rank"])] = state
     if not states:
@@ -47,21 +47,23 @@ def load_rank_files(ckpt: Path) -> dict[tuple[int, int], dict]:
 def unshard(parts: list[torch.Tensor], shape: list[int]) -> torch.Tensor:
     """ZeRO-3 partitions of one parameter (in data-parallel rank order) -> the tensor of ``shape``."""
     numel = math.prod(shape)
-    flat = torch.cat([p.reshape(-1) for p in parts])
-    if flat.numel() < numel:
-        raise ExportError(f"partitions hold {flat.numel()} elements, the parameter needs {numel}")
-    return flat[:numel].reshape(shape).clone()
+    held = sum(p.numel() for p in parts)
+    if held < numel:
+        raise ExportError(f"partitions hold {held} elements, the parameter needs {numel}")
+    return repartition(parts, 0, numel, 0).reshape(shape)
 
 
 def consolidate(states: dict[tuple[int, int], dict], kind: str) -> dict[str, torch.Tensor]:
-    """One fp32 state dict of ``kind`` ('student' or 'teacher') from every rank's partitions."""
+    """One fp32 state dict of ``kind`` ('student', 'teacher' or a student optimizer moment such as
+    'exp_avg') from every rank's partitions."""
     grid = next(iter(states.values()))["grid"]
     tp, dp = grid["tp"], grid["dp"]
-    layout = states[(0, 0)]["layout"][kind]
+    of = "teacher" if kind == "teacher" else "student"
+    layout = states[(0, 0)]["layout"][of]
     out = {}
     for name, info in layout.items():
-        per_tp = [unshard([states[(t, d)][kind][name] for d in range(dp)], states[(t, 0)]["layout"][kind][name]["shape"])
-                  for t in range(tp)]
+        per_tp = [unshard([states[(t, d)]["partitions"][kind][name] for d in range(dp)],
+                          states[(t, 0)]["layout"][of][name]["shape"]) for t in range(tp)]
         if info["partition_dim"] is None:
             for t in range(1, tp):
                 if not torch.equal(per_tp[t], per_tp[0]):

@@ -44,9 +44,23 @@ def prepare(args):
                       cfg.train.grad_clip)
     shards = resolve_shards(cfg.data.manifest, cfg.make_modality())
     check_shard_count(len(shards), dp, cfg.data.workers)
+    check_resumable(args, cfg)
+    return cfg, choice, ds_base, shards, env
+
+
+def check_resumable(args, cfg) -> None:
+    """The checkpoint this run would resume from exists, is complete and has this run's TP size."""
+    from pipeline import checkpoint
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume {args.resume}: no such checkpoint directory")
-    return cfg, choice, ds_base, shards, env
+    if getattr(args, "no_resume", False):
+        return
+    ckpt = Path(args.resume) if args.resume else checkpoint.find_latest(Path(cfg.train.output_dir) / "checkpoints")
+    if ckpt is not None:
+        try:
+            checkpoint.read_marker(ckpt, cfg.parallel.tp)
+        except (checkpoint.CheckpointError, OSError, ValueError, KeyError) as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def main(argv=None) -> int:
@@ -59,6 +73,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from pipeline import distributed
+    from pipeline.checkpoint import CheckpointError
     from pipeline.experiment import experiment_dict
     from pipeline.trainer import CollapseError, Trainer
 
@@ -73,6 +88,10 @@ def main(argv=None) -> int:
         status = trainer.train()
         if rt.is_main:
             log.info("%s at step %d; checkpoints in %s", status, trainer.step, trainer.ckpt_root)
+    except CheckpointError as exc:  # every rank reads the same files and stops here together
+        if rt.is_main:
+            log.error("cannot resume: %s", exc)
+        return 2
     except CollapseError as exc:
         if rt.is_main:
             log.error("stopped: representation collapse: %s; checkpoint in %s (see collapse.* in --help)",

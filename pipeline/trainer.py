@@ -73,6 +73,7 @@ class Trainer:
         self.ckpt_root = self.output / "checkpoints"
         self.step = 0  # optimizer steps done
         self.batches_consumed = 0  # data position (micro-batches taken from this rank's stream)
+        self.data_seed = tcfg.seed  # seeds the data streams; changes when a resume changes the DP size
         self.stop_requested = False
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
         self.build()
@@ -100,10 +101,13 @@ class Trainer:
         student_params = {teacher_parameter_name(n): p for n, p in student.named_parameters()}
         self.ema = ShardedEMA(teacher, student_params, cfg.ema)
         self.ema.copy_student()
+        self.seed_dropout(cfg.train.seed)
+
+    def seed_dropout(self, seed: int) -> None:
         # Initialisation drew the same numbers on every rank (megatron slices a full CPU-initialised weight
         # per tensor-parallel rank). From here on dropout differs between data-parallel ranks and agrees
         # between tensor-parallel peers, whose draws have equal shapes and so stay in step.
-        torch.manual_seed(cfg.train.seed + 1000003 * (rt.dp_rank + 1))
+        torch.manual_seed(seed + 1000003 * (self.rt.dp_rank + 1))
 
     # -- the data2vec step --------------------------------------------------------------------
     @torch.no_grad()
@@ -183,16 +187,31 @@ class Trainer:
         ckpt = path if path is not None else checkpoint.find_latest(self.ckpt_root)
         if ckpt is None:
             return
-        state = checkpoint.load(self.engine, self.ema, ckpt, self.rt)
-        self.step, self.batches_consumed = state["step"], state["batches_consumed"]
+        state = checkpoint.load(self, ckpt)
+        self.step = state["step"]
+        t = self.cfg.train
+        self.engine.global_steps, self.engine.micro_steps = self.step, self.step * t.grad_accum
+        self.engine.global_samples = self.step * t.micro_batch_size * t.grad_accum * self.rt.dp
+        if state["saved_dp"] == self.rt.dp:
+            self.batches_consumed, self.data_seed = state["batches_consumed"], state["data_seed"]
+            if self.rt.is_main:
+                log.info("resumed from %s at step %d", ckpt, self.step)
+            return
+        # A new data-parallel size: weights, optimizer moments, teacher and LR schedule carry over
+        # exactly; the data streams and dropout cannot, so both start afresh from seeds tied to the step.
+        self.batches_consumed, self.data_seed = 0, t.seed + 7919 * self.step
+        self.seed_dropout(self.data_seed)
         if self.rt.is_main:
-            log.info("resumed from %s at step %d", ckpt, self.step)
+            log.warning("resumed from %s at step %d onto a different data-parallel size (%d -> %d): model, "
+                        "optimizer and teacher state are exact; the data order restarts from a new shuffle "
+                        "seeded by the step", ckpt, self.step, state["saved_dp"], self.rt.dp)
+
+    def position(self) -> dict:
+        """Where training stands, as saved in a checkpoint."""
+        return {"step": self.step, "batches_consumed": self.batches_consumed, "data_seed": self.data_seed}
 
     def save(self) -> Path:
-        path = checkpoint.save(self.engine, self.ema, self.ckpt_root, self.step,
-                               {"step": self.step, "batches_consumed": self.batches_consumed,
-                                "config": experiment_dict(self.cfg)},
-                               self.rt, self.cfg.train.keep_checkpoints)
+        path = checkpoint.save(self, self.ckpt_root, self.cfg.train.keep_checkpoints, experiment_dict(self.cfg))
         if self.rt.is_main:
             log.info("checkpoint saved: %s", path)
         return path
@@ -212,7 +231,7 @@ class Trainer:
         checkpoint at a step all ranks agreed on: 'requeue' (SIGUSR2) or 'preempted' (SIGTERM)."""
         t = self.cfg.train
         self.install_signal_handlers()
-        loader = make_loader(self.shards, self.modality, self.cfg.data, t.micro_batch_size, t.seed,
+        loader = make_loader(self.shards, self.modality, self.cfg.data, t.micro_batch_size, self.data_seed,
                              self.rt.dp_rank, self.rt.dp, start_batch=self.batches_consumed)
         self.batches = iter(loader)
         logger = MetricsLogger(self.output, self.rt.is_main, start_step=self.step)

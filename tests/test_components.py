@@ -59,6 +59,36 @@ def test_dense_ema_update_and_copy():
         torch.testing.assert_close(v, want)
 
 
+@pytest.mark.parametrize("numel", [1, 3, 7, 1001])
+@pytest.mark.parametrize("saved_dp", [1, 3, 4])
+def test_partitions_carry_over_to_any_data_parallel_size(tmp_path, numel, saved_dp):
+    """ZeRO-3 pads a flattened parameter to a multiple of DP and gives rank r the r-th equal slice.
+    Reading a checkpoint saved at one DP size with another must give exactly those slices, also for
+    ranks whose slice is all padding, and read only the saved files it overlaps."""
+    flat = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    ckpt = tmp_path / f"{numel}_{saved_dp}"
+    ckpt.mkdir()
+
+    def padded_slices(dp):
+        size = -(-numel // dp)
+        padded = torch.cat([flat, torch.zeros(size * dp - numel)])
+        return [padded[r * size:(r + 1) * size].clone() for r in range(dp)]
+
+    grid = []
+    for dp_rank, part in enumerate(padded_slices(saved_dp)):
+        for tp_rank in range(2):  # two TP ranks interleaved, as megatron orders them
+            torch.save({"partitions": {"student": {"w": part * (1 - 2 * tp_rank)}}},  # TP rank 1 holds -w
+                       checkpoint.rank_file(ckpt, len(grid)))
+            grid.append([tp_rank, dp_rank])
+    saved = checkpoint.SavedGrid(ckpt, {"dp": saved_dp, "grid": grid}, tp_rank=1)
+    for dp in (1, 2, 3, 4, 8):
+        for rank, want in enumerate(padded_slices(dp)):
+            assert torch.equal(saved.partitions("student", "w", want.numel(), rank), -want), (dp, rank)
+    last = checkpoint.SavedGrid(ckpt, {"dp": saved_dp, "grid": grid}, tp_rank=1)
+    last.partitions("student", "w", -(-numel // saved_dp), saved_dp - 1)
+    assert set(last.cache) == {0, saved_dp - 1}  # the sizes come from rank 0's file, the data from its own
+
+
 def test_only_complete_checkpoints_are_resumed(tmp_path):
     for step in (1, 2, 3):
         (tmp_path / checkpoint.tag_for(step)).mkdir()

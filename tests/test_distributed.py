@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import ROOT, torchrun
 
@@ -79,11 +80,16 @@ def test_stop_and_resume_is_bit_identical(tiny_shards, tmp_path):
     assert ckpts == ["step_00000003", "step_00000006", "step_00000008"]
     assert (split / "checkpoints/latest").read_text() == "step_00000008"
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
+    # the same checkpoint goes on with one rank: a different data-parallel size, through the real entry point
+    proc = train(tiny_shards, split, 10, nproc=1)
+    assert "onto a different data-parallel size (2 -> 1)" in proc.stdout + proc.stderr
+    assert sorted(read_losses(split))[-2:] == [9, 10]
+    assert json.loads((split / "checkpoints/step_00000010/COMPLETE").read_text())["dp"] == 1
 
 
-def run_layout(tmp_path, nproc: int, tp: int) -> list[float]:
+def run_layout(tmp_path, nproc: int, tp: int, extra=()) -> list[float]:
     out = tmp_path / f"n{nproc}_tp{tp}.json"
-    proc = torchrun([str(ROOT / "tests/dist/dp_equivalence.py"), str(out), str(tp)], nproc=nproc)
+    proc = torchrun([str(ROOT / "tests/dist/dp_equivalence.py"), str(out), str(tp), *extra], nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -102,6 +108,32 @@ def test_same_global_batch_same_losses_for_any_data_parallel_size(tmp_path):
     for a, b in zip(losses[1], losses[2]):
         assert math.isclose(a, b, rel_tol=1e-5), (losses[1], losses[2])
     assert losses[1][0] != losses[1][-2]
+
+
+@pytest.mark.parametrize("tp, before, after", [(1, 2, 4), (2, 4, 2)], ids=["dp2-to-dp4", "tp2dp2-to-tp2dp1"])
+def test_resume_onto_a_different_data_parallel_size(tmp_path, tp, before, after):
+    """Same TP, new DP size: student weights, Adam moments, teacher and LR schedule carry over bit for bit,
+    and on the same global batches training continues as if uninterrupted (only summation order differs)."""
+    from pipeline.export import consolidate, load_rank_files
+    ckpts = tmp_path / "ckpts"
+    schedule = ["train.schedule=cosine", "train.warmup_steps=2", "train.min_lr=0.0001"]
+    full = run_layout(tmp_path, before, tp, ["--steps=6", f"--ckpt={ckpts}", "--save-at=3", *schedule])
+    resumed = run_layout(tmp_path, after, tp, ["--steps=6", f"--ckpt={ckpts}", "--resume", *schedule])
+    assert len(full) == 12 and len(resumed) == 6  # (loss, gradient norm) per step
+    for x, y in zip(full[6:], resumed):
+        assert math.isclose(x, y, rel_tol=1e-5), (full[6:], resumed)
+    saved, resaved = (load_rank_files(ckpts / d / "step_00000003") for d in (".", "resaved"))
+    assert {g["grid"]["dp"] for g in saved.values()} == {before // tp}
+    assert {g["grid"]["dp"] for g in resaved.values()} == {after // tp}
+    for kind in ("student", "teacher", "exp_avg", "exp_avg_sq"):
+        a, b = consolidate(saved, kind), consolidate(resaved, kind)
+        assert a.keys() == b.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (kind, name)
+        assert any(t.abs().sum() > 0 for t in a.values()), kind  # after 3 steps the moments are not zero
+    first, again = saved[(0, 0)], resaved[(0, 0)]
+    assert first["scheduler"] == again["scheduler"] and first["scheduler"]["last_epoch"] == 3
+    assert torch.equal(first["optimizer_scalars"]["step"], again["optimizer_scalars"]["step"])
 
 
 def test_text_two_rank_zero3_with_sharded_teacher(tiny_text_shards, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from argparse import Namespace
 
 import pytest
@@ -14,12 +15,14 @@ from pipeline.config import ConfigError
 from pipeline.train import prepare
 
 TINY = str(ROOT / "configs/vision_tiny.yaml")
+NO_CHECKPOINTS = tempfile.mkdtemp(prefix="d2v-test-output-")
 
 
 def run_prepare(monkeypatch, overrides, world_size=2, resume=None):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.chdir(ROOT)
+    overrides = [f"train.output_dir={NO_CHECKPOINTS}", *overrides]  # not the preset's runs/ directory
     return prepare(Namespace(config=TINY, overrides=overrides, resume=resume))
 
 
@@ -44,6 +47,20 @@ def test_bad_setup_is_rejected(monkeypatch, tiny_shards, overrides, world, messa
     overrides = [f"data.manifest={tiny_shards}", *overrides] if not overrides[0].startswith("data.manifest") else overrides
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         run_prepare(monkeypatch, overrides, world)
+
+
+def test_unresumable_checkpoint_is_rejected_before_any_process_group(monkeypatch, tiny_shards, tmp_path):
+    ckpt = tmp_path / "checkpoints/step_00000004"
+    ckpt.mkdir(parents=True)
+    args = [f"data.manifest={tiny_shards}", f"train.output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        run_prepare(monkeypatch, args, resume=str(ckpt))
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": 4, "world_size": 4, "tp": 2, "dp": 2,
+                                               "grid": [[0, 0], [1, 0], [0, 1], [1, 1]]}))
+    with pytest.raises(ConfigError, match=r"tensor parallel size 2; this job has parallel\.tp=1\. Resume with "
+                                          r"parallel\.tp=2 \(any number of data-parallel ranks\)"):
+        run_prepare(monkeypatch, args)  # found as the latest checkpoint: resuming is the default
+    run_prepare(monkeypatch, [*args, "parallel.tp=2", "encoder.heads=4"])  # any DP size with the same TP
 
 
 def test_empty_shard_list(monkeypatch, tmp_path):

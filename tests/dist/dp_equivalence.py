@@ -1,14 +1,20 @@
 """Run under torchrun: train on a fixed global batch split across data-parallel ranks and write the
-per-step losses and gradient norms (rank 0) to argv[1]; argv[2] is the tensor-parallel size (default 1).
+per-step losses and gradient norms (rank 0) to OUT as JSON.
+
 The same global batch must give the same losses whatever the layout (the loss is normalised by the
 global masked count, the gradient of the global loss is what the optimizer sees, and tensor
-parallelism only changes the summation order)."""
+parallelism only changes the summation order). With --ckpt DIR it also checks checkpoints across
+layouts: --save-at K writes a checkpoint into DIR after step K and trains on; --resume resumes from
+the latest checkpoint in DIR (any data-parallel size), writes it again at once under DIR/resaved (so
+the test can compare the two bit for bit) and trains on from the saved step.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
-import sys
+from pathlib import Path
 
 import torch
 
@@ -17,14 +23,14 @@ from pipeline.experiment import load_experiment
 from pipeline.modalities.vision import block_mask
 from pipeline.trainer import Trainer
 
-GLOBAL_BATCH, STEPS = 8, 4
+GLOBAL_BATCH = 8
 
 
-def global_batches(cfg):
+def global_batches(cfg, steps: int):
     gen = torch.Generator().manual_seed(0)
     rng = random.Random(0)
     m = cfg.model
-    for _ in range(STEPS):
+    for _ in range(steps):
         images = torch.randn(GLOBAL_BATCH, 3, m.image_size, m.image_size, generator=gen)
         # unequal masked counts per sample across the global batch exercise the global normaliser
         masks = torch.stack([block_mask(m.grid, m.num_masked - 6 * (i % 3), 2, m.min_aspect, rng)
@@ -33,24 +39,41 @@ def global_batches(cfg):
 
 
 def main() -> None:
-    out = sys.argv[1]
-    tp = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("tp", type=int, nargs="?", default=1)
+    parser.add_argument("--steps", type=int, default=4, help="train up to this step")
+    parser.add_argument("--ckpt", help="checkpoint root")
+    parser.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this step")
+    parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --ckpt")
+    parser.add_argument("overrides", nargs="*", default=[])
+    args = parser.parse_intermixed_args()
     cfg = load_experiment("configs/vision_tiny.yaml", [
         "train.warmup_steps=0", "train.lr=0.005", "train.schedule=constant", "train.output_dir=/unused",
-        f"parallel.tp={tp}"])
-    rt = init_runtime(tp, choose_device("fp32"))
+        f"parallel.tp={args.tp}", f"train.steps={args.steps}", *args.overrides])
+    rt = init_runtime(args.tp, choose_device("fp32"))
     micro = GLOBAL_BATCH // rt.dp
     cfg.train.micro_batch_size = micro
     trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), [])
+    if args.resume:
+        trainer.ckpt_root = Path(args.ckpt)
+        trainer.resume(None)
+        trainer.ckpt_root = Path(args.ckpt) / "resaved"
+        trainer.save()
     lo = rt.dp_rank * micro
-    trainer.batches = ({"image": images[lo:lo + micro], "mask": masks[lo:lo + micro]}
-                       for images, masks in global_batches(cfg))
+    batches = global_batches(cfg, args.steps)
+    for _ in range(trainer.step):
+        next(batches)
+    trainer.batches = ({"image": images[lo:lo + micro], "mask": masks[lo:lo + micro]} for images, masks in batches)
     losses = []
-    for _ in range(STEPS):
+    while trainer.step < args.steps:
         losses.append(trainer.optimizer_step()["loss"])
         losses.append(float(trainer.engine.get_global_grad_norm()))  # sensitive to the gradient scale
+        if trainer.step == args.save_at:
+            trainer.ckpt_root = Path(args.ckpt)
+            trainer.save()
     if rt.rank == 0:
-        with open(out, "w") as f:
+        with open(args.out, "w") as f:
             json.dump(losses, f)
     shutdown()
 
