@@ -54,6 +54,9 @@ class EncoderConfig:
     dropout: float = doc("dropout after attention and FFN (student only)", 0.0)
     attn_dropout: float = doc("dropout on attention probabilities (student only)", 0.0)
     drop_path: float = doc("stochastic depth rate, linearly increasing over depth (student only)", 0.0)
+    layerdrop: float = doc("probability that the student skips a whole block in a forward pass (teacher never). "
+                           "Every rank skips the same blocks in a micro-step: ZeRO-3 gathers parameters "
+                           "collectively", 0.0)
     layer_norm_eps: float = doc("LayerNorm epsilon", 1e-6)
     tap: str = doc("what each block gives the teacher's targets: 'block' (output after the residual, v1 vision) "
                    "or 'ffn' (FFN output before the last residual and post-LN, v1 speech/text)", "block")
@@ -62,7 +65,7 @@ class EncoderConfig:
         require(self.dim > 0 and self.depth > 0 and self.heads > 0 and self.ffn_dim > 0,
                 "encoder.dim, depth, heads and ffn_dim must be positive")
         require(self.dim % self.heads == 0, f"encoder.dim={self.dim} must be divisible by encoder.heads={self.heads}")
-        for name in ("dropout", "attn_dropout", "drop_path"):
+        for name in ("dropout", "attn_dropout", "drop_path", "layerdrop"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"encoder.{name}={value} must be in [0, 1)")
         one_of("encoder.tap", self.tap, ("block", "ffn"))
@@ -101,9 +104,14 @@ class TrainConfig:
     micro_batch_size: int = doc("samples per rank per forward pass", 8)
     grad_accum: int = doc("micro-batches per optimizer step", 1)
     lr: float = doc("peak learning rate", 1e-3)
-    min_lr: float = doc("learning rate at the end of the cosine decay", 1e-6)
+    min_lr: float = doc("learning rate at the end of the decay (cosine, tri_stage)", 1e-6)
     warmup_steps: int = doc("linear warmup steps", 0)
-    schedule: str = doc("'cosine' (warmup then cosine decay to min_lr) or 'constant' (warmup then constant)", "cosine")
+    schedule: str = doc("'cosine' (warmup then cosine decay to min_lr), 'constant' (warmup then constant) or "
+                        "'tri_stage' (fairseq's, used by data2vec speech and text: linear warmup from "
+                        "lr x init_lr_scale, hold lr for hold_steps, then exponential decay to min_lr at train.steps)",
+                        "cosine")
+    hold_steps: int = doc("tri_stage: steps at the peak lr after the warmup", 0)
+    init_lr_scale: float = doc("tri_stage: the warmup starts at lr x this", 0.01)
     weight_decay: float = doc("AdamW weight decay (biases, norms and other 1-D parameters are excluded)", 0.05)
     betas: list = doc("AdamW betas", [0.9, 0.999])
     eps: float = doc("AdamW epsilon", 1e-8)
@@ -125,7 +133,15 @@ class TrainConfig:
         require(self.grad_accum >= 1, "train.grad_accum must be >= 1")
         require(self.lr > 0 and self.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
         require(self.warmup_steps >= 0, "train.warmup_steps must be >= 0")
-        one_of("train.schedule", self.schedule, ("cosine", "constant"))
+        one_of("train.schedule", self.schedule, ("cosine", "constant", "tri_stage"))
+        if self.schedule == "tri_stage":
+            require(0 < self.min_lr <= self.lr, "train.schedule=tri_stage decays exponentially to train.min_lr: "
+                                                "set 0 < train.min_lr <= train.lr (data2vec: lr x 0.01)")
+            require(self.warmup_steps + self.hold_steps < self.steps,
+                    f"train.warmup_steps + train.hold_steps ({self.warmup_steps} + {self.hold_steps}) must be below "
+                    f"train.steps={self.steps}: the rest is the decay stage")
+            require(0 < self.init_lr_scale <= 1, "train.init_lr_scale must be in (0, 1]")
+        require(self.hold_steps >= 0, "train.hold_steps must be >= 0")
         one_of("train.precision", self.precision, ("auto", "bf16", "fp32"))
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 f"train.betas={self.betas} must be two numbers in [0, 1)")

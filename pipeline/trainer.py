@@ -21,7 +21,7 @@ from pipeline.ema import ShardedEMA, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger
 from pipeline.model.data2vec import Backbone, Student, teacher_parameter_name
-from pipeline.model.transformer import matmul_flops_per_token
+from pipeline.model.transformer import layerdrop_choice, matmul_flops_per_token
 from pipeline.objective import collapse_alarm, moment_stats, regression_loss, std_from_stats, teacher_targets
 
 log = logging.getLogger("pipeline")
@@ -48,8 +48,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_lambda(cfg):
-    """Warmup then cosine decay to min_lr (or constant), as a multiplier of train.lr."""
+    """The learning rate at an optimizer step as a multiplier of train.lr: warmup then cosine decay to
+    min_lr, warmup then constant, or fairseq's tri-stage (warmup from init_lr_scale, hold, exponential
+    decay reaching min_lr at train.steps)."""
     floor = cfg.min_lr / cfg.lr
+    if cfg.schedule == "tri_stage":
+        return tri_stage(cfg.warmup_steps, cfg.hold_steps, cfg.steps - cfg.warmup_steps - cfg.hold_steps,
+                         cfg.init_lr_scale, floor)
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -58,6 +63,16 @@ def lr_lambda(cfg):
             return 1.0
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def tri_stage(warmup: int, hold: int, decay: int, init_scale: float, final_scale: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return init_scale + (1 - init_scale) * step / warmup
+        if step < warmup + hold:
+            return 1.0
+        return math.exp(math.log(final_scale) * min(1.0, (step - warmup - hold) / decay))
     return factor
 
 
@@ -72,6 +87,7 @@ class Trainer:
         self.output = Path(tcfg.output_dir)
         self.ckpt_root = self.output / "checkpoints"
         self.step = 0  # optimizer steps done
+        self.micro = 0  # micro-batch within the step
         self.batches_consumed = 0  # data position (micro-batches taken from this rank's stream)
         self.data_seed = tcfg.seed  # seeds the data streams; changes when a resume changes the DP size
         self.stop_requested = False
@@ -118,9 +134,17 @@ class Trainer:
         return teacher_targets(taps, self.cfg.objective)
 
     def student_forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        return self.engine(inputs, mask)  # (M, D) predictions at masked positions
+        return self.engine(inputs, mask, self.layers_to_drop())  # (M, D) predictions at masked positions
+
+    def layers_to_drop(self) -> tuple[int, ...]:
+        """Layerdrop: the same blocks on every rank, drawn from (seed, step, micro-batch) so a resumed
+        run draws what an uninterrupted one would."""
+        seed = self.cfg.train.seed * 1000003 + self.step * self.cfg.train.grad_accum + self.micro
+        return layerdrop_choice(self.cfg.encoder.layerdrop, self.cfg.encoder.depth, seed)
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict:
+        if self.micro == 0 and self.cfg.encoder.layerdrop > 0:
+            self.clear_block_gradients()
         batch = to_device(batch, self.rt.device, self.rt.choice.dtype)
         mask = batch.pop("mask")
         targets = self.teacher_targets(batch)[mask]  # (M, D)
@@ -148,6 +172,14 @@ class Trainer:
         self.engine.backward(loss_sum * (self.rt.dp / masked))
         return metrics
 
+    def clear_block_gradients(self) -> None:
+        """ZeRO-3 overwrites a parameter's gradient partition at the first micro-step of an optimizer step
+        and adds to it later, but only for parameters that received a gradient: a block that layerdrop
+        skips keeps the previous step's gradient. Zero the blocks' partitions before the step starts."""
+        from deepspeed.utils import safe_set_local_grad
+        for p in self.engine.module.backbone.encoder.blocks.parameters():
+            safe_set_local_grad(p, torch.zeros(p.ds_tensor.numel(), device=p.ds_tensor.device))
+
     def handle_collapse(self, alarm: str) -> None:
         action = self.cfg.collapse.action
         log.warning("step %d: representation collapse alarm: %s (collapse.action=%s)", self.step, alarm, action)
@@ -157,7 +189,7 @@ class Trainer:
     def optimizer_step(self) -> dict:
         """grad_accum micro-steps, one optimizer step, then the EMA update of the teacher partitions."""
         metrics = []
-        for _ in range(self.cfg.train.grad_accum):
+        for self.micro in range(self.cfg.train.grad_accum):
             batch = next(self.batches)
             self.batches_consumed += 1
             m = self.micro_step(batch)

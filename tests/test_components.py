@@ -46,6 +46,34 @@ def test_lr_schedule_warmup_then_cosine_to_min():
     assert f(110) == pytest.approx(0.01)
 
 
+def test_tri_stage_schedule_is_fairseqs():
+    """3/90/7 over 1000 steps: linear warmup 0.01 -> 1, hold, exponential decay to min_lr/lr = 0.01."""
+    cfg = TrainConfig(steps=1000, lr=5e-4, min_lr=5e-6, warmup_steps=30, hold_steps=900, schedule="tri_stage")
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.01) and f(15) == pytest.approx(0.505) and f(29) == pytest.approx(0.01 + 0.99 * 29 / 30)
+    assert f(30) == f(500) == f(929) == 1.0
+    assert f(965) == pytest.approx(0.1)  # half way through the decay: sqrt(0.01)
+    assert f(1000) == pytest.approx(0.01) and f(2000) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"min_lr": 0.0}, "decays exponentially to train.min_lr"),
+    ({"warmup_steps": 100, "hold_steps": 900}, r"train.warmup_steps \+ train.hold_steps \(100 \+ 900\)"),
+])
+def test_tri_stage_schedule_checks(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{"steps": 1000, "lr": 5e-4, "min_lr": 5e-6, "schedule": "tri_stage", **overrides})
+
+
+def test_layerdrop_choice_is_a_function_of_the_seed_with_rate_p():
+    from pipeline.model.transformer import layerdrop_choice
+    assert layerdrop_choice(0.0, 24, 7) == ()
+    assert layerdrop_choice(0.3, 24, 7) == layerdrop_choice(0.3, 24, 7)  # what every rank computes
+    dropped = [len(layerdrop_choice(0.05, 24, seed)) for seed in range(2000)]
+    assert abs(sum(dropped) / (24 * 2000) - 0.05) < 0.005
+    assert len({layerdrop_choice(0.5, 12, seed) for seed in range(50)}) > 40  # varies with the step
+
+
 def test_dense_ema_update_and_copy():
     teacher = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "embed": torch.nn.Linear(3, 3)})
     student = torch.nn.ModuleDict({"a": torch.nn.Linear(3, 3), "embed": torch.nn.Linear(3, 3)})

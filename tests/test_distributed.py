@@ -136,6 +136,20 @@ def test_resume_onto_a_different_data_parallel_size(tmp_path, tp, before, after)
     assert torch.equal(first["optimizer_scalars"]["step"], again["optimizer_scalars"]["step"])
 
 
+def test_layerdrop_under_zero3_gives_the_dense_gradient(tmp_path):
+    """2 ranks, 2 micro-batches per step, layerdrop 0.5: every gathered gradient equals plain PyTorch's on
+    the whole global batch with the same skipped blocks, and a block skipped for a whole step gets zero
+    (not ZeRO-3's leftover gradient of the previous step)."""
+    report = tmp_path / "layerdrop.json"
+    proc = torchrun([str(ROOT / "tests/dist/layerdrop_check.py"), str(report)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = json.loads(report.read_text())["steps"]
+    assert any(s["skipped_all_step"] for s in steps[1:])  # the case that needs the fix happened
+    assert any(not s["skips"][0] or not s["skips"][1] for s in steps)  # and steps with all blocks
+    for s in steps:
+        assert s["max_rel_err"] < 1e-5, s
+
+
 def test_text_two_rank_zero3_with_sharded_teacher(tiny_text_shards, tmp_path):
     """Text: embeddings copied, the transformer layers averaged, all shard-local."""
     r = run_ema_check(tmp_path, "configs/text_tiny.yaml", tiny_text_shards)

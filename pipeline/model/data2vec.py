@@ -20,11 +20,12 @@ class Backbone(nn.Module):
         self.embed = modality.build_embedder(enc, mp)
         self.encoder = Encoder(enc, mp)
 
-    def encode(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None, keep: int | None = None):
+    def encode(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None, keep: int | None = None,
+               skip: tuple[int, ...] = ()):
         """-> (final (B, T, D), taps: list of (B, T, D), the top ``keep`` blocks' or all), prefix tokens
-        (CLS) removed."""
+        (CLS) removed. ``skip``: blocks left out (layerdrop)."""
         x, attn_bias = self.embed(batch, mask)
-        final, taps = self.encoder(x, attn_bias, keep)
+        final, taps = self.encoder(x, attn_bias, keep, skip)
         p = self.prefix
         return final[:, p:], [t[:, p:] for t in taps]
 
@@ -39,9 +40,10 @@ class Student(nn.Module):
         self.backbone = Backbone(modality, enc, mp)
         self.head = modality.build_head(enc, mp)
 
-    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """Predictions at the masked positions, (M, D) in row-major (batch, time) order."""
-        final, _ = self.backbone.encode(batch, mask, keep=0)
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor, skip: tuple[int, ...] = ()) -> torch.Tensor:
+        """Predictions at the masked positions, (M, D) in row-major (batch, time) order, with the blocks
+        in ``skip`` left out (layerdrop)."""
+        final, _ = self.backbone.encode(batch, mask, keep=0, skip=skip)
         return self.head(final[mask])
 
 

@@ -135,15 +135,28 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, mp, i + 1, rates[i]) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, keep: int | None = None):
-        """``keep``: return only the top ``keep`` taps (the teacher needs K of them, not all L)."""
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, keep: int | None = None,
+                skip: tuple[int, ...] = ()):
+        """``keep``: return only the top ``keep`` taps (the teacher needs K of them, not all L).
+        ``skip``: indices of blocks to leave out (layerdrop, student only: skipped blocks give no tap)."""
         first = 0 if keep is None else len(self.blocks) - keep
         taps = []
         for i, block in enumerate(self.blocks):
+            if i in skip:
+                continue
             x, ffn = block(x, attn_bias)
             if i >= first:
                 taps.append(x if self.tap == "block" else ffn)
         return self.final_norm(x), taps
+
+
+def layerdrop_choice(p: float, depth: int, seed: int) -> tuple[int, ...]:
+    """The blocks a layerdrop rate ``p`` leaves out, drawn from ``seed`` alone: every rank that passes
+    the same seed skips the same blocks (ZeRO-3 and tensor parallelism need that)."""
+    if p <= 0:
+        return ()
+    draws = torch.rand(depth, generator=torch.Generator().manual_seed(seed))
+    return tuple(i for i in range(depth) if draws[i] < p)
 
 
 def matmul_flops_per_token(cfg: EncoderConfig, seq_len: int) -> float:
