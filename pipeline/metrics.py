@@ -14,6 +14,7 @@ class MetricsLogger:
     def __init__(self, output: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.sums: dict[str, float] = {}
+        self.current: dict[str, float] = {}
         self.count = 0
         self.samples = self.tokens = self.flops = 0.0
         self.devices = 1
@@ -29,8 +30,9 @@ class MetricsLogger:
                 log.warning("tensorboard is not installed: no TensorBoard scalars")
 
     def record(self, step: int, metrics: dict, samples: int, tokens: int, flops: float, devices: int) -> None:
-        for key in ("loss", "lr", "tau", "target_std", "prediction_std"):
+        for key in ("loss", "target_std", "prediction_std"):  # averaged over the interval
             self.sums[key] = self.sums.get(key, 0.0) + float(metrics[key])
+        self.current = {"lr": float(metrics["lr"]), "tau": float(metrics["tau"])}  # schedules: the logged step's
         self.count += 1
         self.samples += samples
         self.tokens += tokens
@@ -42,7 +44,7 @@ class MetricsLogger:
         elapsed = max(now - self.last_time, 1e-9)
         if self.count == 0:
             return None
-        rec = {k: v / self.count for k, v in self.sums.items()}
+        rec = {**{k: v / self.count for k, v in self.sums.items()}, **self.current}
         rec.update(step=step, samples_per_s=self.samples / elapsed, tokens_per_s=self.tokens / elapsed,
                    tflops=self.flops / elapsed / 1e12, tflops_per_device=self.flops / elapsed / 1e12 / self.devices)
         self.sums, self.count, self.samples, self.tokens, self.flops = {}, 0, 0.0, 0.0, 0.0

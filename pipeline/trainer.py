@@ -189,6 +189,7 @@ class Trainer:
     def optimizer_step(self) -> dict:
         """grad_accum micro-steps, one optimizer step, then the EMA update of the teacher partitions."""
         metrics = []
+        lr = self.scheduler.get_last_lr()[0]  # what this step uses; the engine's step advances the schedule
         for self.micro in range(self.cfg.train.grad_accum):
             batch = next(self.batches)
             self.batches_consumed += 1
@@ -203,7 +204,7 @@ class Trainer:
         self.step += 1
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("loss", "target_std", "prediction_std", "tokens")}
         return {**out, "tau": tau, "stop": any(m["stop"] for m in metrics),
-                "requeue": any(m["requeue"] for m in metrics), "lr": self.scheduler.get_last_lr()[0]}
+                "requeue": any(m["requeue"] for m in metrics), "lr": lr}
 
     # -- the loop -----------------------------------------------------------------------------
     def flops_per_sample(self, tokens: int | None = None) -> float:

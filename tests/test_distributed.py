@@ -66,6 +66,10 @@ def test_stop_and_resume_is_bit_identical(tiny_shards, tmp_path):
     for field in ("loss", "lr", "tau", "target_std", "pred_std", "samples/s", "tokens/s", "TFLOP/s"):
         assert field in line
     assert "checkpoint saved: " in first.stdout
+    from pipeline.experiment import load_experiment
+    peak = load_experiment(str(ROOT / "configs/vision_tiny.yaml"), []).train.lr
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in records[:2]] == [peak / 2, peak]  # the lr each step used (2 warmup steps)
     split = tmp_path / "split"
     train(tiny_shards, split, 8, ["train.stop_after=3"])
     assert (split / "checkpoints/step_00000003/COMPLETE").is_file()
