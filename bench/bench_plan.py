@@ -18,16 +18,13 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO_ROOT, Stopwatch, command_line, fmt, machine_info, now, table  # noqa: E402
+from bench.common import REPO_ROOT, Stopwatch, command_line, fmt, machine_info, now, table, torchrun_json  # noqa: E402
 
 TINY = "configs/vision_tiny.yaml"
 TARGET_BATCH = {"vision": 2048, "speech": 256, "text": 256}
@@ -46,22 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def measure(world: int, tp: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={world}",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}",
-           str(REPO_ROOT / "tests/dist/memory_check.py"), str(out), TINY, str(tp)]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode:
-        raise RuntimeError(f"memory_check {world}x{tp} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return json.loads(out.read_text())
+    return torchrun_json([str(REPO_ROOT / "tests/dist/memory_check.py"), str(out), TINY, str(tp)], world, out, 600)
 
 
 def measured_table(layouts: list[tuple[int, int]]) -> str:

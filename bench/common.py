@@ -44,6 +44,21 @@ def sync(device: str = "cpu") -> None:
         torch.cuda.synchronize()
 
 
+def torchrun_json(args: Sequence[str], nproc: int, out: Path, timeout: int = 1200) -> dict:
+    """Run ``args`` (a script and its options, which tell it to write JSON to ``out``) under torchrun on
+    ``nproc`` CPU ranks, and return that JSON."""
+    import json
+    import subprocess
+    from pipeline.distributed import free_port
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", *args]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args[:2])} on {nproc} ranks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads(Path(out).read_text())
+
+
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 0, device: str = "cpu") -> list[float]:
     """Seconds per call of ``fn`` for ``repeats`` calls after ``warmup`` untimed calls."""
     for _ in range(warmup):

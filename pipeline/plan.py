@@ -553,7 +553,6 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     teacher_taps = cfg.objective.top_k * sbd * 4
     teacher_phase = (teacher_taps + 3 * sbd * 4 + block_activation_bytes(enc, s, b, tp, 2, fused_attention)[0]
                      + teacher_sim.peak * 4)
-    student_phase = student_sim.peak * cb + student_act
     step_phase = largest_sub * (cb + 4 + 4)  # flat gradient copy, its fp32 cast, one AdamW temporary
 
     p.memory = {
@@ -666,7 +665,7 @@ def report(p: Plan, cfg) -> str:
               f"TP rank {p.student_tp_numel / 1e6:.2f}M / {p.teacher_tp_numel / 1e6:.2f}M; ZeRO-3 partition per GPU "
               f"{p.student_partition / 1e6:.3f}M / {p.teacher_partition / 1e6:.3f}M elements; largest block "
               f"{p.largest_block / 1e6:.2f}M",
-              f"memory per GPU (GiB), held all the time:"]
+              "memory per GPU (GiB), held all the time:"]
     for k, v in p.memory.items():
         lines.append(f"  {gib(v)}  {k}")
     lines.append("  phases that do not overlap (the largest, marked *, adds to the peak):")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-import time
 from pathlib import Path
 
 import torch

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-import torch
-
 from pipeline.data import make_loader, resolve_shards
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
