@@ -89,9 +89,12 @@ class DataConfig:
     workers: int = doc("DataLoader worker processes per rank (decode + augment + masking run there)", 2)
     shuffle_buffer: int = doc("samples held in each worker's shuffle buffer", 1000)
     prefetch: int = doc("batches prefetched per worker", 2)
+    max_bad_samples: int = doc("samples in a row that may fail to decode (each is logged and skipped) before "
+                               "the run stops with an error; 0: stop at the first", 100)
 
     def __post_init__(self):
         require(self.workers >= 0, "data.workers must be >= 0")
+        require(self.max_bad_samples >= 0, "data.max_bad_samples must be >= 0")
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
         require(self.prefetch >= 1, "data.prefetch must be >= 1")
 

@@ -3,17 +3,25 @@
 Every (data-parallel rank, worker) pair reads an infinite stream: in epoch e it takes its slice
 ``perm_e[dp_rank::dp][worker::workers]`` of a seeded shard permutation, shuffles samples through a
 seeded buffer and yields whole batches. The DataLoader visits workers round-robin, so batch i of a
-rank comes from worker ``i % workers`` and the whole stream is a function of (seed, layout). The data
-position saved in a checkpoint is just the number of batches consumed; on resume each worker takes
-over the stream whose turn it is and skips that stream's share of raw samples *before* decoding. Tensor-parallel peers share a data-parallel rank and so
+rank comes from worker ``i % workers`` and the whole stream is a function of (seed, layout). Every
+batch carries its stream's position (raw samples consumed); a checkpoint saves the batch count and
+these positions, and on resume each worker takes over the stream whose turn it is and skips that
+stream's raw samples *before* decoding. Tensor-parallel peers share a data-parallel rank and so
 see identical batches (we do not use webdataset's RANK-based node splitter for that reason).
 Decoding, augmentation and masking run in the workers; sample bytes are never unpickled.
+
+Bad data does not stop a run: a shard that cannot be read (truncated, corrupt, missing) is logged and
+the stream moves on to the next one; a sample that fails to decode is logged and skipped. Both are
+deterministic, so exact resume still holds. A worker gives up with a clear error when
+``data.max_bad_samples`` samples in a row fail, or when a whole pass over its shards yields nothing.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +31,9 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.config import ConfigError, DataConfig
 from pipeline.modalities.base import Modality
+
+log = logging.getLogger("pipeline")
+UNREADABLE = (tarfile.TarError, OSError, EOFError, ValueError, KeyError)  # what a damaged tar raises
 
 
 def resolve_shards(manifest: str, modality: Modality | None = None) -> list[str]:
@@ -58,10 +69,19 @@ def check_shard_count(num_shards: int, dp: int, workers: int) -> None:
 
 def raw_samples(paths: list[str]) -> Iterator[dict]:
     """Samples (dict of key -> bytes) from local tar shards. Files are opened here, never via a URL
-    handler, so a shard name cannot run a command (webdataset's 'pipe:')."""
+    handler, so a shard name cannot run a command (webdataset's 'pipe:'). A shard that cannot be read
+    to its end is logged and left after its last whole sample."""
     for path in paths:
-        with open(path, "rb") as stream:
-            yield from group_by_keys(tar_file_expander([{"url": path, "stream": stream}]))
+        count = 0
+        try:
+            with open(path, "rb") as stream:
+                for sample in group_by_keys(tar_file_expander([{"url": path, "stream": stream}])):
+                    count += 1
+                    yield sample
+        except UNREADABLE as exc:
+            log.warning("data: shard %s is unreadable after %d samples (%s: %s); skipping the rest of it. "
+                        "Re-create it with data_prep (its sha256 is in the manifest)", path, count,
+                        type(exc).__name__, exc)
 
 
 def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
@@ -78,10 +98,10 @@ def shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator
 
 class ShardStream(IterableDataset):
     def __init__(self, shards: list[str], modality: Modality, cfg: DataConfig, batch_size: int, seed: int,
-                 dp_rank: int, dp: int, start_batch: int = 0):
+                 dp_rank: int, dp: int, start_batch: int = 0, positions: list[int] | None = None):
         self.shards, self.modality, self.cfg = list(shards), modality, cfg
         self.batch_size, self.seed, self.dp_rank, self.dp = batch_size, seed, dp_rank, dp
-        self.start_batch = start_batch
+        self.start_batch, self.positions = start_batch, positions
 
     def worker_shards(self, epoch: int, worker: int, workers: int) -> list[str]:
         order = list(self.shards)
@@ -92,8 +112,33 @@ class ShardStream(IterableDataset):
         epoch = 0
         while True:
             rng = random.Random(f"shuffle/{self.seed}/{epoch}/{self.dp_rank}/{worker}")
-            yield from shuffled(raw_samples(self.worker_shards(epoch, worker, workers)), self.cfg.shuffle_buffer, rng)
+            shards = self.worker_shards(epoch, worker, workers)
+            count = 0
+            for sample in shuffled(raw_samples(shards), self.cfg.shuffle_buffer, rng):
+                count += 1
+                yield sample
+            if count == 0:
+                raise DataError(f"data-parallel rank {self.dp_rank}, worker {worker}: its {len(shards)} shard(s) "
+                                f"yielded no sample in a whole pass (see the warnings above): {shards[:3]}")
+            yield PASS_END
             epoch += 1
+
+    def decode(self, sample: dict, rng: random.Random) -> dict | None:
+        """The modality's example, or None for a sample that fails to decode (logged)."""
+        try:
+            return self.modality.example(sample, rng)
+        except Exception as exc:  # noqa: BLE001 - any decoder error; repeated failures stop the run below
+            self.bad += 1
+            if self.bad <= 20:
+                log.warning("data: skipped sample %s of %s (%s: %s)%s", sample.get("__key__"), sample.get("__url__"),
+                            type(exc).__name__, exc, "; further bad samples are not logged" if self.bad == 20 else "")
+            self.bad_in_a_row += 1
+            if self.bad_in_a_row > self.cfg.max_bad_samples:
+                raise DataError(f"{self.bad_in_a_row} samples in a row failed to decode (data.max_bad_samples="
+                                f"{self.cfg.max_bad_samples}); the last, {sample.get('__key__')} of "
+                                f"{sample.get('__url__')}: {type(exc).__name__}: {exc}. Check the shards and the "
+                                f"model settings") from exc
+            return None
 
     def __iter__(self):
         info = get_worker_info()
@@ -101,24 +146,52 @@ class ShardStream(IterableDataset):
         # The DataLoader always starts at its worker 0, but the next batch (index start_batch) belongs to
         # stream start_batch % workers: rotate the roles so every stream continues where it stopped.
         worker = (loader_worker + self.start_batch) % workers
-        skip = self.batch_size * len(range(worker, self.start_batch, workers))  # this stream's share
+        skip = self.positions[worker] if self.positions else 0  # raw samples this stream had consumed
         batch, index = [], 0
+        self.bad = self.bad_in_a_row = 0
+        decoded = usable = 0  # in the current pass over this stream's shards
         for sample in self.worker_samples(worker, workers):
+            if sample is PASS_END:
+                if decoded and not usable:
+                    raise DataError(f"data-parallel rank {self.dp_rank}, worker {worker}: none of the {decoded} "
+                                    f"samples of a whole pass gave a training example (the {self.modality.name} "
+                                    f"modality dropped or failed them all; see model.* in --help)")
+                decoded = usable = 0
+                continue
             index += 1
             if index <= skip:
                 continue
             rng = random.Random(f"sample/{self.seed}/{self.dp_rank}/{worker}/{index}")
-            example = self.modality.example(sample, rng)
+            example = self.decode(sample, rng)
+            decoded += 1
             if example is not None:
+                self.bad_in_a_row = 0
+                usable += 1
                 batch.append(example)
             if len(batch) == self.batch_size:
-                yield self.modality.collate(batch)
+                # where this stream stands: what a checkpoint saves (examples may be fewer than raw
+                # samples: the modality can drop a sample, a damaged one is skipped)
+                yield {**self.modality.collate(batch), STREAM_KEY: torch.tensor([worker, index])}
                 batch = []
 
 
+class DataError(RuntimeError):
+    pass
+
+
+PASS_END = None  # what worker_samples yields after each pass over a stream's shards
+STREAM_KEY = "stream_position"  # (worker stream, raw samples it has consumed) of every batch
+
+
+def stream_count(cfg: DataConfig) -> int:
+    return max(cfg.workers, 1)
+
+
 def make_loader(shards: list[str], modality: Modality, cfg: DataConfig, batch_size: int, seed: int,
-                dp_rank: int, dp: int, start_batch: int = 0) -> DataLoader:
-    stream = ShardStream(shards, modality, cfg, batch_size, seed, dp_rank, dp, start_batch)
+                dp_rank: int, dp: int, start_batch: int = 0, positions: list[int] | None = None) -> DataLoader:
+    """Batches of this data-parallel rank. To resume, pass the batches consumed so far and the stream
+    positions (raw samples consumed per worker stream, from the batches' ``STREAM_KEY`` entries)."""
+    stream = ShardStream(shards, modality, cfg, batch_size, seed, dp_rank, dp, start_batch, positions)
     kwargs = {"prefetch_factor": cfg.prefetch, "persistent_workers": False} if cfg.workers else {}
     # Own generator: creating the loader must not draw from the global RNG that dropout uses, or a
     # resumed run (loader created after the RNG state is restored) would drift from an uninterrupted one.

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline import checkpoint
-from pipeline.data import make_loader, to_device
+from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
 from pipeline.distributed import Runtime, all_reduce_sum, model_parallel_config, student_ds_config, teacher_ds_config
 from pipeline.ema import ShardedEMA, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
@@ -87,8 +87,9 @@ class Trainer:
         self.ckpt_root = self.output / "checkpoints"
         self.step = 0  # optimizer steps done
         self.micro = 0  # micro-batch within the step
-        self.batches_consumed = 0  # data position (micro-batches taken from this rank's stream)
-        self.data_seed = tcfg.seed  # seeds the data streams; changes when a resume changes the DP size
+        # the data position: micro-batches taken, and raw samples consumed by each worker's stream
+        self.batches_consumed, self.stream_positions = 0, [0] * stream_count(cfg.data)
+        self.data_seed = tcfg.seed  # seeds the data streams; changes when a resume changes the data layout
         self.stop_requested = False
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
         self.build()
@@ -192,6 +193,9 @@ class Trainer:
         for self.micro in range(self.cfg.train.grad_accum):
             batch = next(self.batches)
             self.batches_consumed += 1
+            if STREAM_KEY in batch:
+                stream, position = batch.pop(STREAM_KEY).tolist()
+                self.stream_positions[stream] = position
             m = self.micro_step(batch)
             metrics.append(m)
             if not m.get("skipped"):
@@ -224,23 +228,28 @@ class Trainer:
         t = self.cfg.train
         self.engine.global_steps, self.engine.micro_steps = self.step, self.step * t.grad_accum
         self.engine.global_samples = self.step * t.micro_batch_size * t.grad_accum * self.rt.dp
-        if state["saved_dp"] == self.rt.dp:
-            self.batches_consumed, self.data_seed = state["batches_consumed"], state["data_seed"]
+        same_streams = len(state["stream_positions"]) == len(self.stream_positions)
+        if state["saved_dp"] == self.rt.dp and same_streams:
+            self.batches_consumed, self.stream_positions = state["batches_consumed"], state["stream_positions"]
+            self.data_seed = state["data_seed"]
             if self.rt.is_main:
                 log.info("resumed from %s at step %d", ckpt, self.step)
             return
-        # A new data-parallel size: weights, optimizer moments, teacher and LR schedule carry over
-        # exactly; the data streams and dropout cannot, so both start afresh from seeds tied to the step.
-        self.batches_consumed, self.data_seed = 0, t.seed + 7919 * self.step
-        self.seed_dropout(self.data_seed)
+        # A new data-parallel size or worker count: weights, optimizer moments, teacher and LR schedule
+        # carry over exactly; the data streams cannot, so they restart from a seed tied to the step.
+        self.data_seed = t.seed + 7919 * self.step
+        if state["saved_dp"] != self.rt.dp:  # dropout: the RNG states saved were per data-parallel rank
+            self.seed_dropout(self.data_seed)
         if self.rt.is_main:
-            log.warning("resumed from %s at step %d onto a different data-parallel size (%d -> %d): model, "
-                        "optimizer and teacher state are exact; the data order restarts from a new shuffle "
-                        "seeded by the step", ckpt, self.step, state["saved_dp"], self.rt.dp)
+            log.warning("resumed from %s at step %d onto a different data layout (data-parallel size %d -> %d, "
+                        "data.workers streams %d -> %d): model, optimizer and teacher state are exact; the data "
+                        "order restarts from a new shuffle seeded by the step", ckpt, self.step, state["saved_dp"],
+                        self.rt.dp, len(state["stream_positions"]), len(self.stream_positions))
 
     def position(self) -> dict:
         """Where training stands, as saved in a checkpoint."""
-        return {"step": self.step, "batches_consumed": self.batches_consumed, "data_seed": self.data_seed}
+        return {"step": self.step, "batches_consumed": self.batches_consumed, "data_seed": self.data_seed,
+                "stream_positions": list(self.stream_positions)}
 
     def save(self) -> Path:
         path = checkpoint.save(self, self.ckpt_root, self.cfg.train.keep_checkpoints, experiment_dict(self.cfg))
@@ -264,7 +273,7 @@ class Trainer:
         t = self.cfg.train
         self.install_signal_handlers()
         loader = make_loader(self.shards, self.modality, self.cfg.data, t.micro_batch_size, self.data_seed,
-                             self.rt.dp_rank, self.rt.dp, start_batch=self.batches_consumed)
+                             self.rt.dp_rank, self.rt.dp, self.batches_consumed, self.stream_positions)
         self.batches = iter(loader)
         logger = MetricsLogger(self.output, self.rt.is_main, start_step=self.step)
         samples_per_step = t.micro_batch_size * t.grad_accum * self.rt.dp

@@ -86,7 +86,7 @@ def test_stop_and_resume_is_bit_identical(tiny_shards, tmp_path):
     assert list((full / "tensorboard").glob("events.out.tfevents.*"))
     # the same checkpoint goes on with one rank: a different data-parallel size, through the real entry point
     proc = train(tiny_shards, split, 10, nproc=1)
-    assert "onto a different data-parallel size (2 -> 1)" in proc.stdout + proc.stderr
+    assert "onto a different data layout (data-parallel size 2 -> 1" in proc.stdout + proc.stderr
     assert sorted(read_losses(split))[-2:] == [9, 10]
     assert json.loads((split / "checkpoints/step_00000010/COMPLETE").read_text())["dp"] == 1
 

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from pipeline.data import make_loader, resolve_shards, to_device
+from pipeline.data import STREAM_KEY, make_loader, resolve_shards, to_device
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
 from pipeline.objective import teacher_targets
@@ -30,6 +30,7 @@ def main() -> None:
     ckpt = trainer.save()
     batch = to_device(next(trainer.batches), rt.device, rt.choice.dtype)
     mask = batch.pop("mask")
+    batch.pop(STREAM_KEY)
     trainer.engine.eval()
     with torch.no_grad():
         targets = teacher_targets(trainer.teacher(batch), cfg.objective)
