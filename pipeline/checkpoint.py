@@ -181,11 +181,11 @@ def rank_state(trainer) -> dict:
 
 def grid_table(rt) -> list[list[int]]:
     """[tp_rank, dp_rank] of every global rank (rank 0's view, gathered)."""
-    mine = torch.tensor([rt.tp_rank, rt.dp_rank], dtype=torch.int64)
+    mine = torch.tensor([rt.tp_rank, rt.dp_rank], dtype=torch.int64, device=rt.device)  # NCCL: on the GPU
     if not dist.is_initialized():
         return [mine.tolist()]
     everyone = [torch.zeros_like(mine) for _ in range(rt.world_size)]
-    dist.all_gather(everyone, mine.to(rt.device))
+    dist.all_gather(everyone, mine)
     return [t.tolist() for t in everyone]
 
 
