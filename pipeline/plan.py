@@ -683,8 +683,17 @@ def report(p: Plan, cfg) -> str:
         lines.append(f"  {gib(v)}  {gib(v * p.accum)}  {k}")
     total = sum(p.comm.values())
     lines.append(f"  {gib(total)}  {gib(total * p.accum)}  total")
+    per_rank = checkpoint_bytes(p)
+    lines.append(f"checkpoint: {gib(per_rank).strip()} GiB per GPU, {per_rank * p.world / GiB:.1f} GiB per checkpoint "
+                 f"(fp32 student, Adam m and v, teacher: 16 bytes per parameter per TP rank; any DP size can resume it)")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
+
+
+def checkpoint_bytes(p: Plan) -> int:
+    """One rank's checkpoint file: its fp32 partitions of the student's master weights, both Adam moments
+    and the teacher (pipeline.checkpoint)."""
+    return 4 * (3 * p.student_partition + p.teacher_partition)
 
 
 def plan_dict(p: Plan) -> dict:

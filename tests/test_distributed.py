@@ -115,7 +115,7 @@ def test_same_global_batch_same_losses_for_any_data_parallel_size(tmp_path):
 
 
 @pytest.mark.parametrize("tp, before, after", [(1, 2, 4), (2, 4, 2)], ids=["dp2-to-dp4", "tp2dp2-to-tp2dp1"])
-def test_resume_onto_a_different_data_parallel_size(tmp_path, tp, before, after):
+def test_resume_onto_a_different_data_parallel_size(single_process_group, tmp_path, tp, before, after):
     """Same TP, new DP size: student weights, Adam moments, teacher and LR schedule carry over bit for bit,
     and on the same global batches training continues as if uninterrupted (only summation order differs)."""
     from pipeline.export import consolidate, load_rank_files
@@ -135,6 +135,14 @@ def test_resume_onto_a_different_data_parallel_size(tmp_path, tp, before, after)
         for name in a:
             assert torch.equal(a[name], b[name]), (kind, name)
         assert any(t.abs().sum() > 0 for t in a.values()), kind  # after 3 steps the moments are not zero
+    # the planner's checkpoint size is what each rank's file holds in tensors
+    from pipeline.experiment import load_experiment
+    from pipeline.plan import checkpoint_bytes, plan
+    cfg = load_experiment(str(ROOT / "configs/vision_tiny.yaml"), [f"parallel.tp={tp}"])
+    planned = checkpoint_bytes(plan(cfg, before, tp, 8 * tp // before, 1, dtype="fp32"))
+    for state in saved.values():
+        held = sum(t.numel() * t.element_size() for part in state["partitions"].values() for t in part.values())
+        assert held == planned, (held, planned)
     first, again = saved[(0, 0)], resaved[(0, 0)]
     assert first["scheduler"] == again["scheduler"] and first["scheduler"]["last_epoch"] == 3
     assert torch.equal(first["optimizer_scalars"]["step"], again["optimizer_scalars"]["step"])
