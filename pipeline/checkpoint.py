@@ -41,21 +41,27 @@ def tag_for(step: int) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_torch_save(obj, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write to a temporary file, fsync it, rename it into place and fsync the directory, so that after
+    a crash or power loss the file is either whole or absent."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        write(f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def rank_file(ckpt: Path, rank: int) -> Path:
@@ -197,15 +203,17 @@ def all_ok(ok: bool, device) -> bool:
 
 
 def save(trainer, root: Path, keep: int, config: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory once it is complete."""
+    """Collective: every rank calls it. Returns the checkpoint directory once it is complete. A step
+    that already has a complete checkpoint (e.g. a stop right after a periodic save, or right after a
+    resume) keeps it: its model, optimizer and teacher state are this state, and rewriting it in place
+    would leave no complete checkpoint if the job died during the rewrite."""
     rt = trainer.rt
     root = Path(root)
     tag = tag_for(trainer.step)
     ckpt = root / tag
-    if rt.rank == 0:  # a re-save of the same step must not look complete while it is rewritten
-        ckpt.mkdir(parents=True, exist_ok=True)
-        (ckpt / COMPLETE).unlink(missing_ok=True)
-    grid = grid_table(rt)  # also orders the marker's removal before any rank writes
+    if all_ok(is_complete(ckpt), rt.device):  # every rank must take the same branch
+        return ckpt
+    grid = grid_table(rt)
     ok = True
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -224,17 +232,21 @@ def save(trainer, root: Path, keep: int, config: dict | None = None) -> Path:
         marker = {"step": trainer.step, "world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp, "grid": grid}
         atomic_write_bytes(ckpt / COMPLETE, json.dumps(marker).encode())
         atomic_write_bytes(root / LATEST, tag.encode())
-        prune(root, keep)
+        prune(root, keep, ckpt)
     if dist.is_initialized():
         dist.barrier()
     return ckpt
 
 
-def prune(root: Path, keep: int) -> None:
-    if keep <= 0:
-        return
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and is_complete(p))
-    for old in complete[:-keep]:
+def prune(root: Path, keep: int, newest: Path) -> None:
+    """Keep ``newest`` and the keep - 1 complete checkpoints before it; delete older complete ones and
+    every incomplete (crashed) save older than ``newest``. Checkpoints after ``newest`` are not touched."""
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < newest.name)
+    complete = [p for p in older if is_complete(p)]
+    doomed = [p for p in older if not is_complete(p)]
+    if keep > 0:
+        doomed += complete[:max(0, len(complete) - (keep - 1))]
+    for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -245,11 +257,11 @@ def read_marker(ckpt: Path, tp: int) -> dict:
     ckpt = Path(ckpt)
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker); pick another with "
-                              f"--resume, or start over with --no-resume")
+                              f"--resume, or start over in a new train.output_dir")
     marker = json.loads((ckpt / COMPLETE).read_text())
     if "grid" not in marker:
         raise CheckpointError(f"{ckpt} was written by an older version of the pipeline (no grid in {COMPLETE}); "
-                              f"it cannot be resumed by this one: start over with --no-resume")
+                              f"it cannot be resumed by this one: start over in a new train.output_dir")
     if marker["tp"] != tp:
         raise CheckpointError(f"{ckpt} was written with tensor parallel size {marker['tp']}; this job has "
                               f"parallel.tp={tp}. Resume with parallel.tp={marker['tp']} (any number of "
@@ -293,6 +305,16 @@ class SavedGrid:
         return repartition(parts, first * saved_size, size, dp_rank)
 
 
+def restore_schedule(scheduler, saved: dict) -> None:
+    """The LR schedule's position from the checkpoint; its shape and peak from this run's config (a
+    changed train.lr or schedule applies from the resumed step on)."""
+    scheduler.load_state_dict({**saved, "base_lrs": scheduler.base_lrs})
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (torch keeps it in this attribute)
+
+
 def check_layout(saved: dict, live: dict, kind: str, ckpt: Path) -> None:
     if saved != live:
         diff = sorted(set(saved) ^ set(live)) or [n for n in live if saved[n] != live[n]]
@@ -324,9 +346,7 @@ def load(trainer, ckpt: Path) -> dict:
     set_student_state(trainer.engine, trainer.scheduler.optimizer, mine("student", student), moments,
                       own["optimizer_scalars"])
     trainer.ema.load_state_dict(mine("teacher", teacher))
-    trainer.scheduler.load_state_dict(own["scheduler"])
-    for group, lr in zip(trainer.scheduler.optimizer.param_groups, trainer.scheduler.get_last_lr()):
-        group["lr"] = lr
+    restore_schedule(trainer.scheduler, own["scheduler"])
     if same:
         set_rng_state(own["rng"], rt.choice.device_type)
     return {**own["trainer"], "saved_dp": marker["dp"]}

@@ -70,7 +70,7 @@ def check_shard_count(num_shards: int, dp: int, workers: int) -> None:
 def raw_samples(paths: list[str]) -> Iterator[dict]:
     """Samples (dict of key -> bytes) from local tar shards. Files are opened here, never via a URL
     handler, so a shard name cannot run a command (webdataset's 'pipe:'). A shard that cannot be read
-    to its end is logged and left after its last whole sample."""
+    to its end is logged and left; the sample being assembled when the damage was hit is lost too."""
     for path in paths:
         count = 0
         try:

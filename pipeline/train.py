@@ -24,7 +24,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--resume", default=None,
                         help="checkpoint directory to resume from (default: the latest complete one in "
                              "<train.output_dir>/checkpoints, if any)")
-    parser.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="start fresh; refused when <train.output_dir>/checkpoints already holds complete "
+                             "checkpoints (two runs would mix there: use a new train.output_dir)")
     parser.add_argument("overrides", nargs="*", help="config overrides such as train.lr=3e-4 data.workers=4")
     return parser.parse_args(argv)
 
@@ -53,9 +55,14 @@ def check_resumable(args, cfg) -> None:
     from pipeline import checkpoint
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume {args.resume}: no such checkpoint directory")
+    root = Path(cfg.train.output_dir) / "checkpoints"
     if getattr(args, "no_resume", False):
+        existing = checkpoint.find_latest(root)
+        if existing is not None:
+            raise ConfigError(f"--no-resume: {root} already holds checkpoints of another run (latest {existing.name}); "
+                              f"a fresh run there would mix with them. Use a new train.output_dir, or move them away")
         return
-    ckpt = Path(args.resume) if args.resume else checkpoint.find_latest(Path(cfg.train.output_dir) / "checkpoints")
+    ckpt = Path(args.resume) if args.resume else checkpoint.find_latest(root)
     if ckpt is not None:
         try:
             checkpoint.read_marker(ckpt, cfg.parallel.tp)
@@ -84,14 +91,15 @@ def main(argv=None) -> int:
             log.info("config: %s", distributed_summary(cfg, rt, experiment_dict))
         trainer = Trainer(cfg, rt, ds_base, shards)
         if not args.no_resume:
-            trainer.resume(Path(args.resume) if args.resume else None)
+            try:
+                trainer.resume(Path(args.resume) if args.resume else None)
+            except CheckpointError as exc:  # every rank reads the same files and stops here together
+                if rt.is_main:
+                    log.error("cannot resume: %s", exc)
+                return 2
         status = trainer.train()
         if rt.is_main:
             log.info("%s at step %d; checkpoints in %s", status, trainer.step, trainer.ckpt_root)
-    except CheckpointError as exc:  # every rank reads the same files and stops here together
-        if rt.is_main:
-            log.error("cannot resume: %s", exc)
-        return 2
     except CollapseError as exc:
         if rt.is_main:
             log.error("stopped: representation collapse: %s; checkpoint in %s (see collapse.* in --help)",

@@ -144,7 +144,7 @@ class Trainer:
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> dict:
         if self.micro == 0 and self.cfg.encoder.layerdrop > 0:
-            self.clear_block_gradients()
+            self.clear_gradients()
         batch = to_device(batch, self.rt.device, self.rt.choice.dtype)
         mask = batch.pop("mask")
         targets = self.teacher_targets(batch)[mask]  # (M, D)
@@ -172,13 +172,16 @@ class Trainer:
         self.engine.backward(loss_sum * (self.rt.dp / masked))
         return metrics
 
-    def clear_block_gradients(self) -> None:
+    def clear_gradients(self) -> None:
         """ZeRO-3 overwrites a parameter's gradient partition at the first micro-step of an optimizer step
         and adds to it later, but only for parameters that received a gradient: a block that layerdrop
-        skips keeps the previous step's gradient. Zero the blocks' partitions before the step starts."""
+        skips (or a parameter only skipped blocks use, like vision's shared relative position bias)
+        keeps the previous step's gradient. Zero every partition before the step starts."""
         from deepspeed.utils import safe_set_local_grad
-        for p in self.engine.module.backbone.encoder.blocks.parameters():
-            safe_set_local_grad(p, torch.zeros(p.ds_tensor.numel(), device=p.ds_tensor.device))
+        params = list(self.engine.module.parameters())
+        zeros = torch.zeros(max(p.ds_tensor.numel() for p in params), device=params[0].ds_tensor.device)
+        for p in params:
+            safe_set_local_grad(p, zeros[:p.ds_tensor.numel()])
 
     def handle_collapse(self, alarm: str) -> None:
         action = self.cfg.collapse.action
@@ -228,9 +231,10 @@ class Trainer:
         t = self.cfg.train
         self.engine.global_steps, self.engine.micro_steps = self.step, self.step * t.grad_accum
         self.engine.global_samples = self.step * t.micro_batch_size * t.grad_accum * self.rt.dp
-        same_streams = len(state["stream_positions"]) == len(self.stream_positions)
+        saved_streams = state.get("stream_positions", [])
+        same_streams = len(saved_streams) == len(self.stream_positions)
         if state["saved_dp"] == self.rt.dp and same_streams:
-            self.batches_consumed, self.stream_positions = state["batches_consumed"], state["stream_positions"]
+            self.batches_consumed, self.stream_positions = state["batches_consumed"], saved_streams
             self.data_seed = state["data_seed"]
             if self.rt.is_main:
                 log.info("resumed from %s at step %d", ckpt, self.step)
@@ -244,7 +248,7 @@ class Trainer:
             log.warning("resumed from %s at step %d onto a different data layout (data-parallel size %d -> %d, "
                         "data.workers streams %d -> %d): model, optimizer and teacher state are exact; the data "
                         "order restarts from a new shuffle seeded by the step", ckpt, self.step, state["saved_dp"],
-                        self.rt.dp, len(state["stream_positions"]), len(self.stream_positions))
+                        self.rt.dp, len(saved_streams), len(self.stream_positions))
 
     def position(self) -> dict:
         """Where training stands, as saved in a checkpoint."""

@@ -117,6 +117,32 @@ def test_partitions_carry_over_to_any_data_parallel_size(tmp_path, numel, saved_
     assert set(last.cache) == {0, saved_dp - 1}  # the sizes come from rank 0's file, the data from its own
 
 
+def test_prune_keeps_the_newest_and_never_touches_later_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4, 6, 9):
+        (tmp_path / checkpoint.tag_for(step)).mkdir()
+    for step in (1, 2, 4, 6, 9):
+        (tmp_path / checkpoint.tag_for(step) / checkpoint.COMPLETE).write_text("{}")
+    checkpoint.prune(tmp_path, keep=2, newest=tmp_path / checkpoint.tag_for(6))
+    # kept: step 6 and one complete before it (4); later ones (9) untouched; the crashed save (3) removed
+    assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoint.tag_for(s) for s in (4, 6, 9)]
+
+
+def test_resumed_schedule_takes_its_position_from_the_checkpoint_and_its_peak_from_the_config():
+    def scheduler(lr):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(TrainConfig(steps=10, warmup_steps=4, lr=lr,
+                                                                            min_lr=0.0)))
+    old = scheduler(1.0)
+    for _ in range(3):
+        old.optimizer.step()
+        old.step()
+    new = scheduler(2.0)
+    checkpoint.restore_schedule(new, old.state_dict())
+    assert new.last_epoch == 3 and new.get_last_lr() == [2.0 * 4 / 4] == [new.optimizer.param_groups[0]["lr"]]
+    checkpoint.restore_schedule(old, old.state_dict())
+    assert old.get_last_lr() == [1.0] == [old.optimizer.param_groups[0]["lr"]]
+
+
 def test_only_complete_checkpoints_are_resumed(tmp_path):
     for step in (1, 2, 3):
         (tmp_path / checkpoint.tag_for(step)).mkdir()

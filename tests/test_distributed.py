@@ -89,6 +89,11 @@ def test_stop_and_resume_is_bit_identical(tiny_shards, tmp_path):
     assert "onto a different data layout (data-parallel size 2 -> 1" in proc.stdout + proc.stderr
     assert sorted(read_losses(split))[-2:] == [9, 10]
     assert json.loads((split / "checkpoints/step_00000010/COMPLETE").read_text())["dp"] == 1
+    # run again when already done: it resumes at step 10 and keeps that checkpoint as it is (no rewrite)
+    files = {p.name: p.stat().st_mtime_ns for p in (split / "checkpoints/step_00000010").iterdir()}
+    proc = train(tiny_shards, split, 10, nproc=1)
+    assert "done at step 10" in proc.stdout + proc.stderr
+    assert files == {p.name: p.stat().st_mtime_ns for p in (split / "checkpoints/step_00000010").iterdir()}
 
 
 def run_layout(tmp_path, nproc: int, tp: int, extra=()) -> list[float]:

@@ -18,12 +18,12 @@ TINY = str(ROOT / "configs/vision_tiny.yaml")
 NO_CHECKPOINTS = tempfile.mkdtemp(prefix="d2v-test-output-")
 
 
-def run_prepare(monkeypatch, overrides, world_size=2, resume=None):
+def run_prepare(monkeypatch, overrides, world_size=2, resume=None, no_resume=False):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     monkeypatch.chdir(ROOT)
     overrides = [f"train.output_dir={NO_CHECKPOINTS}", *overrides]  # not the preset's runs/ directory
-    return prepare(Namespace(config=TINY, overrides=overrides, resume=resume))
+    return prepare(Namespace(config=TINY, overrides=overrides, resume=resume, no_resume=no_resume))
 
 
 def test_valid_setup_passes(monkeypatch, tiny_shards):
@@ -61,6 +61,9 @@ def test_unresumable_checkpoint_is_rejected_before_any_process_group(monkeypatch
                                           r"parallel\.tp=2 \(any number of data-parallel ranks\)"):
         run_prepare(monkeypatch, args)  # found as the latest checkpoint: resuming is the default
     run_prepare(monkeypatch, [*args, "parallel.tp=2", "encoder.heads=4"])  # any DP size with the same TP
+    with pytest.raises(ConfigError, match=r"--no-resume: .* already holds checkpoints of another run \(latest "
+                                          r"step_00000004\); a fresh run there would mix with them"):
+        run_prepare(monkeypatch, args, no_resume=True)
 
 
 def test_empty_shard_list(monkeypatch, tmp_path):
