@@ -325,7 +325,7 @@ def check_layout(saved: dict, live: dict, kind: str, ckpt: Path) -> None:
 
 def load(trainer, ckpt: Path) -> dict:
     """Restore the student (weights and optimizer), the teacher, the LR schedule and, on the same
-    layout, the RNG. Returns the saved trainer position and whether the data-parallel size changed."""
+    layout, the RNG. Returns the saved trainer position with the saved data-parallel size (``saved_dp``)."""
     rt = trainer.rt
     ckpt = Path(ckpt)
     marker = read_marker(ckpt, rt.tp)
