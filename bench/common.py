@@ -49,9 +49,8 @@ def torchrun_json(args: Sequence[str], nproc: int, out: Path, timeout: int = 120
     ``nproc`` CPU ranks, and return that JSON."""
     import json
     import subprocess
-    from pipeline.distributed import free_port
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", *args]
+    from pipeline.distributed import local_launch_command
+    cmd = local_launch_command(nproc, args)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:

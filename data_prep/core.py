@@ -438,15 +438,25 @@ def encode_sample(key: str, sample: dict) -> list[tuple[str, bytes]]:
     return members
 
 
+def json_utf8(obj: Any, **kw) -> bytes:
+    """JSON as UTF-8 bytes, lossless for file names that are not valid UTF-8 in this locale.
+
+    Python decodes such names (any name that is not ASCII, under a C/POSIX locale) with surrogate escapes;
+    those become JSON ``\\udcXX`` escapes here, which ``json.loads`` turns back into the same name, and
+    ``os.fsencode`` into the same bytes. Everything else stays readable UTF-8.
+    """
+    return json.dumps(obj, ensure_ascii=False, **kw).encode("utf-8", "backslashreplace")
+
+
 def _encode_value(value: Any) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     if isinstance(value, str):
-        return value.encode("utf-8")
+        return value.encode("utf-8", "surrogateescape")
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value).encode("ascii")
     if isinstance(value, (dict, list)):
-        return json.dumps(value, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        return json_utf8(value, sort_keys=True)
     raise TypeError(f"cannot encode sample value of type {type(value).__name__}")
 
 
@@ -520,9 +530,8 @@ def _atomic_file(path: Path, mode: str = "wb", **open_kw) -> Iterator[Any]:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     """Write JSON to ``path`` via a temp file + ``os.replace`` (readers never see half a file)."""
-    with _atomic_file(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+    with _atomic_file(path) as f:
+        f.write(json_utf8(obj, indent=1) + b"\n")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

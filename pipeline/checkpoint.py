@@ -98,7 +98,7 @@ def find_latest(root: Path) -> Path | None:
     root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
-        ckpt = root / pointer.read_text().strip()
+        ckpt = root / pointer.read_text("utf-8").strip()
         if ckpt.parent == root and is_complete(ckpt):
             return ckpt
     candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and is_complete(p)), reverse=True)
@@ -258,7 +258,7 @@ def read_marker(ckpt: Path, tp: int) -> dict:
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker); pick another with "
                               f"--resume, or start over in a new train.output_dir")
-    marker = json.loads((ckpt / COMPLETE).read_text())
+    marker = json.loads((ckpt / COMPLETE).read_text("utf-8"))
     if "grid" not in marker:
         raise CheckpointError(f"{ckpt} was written by an older version of the pipeline (no grid in {COMPLETE}); "
                               f"it cannot be resumed by this one: start over in a new train.output_dir")

@@ -243,5 +243,20 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             require(isinstance(node, dict), f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+        node[parts[-1]] = override_value(item, text)
     return raw
+
+
+def override_value(item: str, text: str):
+    """An override's value as a YAML scalar or list. Text with surrogate escapes (a non-ASCII path under
+    a C/POSIX locale, where Python decodes arguments that way) is kept as the string it is: YAML cannot
+    hold it, and the surrogates give the exact bytes back when the path is opened."""
+    if not text.strip():
+        return ""
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({str(exc).splitlines()[0]}); "
+                          f"quote it, e.g. key='value'") from None

@@ -19,7 +19,9 @@ deterministic, so exact resume still holds. A worker gives up with a clear error
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import signal
 import tarfile
 from collections.abc import Iterator
@@ -65,6 +67,29 @@ def check_shard_count(num_shards: int, dp: int, workers: int) -> None:
         raise ConfigError(
             f"{num_shards} shard(s) for {dp} data-parallel rank(s) x {max(workers, 1)} worker(s): need at least "
             f"{needed}. Re-shard with a smaller --shard-size, or lower data.workers")
+
+
+SHARED_MEMORY = "/dev/shm"
+
+
+def check_shared_memory(cfg: DataConfig, sample_bytes: int, batch_size: int, ranks_on_node: int,
+                        shm: str = SHARED_MEMORY) -> None:
+    """DataLoader workers hand batches to their rank through shared memory (/dev/shm). Containers often
+    give it 64 MB, and a worker that runs out dies with a bus error mid-run: refuse such a layout now.
+    Budget: every rank's workers x prefetched batches, twice over (a batch is in flight while the next is
+    built). data.workers=0 needs none. No /dev/shm (not Linux): nothing to check."""
+    if cfg.workers == 0 or not os.path.isdir(shm):
+        return
+    need = 2 * ranks_on_node * cfg.workers * cfg.prefetch * batch_size * sample_bytes
+    free = shutil.disk_usage(shm).free
+    if free < need:
+        mib = 2 ** 20
+        raise ConfigError(
+            f"{shm} has {free / mib:.0f} MiB free, but the DataLoader workers of {ranks_on_node} rank(s) on this "
+            f"node need about {need / mib:.0f} MiB of it to pass batches ({cfg.workers} worker(s) x {cfg.prefetch} "
+            f"prefetched batch(es) of {batch_size} x {sample_bytes / mib:.2f} MiB, x2). Give the container more "
+            f"shared memory (docker run --shm-size=...), or lower data.workers / data.prefetch (data.workers=0 needs "
+            f"none)")
 
 
 def raw_samples(paths: list[str]) -> Iterator[dict]:

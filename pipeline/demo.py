@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from pipeline.distributed import local_launch_command
+
 SHAPES = ("ellipse", "rectangle", "triangle", "stripes")
 
 
@@ -173,9 +175,8 @@ def main(argv=None) -> int:
     shards = work / f"shards_{args.modality}"
     subprocess.run([sys.executable, "-m", prep, "--input", str(raw), "--output", str(shards), *prep_options,
                     "--workers", "2"], check=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "pipeline.train", "--config", config, f"data.manifest={shards}",
-           f"train.output_dir={work / Path(config).stem}", *args.overrides]
+    cmd = local_launch_command(args.nproc, ["-m", "pipeline.train", "--config", config, f"data.manifest={shards}",
+                                            f"train.output_dir={work / Path(config).stem}", *args.overrides])
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(cmd).returncode
 

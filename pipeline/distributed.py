@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +30,19 @@ class LaunchEnv:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1  # ranks on this node
 
 
 def launch_env(environ: dict | None = None) -> LaunchEnv:
     """Ranks from torchrun/deepspeed (RANK, WORLD_SIZE, LOCAL_RANK), else SLURM, else one process."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         int(env.get("LOCAL_WORLD_SIZE", 1)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+        local = env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         int(local) if local.isdigit() else 1)
     return LaunchEnv(0, 1, 0)
 
 
@@ -65,6 +70,14 @@ def slurm_master_addr() -> str | None:
         return out.stdout.split()[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return nodes.split(",")[0].split("[")[0]
+
+
+def local_launch_command(nproc: int, args: list[str]) -> list[str]:
+    """``torchrun`` for ``nproc`` ranks on this machine alone (the demo, tests, benchmarks). The ranks meet on
+    the loopback address: by default torchrun hands them this machine's hostname, which on many fresh machines
+    and containers does not resolve (a 5-minute hang, then a failure; tests/test_machines.py forces it)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1", *args]
 
 
 def free_port() -> int:
@@ -147,7 +160,7 @@ def load_ds_config(path: str | Path) -> dict:
     path = Path(path)
     require(path.is_file(), f"DeepSpeed config {path} does not exist (see ds_configs/)")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text("utf-8"))
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {exc}") from None
 
@@ -183,6 +196,39 @@ def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.
         cfg[section] = {**cfg.get(section, {}), "enabled": wanted}
     cfg["zero_allow_untested_optimizer"] = True
     return cfg
+
+
+def config_dtype(ds_config: dict) -> torch.dtype:
+    """The parameter dtype a DeepSpeed config asks for: bf16 or fp16 when its section is enabled, else fp32."""
+    if ds_config.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    return torch.float32
+
+
+def build_sharded(factory, ds_config: dict, rt: "Runtime") -> torch.nn.Module:
+    """``factory()`` built under ``deepspeed.zero.Init``: ZeRO-3 partitions over the data-parallel group,
+    in the dtype the DeepSpeed config declares (``config_dtype``), checked parameter by parameter.
+
+    Never pass ``dtype=`` to zero.Init: DeepSpeed 0.19 parses its explicit-dtype line as
+    ``(dtype or fp16) if accelerator.is_fp16_supported() else bf16``, so on a CPU whose oneDNN lacks fp16
+    ``dtype=torch.float32`` builds bf16 parameters. With no ``dtype`` the config's bf16/fp16 sections decide.
+    Modules must initialise their own parameters in their own constructor: zero.Init partitions a
+    module's parameters as soon as its ``__init__`` returns, so an init applied afterwards by a parent
+    writes into an empty placeholder and is silently lost (tests/test_init.py builds every preset).
+    """
+    import deepspeed
+    want = config_dtype(ds_config)
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=rt.dp_group, mpu=rt.mpu):
+        module = factory()
+    wrong = {name: p.ds_tensor.dtype for name, p in module.named_parameters() if p.ds_tensor.dtype != want}
+    if wrong:
+        name, got = next(iter(wrong.items()))
+        raise ConfigError(f"DeepSpeed built {len(wrong)} {type(module).__name__} parameters in {got} (first: {name}) "
+                          f"where the config asks for {want}; this DeepSpeed version chooses dtypes differently: "
+                          f"install the version setup.py pins")
+    return module
 
 
 def teacher_ds_config(student: dict) -> dict:
@@ -243,6 +289,7 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0) -> Run
     accel = get_accelerator()
     if choice.device_type != "cpu":
         accel.set_device(env.local_rank)
+    skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=choice.backend, timeout=datetime.timedelta(seconds=timeout_s))
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
     device = torch.device(accel.device_name(env.local_rank) if choice.device_type != "cpu" else "cpu")
@@ -250,6 +297,22 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0) -> Run
                    tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
                    dp_rank=ps.get_data_parallel_rank(), device=device, choice=choice,
                    dp_group=ps.get_data_parallel_group(), mpu=MegatronMPU())
+
+
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its CPU shared-memory comm op at ``init_distributed``.
+
+    The op serves only ``inference_all_reduce`` (DeepSpeed inference), which training never calls; ZeRO-3
+    collectives go through torch.distributed (gloo on CPU, NCCL on GPU). Building it needs a C++ compiler,
+    Python headers and ninja, takes about a minute on first use, and its kernels need AVX2/AVX-512. Without
+    it, a machine with none of those runs the same job (tests/test_machines.py forces a missing compiler).
+    """
+    import importlib
+    # by module name: the attribute deepspeed.comm.torch is the torch package itself, not this module
+    ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    require(hasattr(ds_torch_comm, "build_shm_op"), "this DeepSpeed version has no deepspeed.comm.torch.build_shm_op: "
+                                                    "install the version setup.py pins")
+    ds_torch_comm.build_shm_op = lambda: None
 
 
 class MegatronMPU:

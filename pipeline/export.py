@@ -81,7 +81,7 @@ def export(ckpt: Path, output: Path) -> dict:
     states = load_rank_files(ckpt)
     config_path = ckpt / "config.json"
     result = {"student": consolidate(states, "student"), "teacher": consolidate(states, "teacher"),
-              "config": json.loads(config_path.read_text()) if config_path.is_file() else None,
+              "config": json.loads(config_path.read_text("utf-8")) if config_path.is_file() else None,
               "step": next(iter(states.values()))["step"]}
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(result, output)

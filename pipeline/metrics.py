@@ -28,6 +28,10 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(output / "tensorboard"), purge_step=start_step + 1)
             except ImportError:  # tensorboard is a declared dependency; keep training if it is missing
                 log.warning("tensorboard is not installed: no TensorBoard scalars")
+            except UnicodeError as exc:  # its writer encodes paths as strict UTF-8
+                log.warning("TensorBoard cannot write under %r in this locale (%s): no TensorBoard scalars, "
+                            "metrics.jsonl still has every record; run with LANG=C.UTF-8 to get them",
+                            str(output), exc)
 
     def record(self, step: int, metrics: dict, samples: int, tokens: int, flops: float, devices: int) -> None:
         for key in ("loss", "target_std", "prediction_std"):  # averaged over the interval

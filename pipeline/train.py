@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare(args):
     """Everything that can be checked without a process group: config, layout, DeepSpeed JSON, shards."""
-    from pipeline.data import check_shard_count, resolve_shards
+    from pipeline.data import check_shard_count, check_shared_memory, resolve_shards
     from pipeline.distributed import check_layout, choose_device, launch_env, load_ds_config, student_ds_config
     from pipeline.experiment import load_experiment
 
@@ -44,8 +44,10 @@ def prepare(args):
     ds_base = load_ds_config(cfg.train.ds_config)
     student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, dp, choice.dtype,
                       cfg.train.grad_clip)
-    shards = resolve_shards(cfg.data.manifest, cfg.make_modality())
+    modality = cfg.make_modality()
+    shards = resolve_shards(cfg.data.manifest, modality)
     check_shard_count(len(shards), dp, cfg.data.workers)
+    check_shared_memory(cfg.data, modality.sample_bytes(), cfg.train.micro_batch_size, env.local_world_size)
     check_resumable(args, cfg)
     return cfg, choice, ds_base, shards, env
 

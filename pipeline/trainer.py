@@ -15,7 +15,8 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
-from pipeline.distributed import Runtime, all_reduce_sum, model_parallel_config, student_ds_config, teacher_ds_config
+from pipeline.distributed import (Runtime, all_reduce_sum, build_sharded, model_parallel_config, student_ds_config,
+                                  teacher_ds_config)
 from pipeline.ema import ShardedEMA, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger
@@ -100,12 +101,9 @@ class Trainer:
         cfg, rt = self.cfg, self.rt
         mp = model_parallel_config(rt.tp)
         torch.manual_seed(cfg.train.seed)
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_student, data_parallel_group=rt.dp_group,
-                                 dtype=rt.choice.dtype, mpu=rt.mpu):
-            student = Student(self.modality, cfg.encoder, mp)
-        with deepspeed.zero.Init(config_dict_or_path=self.ds_teacher, data_parallel_group=rt.dp_group,
-                                 dtype=torch.float32, mpu=rt.mpu):
-            teacher = Backbone(self.modality, cfg.encoder, mp)
+        # dtypes come from the DeepSpeed configs: the student's bf16 section (on GPU), the teacher's fp32
+        student = build_sharded(lambda: Student(self.modality, cfg.encoder, mp), self.ds_student, rt)
+        teacher = build_sharded(lambda: Backbone(self.modality, cfg.encoder, mp), self.ds_teacher, rt)
         teacher.requires_grad_(False)
         t = cfg.train
         optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)

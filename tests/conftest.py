@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.distributed import free_port  # noqa: E402
+from pipeline.distributed import free_port, local_launch_command  # noqa: E402
 
 
 def randomise(module, seed: int, scale: float = 0.2) -> dict:
@@ -49,11 +49,20 @@ def tiny_shards(tmp_path_factory) -> Path:
     return out
 
 
-def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None, cwd: Path = ROOT):
-    """Run ``python -m torch.distributed.run --nproc_per_node N <args>`` and return the CompletedProcess."""
+# Kinds of CPU machine a test can force on its ranks (tests/machine.py): oneDNN with and without fp16.
+CPU_MACHINES = {"cpu-fp16": {"D2V_MACHINE_CPU_FP16": "1"}, "cpu-no-fp16": {"D2V_MACHINE_CPU_FP16": "0"}}
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | None = None, cwd: Path = ROOT,
+             machine: str | None = None, wrap: tuple[str, ...] = ()):
+    """Run ``python -m torch.distributed.run --nproc_per_node N <args>`` and return the CompletedProcess.
+    ``machine``: a key of CPU_MACHINES to run every rank as if on that kind of CPU (None: this machine).
+    ``wrap``: a command prefix the launcher runs under (e.g. ``unshare -u ...``)."""
     import subprocess
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", *args]
+    if machine is not None:
+        env = {**CPU_MACHINES[machine], **(env or {})}
+        args = [str(ROOT / "tests" / "machine.py"), *args]
+    cmd = [*wrap, *local_launch_command(nproc, args)]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 

@@ -8,20 +8,22 @@ import math
 import pytest
 import torch
 
-from conftest import ROOT, torchrun
+from conftest import CPU_MACHINES, ROOT, torchrun
 
 pytestmark = pytest.mark.distributed
 
 
-def run_ema_check(tmp_path, preset, shards) -> dict:
+def run_ema_check(tmp_path, preset, shards, machine=None) -> dict:
     report = tmp_path / "ema.json"
-    proc = torchrun([str(ROOT / "tests/dist/ema_check.py"), str(report), preset, str(shards)])
+    proc = torchrun([str(ROOT / "tests/dist/ema_check.py"), str(report), preset, str(shards)], machine=machine)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(report.read_text())
 
 
-def test_sharded_ema_teacher_matches_dense_reference(tiny_shards, tmp_path):
-    r = run_ema_check(tmp_path, "configs/vision_tiny.yaml", tiny_shards)
+@pytest.mark.parametrize("machine", sorted(CPU_MACHINES))
+def test_sharded_ema_teacher_matches_dense_reference(tiny_shards, tmp_path, machine):
+    """On a CPU with and without oneDNN fp16 (forced in every rank, whatever this machine is)."""
+    r = run_ema_check(tmp_path, "configs/vision_tiny.yaml", tiny_shards, machine)
     assert r["dp"] == 2
     for name, part in r["partitions"].items():
         assert part["dtype"] == "torch.float32", name

@@ -61,6 +61,10 @@ class Modality(abc.ABC):
     def tokens_per_sample(self) -> int:
         """Nominal positions the encoder sees per sample (excluding prefix tokens)."""
 
+    @abc.abstractmethod
+    def sample_bytes(self) -> int:
+        """Largest size of one collated sample, mask included: what a DataLoader worker passes per sample."""
+
     def embed_flops_per_sample(self, enc: EncoderConfig, tokens: int | None = None) -> float:
         """Forward FLOPs of the local encoder per sample giving ``tokens`` positions (default: nominal)."""
         return 0.0

@@ -199,6 +199,9 @@ class Speech(Modality):
     def tokens_per_sample(self):
         return frames_for(self.cfg.conv_layers, self.cfg.max_samples)
 
+    def sample_bytes(self):
+        return 4 * self.cfg.max_samples + self.tokens_per_sample()  # fp32 waveform + bool mask
+
     def embed_flops_per_sample(self, enc, tokens=None):
         """Conv feature encoder + projection + positional convs for a clip giving ``tokens`` frames."""
         tokens = tokens or self.tokens_per_sample()

@@ -172,3 +172,6 @@ class Text(Modality):
 
     def tokens_per_sample(self):
         return self.cfg.max_positions
+
+    def sample_bytes(self):
+        return (8 + 8 + 1) * self.cfg.max_positions  # int64 tokens and student tokens + bool mask

@@ -198,5 +198,8 @@ class Vision(Modality):
     def tokens_per_sample(self):
         return self.cfg.grid ** 2
 
+    def sample_bytes(self):
+        return 4 * self.cfg.in_chans * self.cfg.image_size ** 2 + self.cfg.grid ** 2  # fp32 image + bool mask
+
     def embed_flops_per_sample(self, enc, tokens=None):
         return 2.0 * (tokens or self.tokens_per_sample()) * self.cfg.in_chans * self.cfg.patch_size ** 2 * enc.dim

@@ -1,0 +1,124 @@
+"""The user's machine is not ours: each machine-dependent behaviour, forced to the other case.
+
+- oneDNN with and without fp16 (DeepSpeed's dtype choice under zero.Init): forced in every rank
+  through tests/machine.py, whatever this machine's CPU is;
+- no C++ compiler (DeepSpeed would JIT-compile its shared-memory comm op), an ASCII-only locale, a
+  hostname that does not resolve: all at once, through the real entry point;
+- a small /dev/shm (containers): refused before any process group starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, torchrun
+
+ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+
+@pytest.mark.distributed
+def test_dtypes_come_from_the_deepspeed_config_on_either_cpu(tmp_path):
+    """fp32 (CPU) or bf16 (GPU) student and an fp32 teacher, whatever is_fp16_supported() answers."""
+    report = tmp_path / "dtypes.json"
+    proc = torchrun([str(ROOT / "tests/dist/dtype_check.py"), str(report)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(report.read_text())
+    for kind in ("cpu-fp16", "cpu-no-fp16"):
+        assert r[kind]["torch.float32"] == {"student": ["torch.float32"], "teacher": ["torch.float32"]}, kind
+        assert r[kind]["torch.bfloat16"] == {"student": ["torch.bfloat16"], "teacher": ["torch.float32"]}, kind
+    # what the trainer's old call, zero.Init(dtype=torch.float32), builds where oneDNN lacks fp16
+    assert r["cpu-no-fp16"]["old_call_dtype_float32"] == ["torch.bfloat16"]
+
+
+def bare_machine_env(tmp_path) -> dict:
+    """No compiler DeepSpeed could use, an empty extension cache, ASCII locale, no oneDNN fp16."""
+    return {**ASCII_LOCALE, "CC": "/nonexistent/cc", "CXX": "/nonexistent/c++",
+            "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"), "D2V_MACHINE_CPU_FP16": "0"}
+
+
+def unresolvable_hostname() -> tuple[str, ...]:
+    """A UTS namespace whose hostname resolves nowhere (needs root and util-linux's unshare)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return ()
+    probe = subprocess.run(["unshare", "-u", "true"], capture_output=True)
+    if probe.returncode:
+        return ()
+    return ("unshare", "-u", "sh", "-c", 'hostname d2v-no-such-host.invalid && exec "$@"', "sh")
+
+
+@pytest.mark.distributed
+def test_entry_point_on_a_bare_machine(tiny_shards, tmp_path):
+    """The main job's entry point on 2 ranks: no oneDNN fp16, no C++ compiler, ASCII locale, a hostname
+    that does not resolve (where a UTS namespace can be made), and a run directory with a non-ASCII name."""
+    out = tmp_path / "run_é"
+    args = [str(ROOT / "tests/machine.py"), "-m", "pipeline.train", "--config", "configs/vision_tiny.yaml",
+            f"data.manifest={tiny_shards}", f"train.output_dir={out}", "train.steps=2", "train.log_every=1",
+            "train.micro_batch_size=4", "data.workers=1"]
+    wrap = unresolvable_hostname()
+    proc = torchrun(args, env=bare_machine_env(tmp_path), wrap=wrap)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "dtype=float32" in log and "done at step 2" in log
+    assert "built successfully" not in log  # DeepSpeed's shm comm op was not compiled
+    assert not (tmp_path / "torch_extensions").exists() or not any((tmp_path / "torch_extensions").iterdir())
+    os_out = os.fsencode(str(out))  # the checkpoint landed under the non-ASCII directory name
+    assert os.path.isdir(os.path.join(os_out, b"checkpoints", b"step_00000002"))
+    if wrap:  # the hostname really did not resolve (gloo says so, and falls back to loopback)
+        assert "Unable to resolve hostname" in log
+
+
+def test_image_prep_under_an_ascii_locale_keeps_every_file_name(tmp_path):
+    """Non-ASCII and non-UTF-8 file names under LC_ALL=C: prep succeeds, and the manifest's records give
+    back the exact bytes of each name."""
+    from pipeline.demo import make_images
+    raw = make_images(tmp_path / "raw", count=4, size=40, seed=0)
+    first = sorted(p for p in raw.rglob("*") if p.is_file())[0]
+    first.rename(first.with_name("café_日本" + first.suffix))
+    names = {b"caf\xc3\xa9_\xe6\x97\xa5\xe6\x9c\xac" + first.suffix.encode(), b"broken_\xff.jpg"}
+    with open(os.path.join(os.fsencode(str(first.parent)), b"broken_\xff.jpg"), "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "shards"
+    proc = subprocess.run([sys.executable, "-m", "data_prep.images", "--input", str(raw), "--output", str(out),
+                           "--shard-size", "2", "--quiet"], cwd=ROOT, capture_output=True,
+                          env={**os.environ, **ASCII_LOCALE, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    manifest = json.loads((out / "manifest.json").read_bytes().decode("utf-8"))
+    skipped = {os.fsencode(Path(s["path"]).name) for s in manifest["skipped"]}
+    assert b"broken_\xff.jpg" in skipped
+    import tarfile
+    recorded = set()
+    for shard in manifest["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    rec = json.loads(tar.extractfile(member).read().decode("utf-8"))
+                    recorded.add(os.fsencode(Path(rec["path"]).name))
+    assert names - {b"broken_\xff.jpg"} <= recorded
+
+
+def test_small_shared_memory_is_refused_before_any_process_group(tiny_shards, tmp_path, monkeypatch, capsys):
+    """A container's 64 MB /dev/shm cannot carry the loader's batches: a clear error, no process group."""
+    import torch.distributed as dist
+
+    from pipeline import data, train
+    real = shutil.disk_usage
+    monkeypatch.setattr(data.shutil, "disk_usage",
+                        lambda path: real(path)._replace(free=64 * 2 ** 20) if str(path) == data.SHARED_MEMORY
+                        else real(path))
+    if not os.path.isdir(data.SHARED_MEMORY):
+        pytest.skip("no /dev/shm on this system: nothing to check")
+    base = ["--config", "configs/vision_base.yaml", f"data.manifest={tiny_shards}", f"train.output_dir={tmp_path}",
+            "data.workers=4", "train.micro_batch_size=64", "model.image_size=224"]
+    assert train.main(base) == 2
+    err = capsys.readouterr().err
+    assert "/dev/shm has 64 MiB free" in err and "--shm-size" in err and "data.workers=0" in err
+    assert not dist.is_initialized()
+    # workers=0 passes no batch through shared memory: the same layout is accepted up to the next check
+    data.check_shared_memory(data.DataConfig(workers=0), 10 ** 9, 64, 8)
