@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from pipeline.config import EncoderConfig, doc, one_of, require
 from pipeline.modalities.base import Modality
-from pipeline.model.transformer import trunc_normal_init
+from pipeline.model.transformer import TruncNormalEmbedding, trunc_normal_init
 
 TOKEN_KEYS = {"u16": np.uint16, "i32": np.int32}
 
@@ -107,8 +107,7 @@ class TextEmbedder(nn.Module):
         self.pad_id = cfg.pad_id
         self.tokens = VocabParallelEmbedding(cfg.padded_vocab(mp.tensor_model_parallel_size), enc.dim,
                                              init_method=trunc_normal_init(0.02), config=mp)
-        self.positions = nn.Embedding(cfg.max_positions + cfg.pad_id + 1, enc.dim)
-        nn.init.trunc_normal_(self.positions.weight, std=0.02, a=-0.04, b=0.04)
+        self.positions = TruncNormalEmbedding(cfg.max_positions + cfg.pad_id + 1, enc.dim, std=0.02)
         self.norm = nn.LayerNorm(enc.dim, eps=enc.layer_norm_eps)
         self.dropout = nn.Dropout(enc.dropout)
 

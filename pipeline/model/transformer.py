@@ -25,6 +25,22 @@ def trunc_normal_init(std: float = 0.02):
     return init
 
 
+class TruncNormalEmbedding(nn.Embedding):
+    """nn.Embedding drawn from trunc_normal(std) at +-2 std, in its own constructor.
+
+    Every module initialises its own parameters inside its own ``__init__`` (here ``reset_parameters``,
+    which nn.Embedding's constructor calls): under ``deepspeed.zero.Init`` a module's parameters are
+    partitioned when its ``__init__`` returns, so an init a parent applies afterwards is silently lost.
+    """
+
+    def __init__(self, num_embeddings: int, dim: int, std: float = 0.02):
+        self.std = std
+        super().__init__(num_embeddings, dim)
+
+    def reset_parameters(self) -> None:
+        trunc_normal_init(self.std)(self.weight)
+
+
 def column(in_dim: int, out_dim: int, mp: ModelParallelConfig, bias: bool = True, std: float = 0.02):
     return ColumnParallelLinear(in_dim, out_dim, config=mp, init_method=trunc_normal_init(std), bias=bias,
                                 gather_output=False)
