@@ -76,20 +76,20 @@ def check_shared_memory(cfg: DataConfig, sample_bytes: int, batch_size: int, ran
                         shm: str = SHARED_MEMORY) -> None:
     """DataLoader workers hand batches to their rank through shared memory (/dev/shm). Containers often
     give it 64 MB, and a worker that runs out dies with a bus error mid-run: refuse such a layout now.
-    Budget: every rank's workers x prefetched batches, twice over (a batch is in flight while the next is
-    built). data.workers=0 needs none. No /dev/shm (not Linux): nothing to check."""
+    Budget per rank: the batches its workers prefetch (workers x prefetch) plus the one it is training on.
+    data.workers=0 needs none. No /dev/shm (not Linux): nothing to check."""
     if cfg.workers == 0 or not os.path.isdir(shm):
         return
-    need = 2 * ranks_on_node * cfg.workers * cfg.prefetch * batch_size * sample_bytes
+    need = ranks_on_node * (cfg.workers * cfg.prefetch + 1) * batch_size * sample_bytes
     free = shutil.disk_usage(shm).free
     if free < need:
         mib = 2 ** 20
         raise ConfigError(
             f"{shm} has {free / mib:.0f} MiB free, but the DataLoader workers of {ranks_on_node} rank(s) on this "
             f"node need about {need / mib:.0f} MiB of it to pass batches ({cfg.workers} worker(s) x {cfg.prefetch} "
-            f"prefetched batch(es) of {batch_size} x {sample_bytes / mib:.2f} MiB, x2). Give the container more "
-            f"shared memory (docker run --shm-size=...), or lower data.workers / data.prefetch (data.workers=0 needs "
-            f"none)")
+            f"prefetched batch(es) + 1, of {batch_size} x {sample_bytes / mib:.2f} MiB, per rank). Give the "
+            f"container more shared memory (docker run --shm-size=...), or lower data.workers / data.prefetch "
+            f"(data.workers=0 needs none)")
 
 
 def raw_samples(paths: list[str]) -> Iterator[dict]:

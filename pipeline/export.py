@@ -75,6 +75,14 @@ def consolidate(states: dict[tuple[int, int], dict], kind: str) -> dict[str, tor
 
 
 def export(ckpt: Path, output: Path) -> dict:
+    result = consolidated(ckpt)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(result, output)
+    return result
+
+
+def consolidated(ckpt: Path) -> dict:
+    """``student`` and ``teacher`` fp32 state dicts of TP=1 models, ``config`` and ``step``, in memory."""
     ckpt = Path(ckpt)
     if not is_complete(ckpt):
         raise ExportError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker)")
@@ -83,8 +91,6 @@ def export(ckpt: Path, output: Path) -> dict:
     result = {"student": consolidate(states, "student"), "teacher": consolidate(states, "teacher"),
               "config": json.loads(config_path.read_text("utf-8")) if config_path.is_file() else None,
               "step": next(iter(states.values()))["step"]}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(result, output)
     return result
 
 

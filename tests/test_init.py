@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -24,6 +25,9 @@ def run_init_check(report_dir, tp: int, nproc: int, reference=None) -> list[dict
     proc = torchrun(args + ([str(reference)] if reference else []), nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [json.loads((report_dir / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+TRUNC_STD = 0.8796  # std of a unit normal truncated at +-2
 
 
 def close(a: list[float], b: list[float]) -> bool:
@@ -42,6 +46,10 @@ def check_reports(reports: list[dict]) -> None:
             for name, row in rows.items():  # the declared rule itself, read off the statistics
                 if name.endswith("embed.positions.weight"):  # trunc_normal(0.02) at +-2 sigma: std 0.0176
                     assert 0.015 < row["zero"][1] < 0.02 and abs(row["zero"][3]) <= 0.04, (preset, row)
+                match = re.search(r"blocks\.(\d+)\.(attn\.out|ffn\.fc2)\.weight$", name)
+                if match and "vision" in preset:  # BEiT: output projections at 0.02 / sqrt(2 * layer_id)
+                    want = TRUNC_STD * 0.02 / math.sqrt(2 * (int(match.group(1)) + 1))
+                    assert abs(row["zero"][1] / want - 1) < 0.1, (preset, name, row["zero"][1], want)
 
 
 def test_every_preset_keeps_its_init_under_zero3_on_two_ranks(tmp_path):
