@@ -38,6 +38,9 @@ FORMATS = ("FLAC", "WAV", "WAVEX", "RF64", "OGG")
 _LIBRI_ID = re.compile(r"(\d+)-(\d+)-(\d+)")
 
 
+MAX_FILE_SECONDS = 4 * 3600.0  # what a file's header may declare before it is decoded (whole, in memory)
+
+
 class Utterance(NamedTuple):
     """What the layout says about a file; None where it says nothing."""
 
@@ -53,6 +56,7 @@ class Options(NamedTuple):
     min_seconds: float = 0.0
     max_seconds: float | None = None
     split_long: bool = False
+    max_file_seconds: float = MAX_FILE_SECONDS
 
 
 class Decoded(NamedTuple):
@@ -79,7 +83,7 @@ def process_audio(path: str, rel: str, utt: Utterance, opts: Options) -> list[di
 
 def audio_samples(data: bytes, rel: str, utt: Utterance = Utterance(), opts: Options = Options()) -> list[dict]:
     """Pure: encoded bytes in, one sample per piece out; raises ``core.SkipItem`` for bad input."""
-    decoded = decode_audio(data)
+    decoded = decode_audio(data, opts.max_file_seconds)
     if _is_target_flac(decoded) and _pieces(len(decoded.samples), opts) == [(0, len(decoded.samples), None)]:
         return [_sample(data, False, len(decoded.samples), None, decoded, rel, utt)]  # already right: copy
     wav = to_mono_16k(decoded.samples, decoded.rate)
@@ -101,8 +105,10 @@ def _sample(flac: bytes, clipped: bool, n: int, piece: int | None, decoded: Deco
     return sample
 
 
-def decode_audio(data: bytes) -> Decoded:
-    """Fully decode ``data``; SkipItem for empty, non-audio, unsupported or corrupt input."""
+def decode_audio(data: bytes, max_file_seconds: float = MAX_FILE_SECONDS) -> Decoded:
+    """Fully decode ``data``; SkipItem for empty, non-audio, unsupported or corrupt input, and for a header
+    that declares more than ``max_file_seconds`` of audio (checked before decoding: a 21 KB FLAC can claim
+    2^36 samples, and decoding it would exhaust memory)."""
     if not data:
         raise core.SkipItem("empty file")
     try:
@@ -112,10 +118,17 @@ def decode_audio(data: bytes) -> Decoded:
     with f:
         if f.format not in FORMATS:
             raise core.SkipItem(f"unsupported format: {f.format} {f.subtype}")
+        declared = f.frames / max(f.samplerate, 1)
+        if declared > max_file_seconds:
+            raise core.SkipItem(f"declares {declared / 3600:.1f} h of audio in {len(data):,} bytes, over "
+                                f"--max-file-seconds {max_file_seconds:g} (a corrupt header, or a recording to cut "
+                                f"first)")
         try:
             samples = f.read(dtype="float32", always_2d=True)
         except (soundfile.SoundFileError, ValueError) as exc:
             raise core.SkipItem(f"corrupt or truncated: {_message(exc)}") from None
+        except MemoryError:
+            raise core.SkipItem(f"too large to decode in memory ({declared:.0f} s declared)") from None
         if len(samples) < f.frames:
             raise core.SkipItem(f"corrupt or truncated: {len(samples)} of {f.frames} frames decoded")
         decoded = Decoded(samples, f.samplerate, f.format, f.subtype)
@@ -265,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-long", action="store_true",
                    help="cut recordings longer than --max-seconds into consecutive pieces of that length, "
                         "each its own sample with key suffix _pNNNNN and json 'piece'")
+    p.add_argument("--max-file-seconds", type=_seconds, default=MAX_FILE_SECONDS, metavar="S",
+                   help="skip a file whose header declares more than S seconds, before decoding it (each file is "
+                        "decoded whole in memory, about 0.23 GB per hour of mono audio) (default: %(default)s)")
     p.add_argument("--format", choices=("flac",), default="flac",
                    help="stored encoding: 16 kHz mono 16-bit FLAC under the 'flac' key (default: %(default)s)")
     core.add_task_args(p)
@@ -290,7 +306,7 @@ def options(args: argparse.Namespace) -> Options:
         raise core.PrepError(f"--min-seconds {args.min_seconds:g} is above --max-seconds {args.max_seconds:g}")
     if args.split_long and args.max_seconds is None:
         raise core.PrepError("--split-long needs --max-seconds")
-    return Options(args.min_seconds, args.max_seconds, args.split_long)
+    return Options(args.min_seconds, args.max_seconds, args.split_long, args.max_file_seconds)
 
 
 def run(args: argparse.Namespace) -> core.PrepReport:
@@ -308,7 +324,8 @@ def run(args: argparse.Namespace) -> core.PrepReport:
 def _params(args: argparse.Namespace, found: Discovery) -> dict:
     return {"input": str(args.input.resolve()), "shard_size": args.shard_size, "format": args.format,
             "min_seconds": args.min_seconds, "max_seconds": args.max_seconds,
-            "split_long": args.split_long, "transcripts": found.transcripts, "key_format": core.KEY_FORMAT}
+            "split_long": args.split_long, "max_file_seconds": args.max_file_seconds,
+            "transcripts": found.transcripts, "key_format": core.KEY_FORMAT}
 
 
 def main(argv: Sequence[str] | None = None) -> core.PrepReport:

@@ -164,15 +164,35 @@ def walk_files(root: Path, skipped: list) -> Iterator[tuple[Path, str]]:
     outside ``root``, and directories listed already, go to ``skipped`` instead.
     """
     seen = {root}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable_dir(root, skipped)):
         dirnames[:] = _enter_dirs(root, Path(dirpath), dirnames, seen, skipped)
         for name in filenames:
             path = Path(dirpath, name)
             rel = path.relative_to(root).as_posix()
-            if path.resolve().is_relative_to(root):
+            real = resolved(path)
+            if real is None:
+                skipped.append({"path": rel, "reason": "symlink loop or unresolvable link"})
+            elif real.is_relative_to(root):
                 yield path, rel
             else:
                 skipped.append({"path": rel, "reason": "outside input directory"})
+
+
+def resolved(path: Path) -> Path | None:
+    """``path.resolve()``, or None for a symlink loop or a link that cannot be followed."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError):  # RuntimeError: "Symlink loop from ..."
+        return None
+
+
+def unreadable_dir(root: Path, skipped: list):
+    """``os.walk``'s onerror: a directory that cannot be listed goes to ``skipped`` (os.walk drops it silently)."""
+    def record(exc: OSError) -> None:
+        where = Path(exc.filename) if exc.filename else root
+        rel = where.relative_to(root).as_posix() if where.is_relative_to(root) else str(where)
+        skipped.append({"path": rel, "reason": f"unreadable directory: {exc.strerror or exc}"})
+    return record
 
 
 def _enter_dirs(root: Path, parent: Path, names: list[str], seen: set, skipped: list) -> list[str]:
@@ -180,9 +200,11 @@ def _enter_dirs(root: Path, parent: Path, names: list[str], seen: set, skipped: 
     for name in sorted(names):
         if name.startswith("."):
             continue
-        real = (parent / name).resolve()
+        real = resolved(parent / name)
         rel = (parent / name).relative_to(root).as_posix()
-        if not real.is_relative_to(root):
+        if real is None:
+            skipped.append({"path": rel, "reason": "symlink loop or unresolvable link"})
+        elif not real.is_relative_to(root):
             skipped.append({"path": rel, "reason": "outside input directory"})
         elif real in seen:
             skipped.append({"path": rel, "reason": "directory already listed (symlink)"})
@@ -276,6 +298,7 @@ def write_shards(
     manifest_name: str = MANIFEST,
     task: dict | None = None,
     progress: bool = True,
+    allow_empty: bool = False,
 ) -> PrepReport:
     """Write ``items`` as WebDataset shards into ``out_dir`` and write the manifest.
 
@@ -294,20 +317,49 @@ def write_shards(
     if shard_size < 1 or workers < 1 or shard_offset < 0:
         raise PrepError("shard_size and workers must be >= 1 and shard_offset >= 0")
     out = _prepare_out_dir(out_dir)
-    _remove_stale_temps(out / manifest_name)
-    jobs = [
-        _ShardJob(shard_filename(name, shard_offset + i), out, list(items[s : s + shard_size]), process_fn)
-        for i, s in enumerate(range(0, len(items), shard_size))
-    ]
-    results = _run_jobs(jobs, workers, desc=name, progress=progress)
-    manifest = _build_manifest(
-        results, modality=modality, name=name, params=params or {}, extra=extra or {},
-        extra_totals=extra_totals or {}, pre_skipped=pre_skipped, task=task,
-    )
-    path = out / manifest_name
-    atomic_write_json(path, manifest)
+    with output_lock(out, manifest_name):
+        _remove_stale_temps(out / manifest_name)
+        jobs = [
+            _ShardJob(shard_filename(name, shard_offset + i), out, list(items[s : s + shard_size]), process_fn)
+            for i, s in enumerate(range(0, len(items), shard_size))
+        ]
+        results = _run_jobs(jobs, workers, desc=name, progress=progress)
+        manifest = _build_manifest(
+            results, modality=modality, name=name, params=params or {}, extra=extra or {},
+            extra_totals=extra_totals or {}, pre_skipped=pre_skipped, task=task,
+        )
+        path = out / manifest_name
+        atomic_write_json(path, manifest)
+    if manifest["totals"]["samples"] == 0 and not allow_empty:
+        raise PrepError(f"no sample was written: every input was skipped ({manifest['totals']['skipped']} listed with "
+                        f"their reasons under 'skipped' in {path}). Fix the input, or pass --allow-empty")
     reused = sum(r.reused for r in results)
     return PrepReport(manifest, path, written=len(results) - reused, reused=reused)
+
+
+@contextlib.contextmanager
+def output_lock(out: Path, manifest_name: str) -> Iterator[None]:
+    """One prep at a time per output manifest: a second one would delete the first's temp files. The lock
+    (flock) dies with its holder, so a killed prep never leaves a stale one; SLURM array tasks each lock
+    their own task manifest and run side by side."""
+    import fcntl
+    path = out / f".{manifest_name}.lock"
+    with open(path, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise PrepError(f"another data prep (pid {holder}) is writing {manifest_name} in {out}; wait for it to "
+                            f"finish, or use another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
@@ -578,13 +630,19 @@ def _load_manifest(path: Path) -> dict:
         manifest = json.loads(path.read_text("utf-8"))
     except FileNotFoundError:
         raise ValueError(f"manifest not found: {path}") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read manifest {path}: {exc}") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: absurdly nested JSON
+        raise ValueError(f"cannot read manifest {path}: {type(exc).__name__}: {str(exc)[:200]}; re-create it with "
+                         f"data_prep (or python -m data_prep.core merge)") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: not a format-{FORMAT} data_prep manifest")
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(_valid_shard_record(s) for s in shards):
         raise ValueError(f"{path}: 'shards' must be a list of {{name, samples, bytes, sha256}}")
+    names = [s["name"] for s in shards]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:  # a shard listed twice would be read twice as often as the others
+        raise ValueError(f"{path}: shard(s) listed more than once: {duplicates[:5]}; re-create the manifest with "
+                         f"data_prep")
     return manifest
 
 
@@ -703,6 +761,9 @@ def add_shard_args(p: argparse.ArgumentParser, shard_size_help: str, default: in
     p.add_argument("--workers", type=int_arg(0), default=1, metavar="N",
                    help=f"worker processes, each {worker_task} one shard at a time; 0 = all usable CPUs "
                         "(default: %(default)s)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="accept a run in which every input is skipped (by default that is an error, after the "
+                        "manifest listing why each was skipped is written)")
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:
@@ -731,13 +792,16 @@ def write_task_shards(args: argparse.Namespace, items: Sequence[WorkItem], proce
     return write_shards(
         items, process_fn, out, args.name, shard_size=args.shard_size, workers=resolve_workers(args.workers),
         shard_offset=first, manifest_name=task_manifest_name(args.task_index, args.num_tasks), task=task,
-        progress=not args.quiet, **kwargs,
+        progress=not args.quiet, allow_empty=args.allow_empty, **kwargs,
     )
 
 
 def cli_run(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],
             argv: Sequence[str] | None) -> Any:
     """``run(parsed argv)``; a PrepError exits with its message and no traceback."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not valid UTF-8 prints as \xNN, not a crash
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     args = parser.parse_args(argv)
     try:
         return run(args)

@@ -45,15 +45,20 @@ class Discovery:
 # ----------------------------------------------------------------------------- item processor
 
 
-def process_image(path: str, rel: str, label: ClassLabel | None, resize: int | None, quality: int) -> dict:
+MAX_PIXELS = 50_000_000  # about 7000 x 7000; training decodes every sample each epoch, at ~4.8 bytes per pixel
+
+
+def process_image(path: str, rel: str, label: ClassLabel | None, resize: int | None, quality: int,
+                  max_pixels: int = MAX_PIXELS) -> dict:
     """Worker entry point: read ``path`` and build its sample (see ``image_sample``)."""
-    return image_sample(core.read_input(path), rel, label, resize, quality)
+    return image_sample(core.read_input(path), rel, label, resize, quality, max_pixels)
 
 
 def image_sample(data: bytes, rel: str, label: ClassLabel | None,
-                 resize: int | None = None, quality: int = 95) -> dict:
-    """Pure: encoded bytes in, sample dict out; raises ``core.SkipItem`` for bad input."""
-    img = decode_image(data)
+                 resize: int | None = None, quality: int = 95, max_pixels: int = MAX_PIXELS) -> dict:
+    """Pure: encoded bytes in, sample dict out; raises ``core.SkipItem`` for bad input. An image of more
+    than ``max_pixels`` is skipped, unless ``resize`` shrinks it (it is then stored small)."""
+    img = decode_image(data, max_pixels if resize is None else None)
     if resize is None:
         ext, payload = FORMAT_KEYS[img.format], data
     else:
@@ -67,8 +72,9 @@ def image_sample(data: bytes, rel: str, label: ClassLabel | None,
     return sample
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Open and fully decode ``data``; SkipItem for empty, non-image, unsupported or corrupt input."""
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Open and fully decode ``data``; SkipItem for empty, non-image, unsupported or corrupt input, and
+    (checked on the header, before decoding) for more than ``max_pixels`` pixels."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone flipped Pillow's global switch: truncated files would decode "fine" (grey fill).
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to validate images")
@@ -78,6 +84,9 @@ def decode_image(data: bytes) -> Image.Image:
         img = Image.open(io.BytesIO(data))
         if img.format not in FORMAT_KEYS:
             raise core.SkipItem(f"unsupported format: {img.format}")
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise core.SkipItem(f"too many pixels: {img.width}x{img.height} > --max-pixels {max_pixels:,} "
+                                f"(--resize stores such images shrunk instead)")
         img.load()  # open() only reads the header; load() decodes every pixel
     except UnidentifiedImageError:
         raise core.SkipItem("not an image: Pillow cannot identify the data") from None
@@ -187,9 +196,9 @@ def _label(files: list[tuple[Path, str]], classes: list[str]) -> tuple[list, lis
     return labeled, skipped
 
 
-def make_items(found: Discovery, resize: int | None, quality: int) -> list[core.WorkItem]:
+def make_items(found: Discovery, resize: int | None, quality: int, max_pixels: int = MAX_PIXELS) -> list[core.WorkItem]:
     """One WorkItem per candidate file; the key is its index in the sorted list."""
-    return core.file_items(found.files, resize, quality)
+    return core.file_items(found.files, resize, quality, max_pixels)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -206,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: keep the original bytes)")
     p.add_argument("--quality", type=core.int_arg(1, 100), default=95,
                    help="JPEG quality (1-100) used with --resize (default: %(default)s)")
+    p.add_argument("--max-pixels", type=core.int_arg(1), default=MAX_PIXELS, metavar="N",
+                   help="skip images of more than N pixels (read from the header, before decoding), or with "
+                        "--resize store them shrunk; training refuses the same (model.max_pixels) "
+                        "(default: %(default)s)")
     p.add_argument("--layout", choices=("auto", "classes", "flat"), default="auto",
                    help="auto: classes if DIR holds only folders at its top level, else flat "
                         "(default: %(default)s)")
@@ -220,14 +233,15 @@ def run(args: argparse.Namespace) -> core.PrepReport:
     found = discover(args.input, args.layout)
     out = core.check_output_outside(args.output, args.input)
     return core.write_task_shards(
-        args, make_items(found, args.resize, args.quality), process_image, out, modality="image",
+        args, make_items(found, args.resize, args.quality, args.max_pixels), process_image, out, modality="image",
         params=_params(args, found), extra={"classes": found.classes}, pre_skipped=found.skipped,
     )
 
 
 def _params(args: argparse.Namespace, found: Discovery) -> dict:
     return {"input": str(args.input.resolve()), "layout": found.layout, "shard_size": args.shard_size,
-            "resize": args.resize, "quality": args.quality, "key_format": core.KEY_FORMAT}
+            "resize": args.resize, "quality": args.quality, "max_pixels": args.max_pixels,
+            "key_format": core.KEY_FORMAT}
 
 
 def main(argv: Sequence[str] | None = None) -> core.PrepReport:

@@ -488,10 +488,13 @@ def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
     """Supported files under root, sorted by relative path; links leaving root are refused."""
     real_root = root.resolve()
     files, skipped, seen = [], [], {real_root}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=core.unreadable_dir(root, skipped)):
         keep = []
         for name in sorted(dirnames):
-            real = Path(dirpath, name).resolve()
+            real = core.resolved(Path(dirpath, name))
+            if real is None:
+                skipped.append({"path": Path(dirpath, name).as_posix(), "reason": "symlink loop or unresolvable link"})
+                continue
             if name.startswith(".") or real in seen:
                 continue
             if not real.is_relative_to(real_root):
@@ -503,14 +506,17 @@ def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
         for name in filenames:
             path = Path(dirpath, name)
             rel = path.as_posix()
-            if not path.resolve().is_relative_to(real_root):
+            real = core.resolved(path)
+            if real is None:
+                skipped.append({"path": rel, "reason": "symlink loop or unresolvable link"})
+            elif not real.is_relative_to(real_root):
                 skipped.append({"path": rel, "reason": "outside input directory"})
             elif file_format(name) is None:
                 skipped.append({"path": rel, "reason": "unsupported extension"})
             elif not path.is_file():
                 skipped.append({"path": rel, "reason": "not a regular file"})
             else:
-                files.append((path.resolve(), rel))
+                files.append((real, rel))
     files.sort(key=lambda f: f[1])
     return files, skipped
 
@@ -850,6 +856,7 @@ def run(args: argparse.Namespace) -> tuple[core.PrepReport, Tokenizer]:
     report = core.write_shards(
         items, process_chunk, out, args.name, modality="text", shard_size=1, workers=workers,
         params=_params(args, chunk), pre_skipped=skipped + unreadable, progress=not args.quiet,
+        allow_empty=args.allow_empty,
         extra={"tokenizer": tok.record, "block_size": args.block_size, "field": field,
                "dtype": np.dtype(TOKEN_DTYPES[field]).name},
     )

@@ -68,9 +68,43 @@ def rank_file(ckpt: Path, rank: int) -> Path:
     return ckpt / f"d2v_rank{rank:05d}.pt"
 
 
+class DamagedCheckpoint(CheckpointError):
+    pass
+
+
 def read_rank_file(path: Path) -> dict:
     """A rank's state, memory-mapped: tensors are read from disk only where they are used."""
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load's errors never name the file
+        raise DamagedCheckpoint(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): "
+                                f"it is damaged or not a checkpoint file. Resume from an earlier checkpoint "
+                                f"(--resume DIR, or train.resume_damaged=previous)") from None
+
+
+def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
+    """CRC-32 of a file's bytes (zlib's: about 1 GB/s, see bench/bench_checkpoint.py)."""
+    import zlib
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def verify_rank_file(ckpt: Path, marker: dict, rank: int) -> None:
+    """The rank file's bytes against the CRC-32 its ``COMPLETE`` marker records (markers written before
+    checksums existed carry none: nothing to check)."""
+    crcs = marker.get("crc32")
+    if crcs is None:
+        return
+    path = rank_file(ckpt, rank)
+    if not path.is_file():
+        raise DamagedCheckpoint(f"{path} is missing from a complete checkpoint")
+    got = file_crc32(path)
+    if got != crcs[rank]:
+        raise DamagedCheckpoint(f"{path} is damaged: its CRC-32 is {got:08x}, {COMPLETE} recorded {crcs[rank]:08x}. "
+                                f"Resume from an earlier checkpoint (--resume DIR, or train.resume_damaged=previous)")
 
 
 def rng_state(device_type: str) -> dict:
@@ -101,8 +135,22 @@ def find_latest(root: Path) -> Path | None:
         ckpt = root / pointer.read_text("utf-8").strip()
         if ckpt.parent == root and is_complete(ckpt):
             return ckpt
-    candidates = sorted((p for p in root.glob("step_*") if p.is_dir() and is_complete(p)), reverse=True)
+    candidates = complete_checkpoints(root)
     return candidates[0] if candidates else None
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, newest first."""
+    return sorted((p for p in Path(root).glob("step_*") if p.is_dir() and is_complete(p)), reverse=True)
+
+
+def set_aside(ckpt: Path) -> Path:
+    """Rename a damaged checkpoint so that nothing resumes from it or mistakes it for a saved step (a save
+    at that step would otherwise keep it). Kept, not deleted: its other files may still be of use."""
+    aside = ckpt.with_name(f"{ckpt.name}.damaged")
+    if not aside.exists():
+        os.replace(ckpt, aside)
+    return aside
 
 
 def param_layout(module: torch.nn.Module) -> dict:
@@ -185,9 +233,9 @@ def rank_state(trainer) -> dict:
             "rng": rng_state(rt.choice.device_type), "step": trainer.step, "world_size": rt.world_size}
 
 
-def grid_table(rt) -> list[list[int]]:
-    """[tp_rank, dp_rank] of every global rank (rank 0's view, gathered)."""
-    mine = torch.tensor([rt.tp_rank, rt.dp_rank], dtype=torch.int64, device=rt.device)  # NCCL: on the GPU
+def gather_rows(rt, row: list[int]) -> list[list[int]]:
+    """Every global rank's ``row`` of integers, in rank order."""
+    mine = torch.tensor(row, dtype=torch.int64, device=rt.device)  # NCCL: on the GPU
     if not dist.is_initialized():
         return [mine.tolist()]
     everyone = [torch.zeros_like(mine) for _ in range(rt.world_size)]
@@ -213,23 +261,26 @@ def save(trainer, root: Path, keep: int, config: dict | None = None) -> Path:
     ckpt = root / tag
     if all_ok(is_complete(ckpt), rt.device):  # every rank must take the same branch
         return ckpt
-    grid = grid_table(rt)
-    ok = True
+    ok, crc = True, -1
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(rank_state(trainer), rank_file(ckpt, rt.rank))
+        crc = file_crc32(rank_file(ckpt, rt.rank))  # what reached the disk (read back from the page cache)
     except OSError as exc:
         print(f"[rank {rt.rank}] could not write {rank_file(ckpt, rt.rank)}: {exc}", flush=True)
         ok = False
     if not all_ok(ok, rt.device):
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: a rank failed to write its file")
+    table = gather_rows(rt, [rt.tp_rank, rt.dp_rank, crc])
+    grid, crcs = [row[:2] for row in table], [row[2] for row in table]
     if rt.rank == 0:
         missing = [r for r in range(rt.world_size) if not rank_file(ckpt, r).is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {ckpt} lacks the files of ranks {missing}")
         if config is not None:  # readable without torch (and by python -m pipeline.export)
             atomic_write_bytes(ckpt / "config.json", json.dumps(config, indent=1).encode())
-        marker = {"step": trainer.step, "world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp, "grid": grid}
+        marker = {"step": trainer.step, "world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp, "grid": grid,
+                  "crc32": crcs}
         atomic_write_bytes(ckpt / COMPLETE, json.dumps(marker).encode())
         atomic_write_bytes(root / LATEST, tag.encode())
         prune(root, keep, ckpt)
@@ -258,7 +309,14 @@ def read_marker(ckpt: Path, tp: int) -> dict:
     if not is_complete(ckpt):
         raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker); pick another with "
                               f"--resume, or start over in a new train.output_dir")
-    marker = json.loads((ckpt / COMPLETE).read_text("utf-8"))
+    try:
+        marker = json.loads((ckpt / COMPLETE).read_text("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise DamagedCheckpoint(f"{ckpt / COMPLETE} is damaged ({type(exc).__name__}: {str(exc)[:100]}); resume "
+                                f"from an earlier checkpoint (--resume DIR, or train.resume_damaged=previous)") from None
+    if not isinstance(marker, dict) or not {"tp", "dp", "world_size"} <= set(marker):
+        raise DamagedCheckpoint(f"{ckpt / COMPLETE} does not hold a checkpoint marker ({str(marker)[:60]!r}); resume "
+                                f"from an earlier checkpoint (--resume DIR, or train.resume_damaged=previous)")
     if "grid" not in marker:
         raise CheckpointError(f"{ckpt} was written by an older version of the pipeline (no grid in {COMPLETE}); "
                               f"it cannot be resumed by this one: start over in a new train.output_dir")
@@ -305,6 +363,25 @@ class SavedGrid:
         return repartition(parts, first * saved_size, size, dp_rank)
 
 
+def verify_before_loading(ckpt: Path, marker: dict, ranks: list[int], rt) -> None:
+    """Collective: each rank checks the rank files it will read; if any rank finds damage, every rank
+    raises DamagedCheckpoint naming the first damaged file (nothing has been loaded yet)."""
+    bad = len(marker["grid"])
+    for rank in ranks:
+        try:
+            verify_rank_file(ckpt, marker, rank)
+        except DamagedCheckpoint as exc:
+            print(f"[rank {rt.rank}] {exc}", flush=True)
+            bad = min(bad, rank)
+    first = torch.tensor([bad], dtype=torch.int64, device=rt.device)
+    if dist.is_initialized():
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    if first.item() < len(marker["grid"]):
+        raise DamagedCheckpoint(f"{rank_file(ckpt, int(first.item()))} does not match the CRC-32 in {ckpt / COMPLETE} "
+                                f"(damaged or missing). Resume from an earlier checkpoint (--resume DIR, or "
+                                f"train.resume_damaged=previous)")
+
+
 def restore_schedule(scheduler, saved: dict) -> None:
     """The LR schedule's position from the checkpoint; its shape and peak from this run's config (a
     changed train.lr or schedule applies from the resumed step on)."""
@@ -331,6 +408,7 @@ def load(trainer, ckpt: Path) -> dict:
     marker = read_marker(ckpt, rt.tp)
     grid = SavedGrid(ckpt, marker, rt.tp_rank)
     same = marker["dp"] == rt.dp
+    verify_before_loading(ckpt, marker, [rt.rank] if same else sorted(grid.rank_of.values()), rt)
     own = grid.state(rt.dp_rank) if same else grid.state(0)
     student, teacher = trainer.engine.module, trainer.ema.module
     check_layout(own["layout"]["student"], param_layout(student), "student", ckpt)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ class EncoderConfig:
         require(self.dim > 0 and self.depth > 0 and self.heads > 0 and self.ffn_dim > 0,
                 "encoder.dim, depth, heads and ffn_dim must be positive")
         require(self.dim % self.heads == 0, f"encoder.dim={self.dim} must be divisible by encoder.heads={self.heads}")
+        require(self.depth <= 1024 and self.dim <= 65536 and self.ffn_dim <= 262144,
+                "encoder.depth (<= 1024), dim (<= 65536) and ffn_dim (<= 262144) are beyond any model this trains")
+        require(self.layer_norm_eps > 0, f"encoder.layer_norm_eps={self.layer_norm_eps} must be > 0")
         for name in ("dropout", "attn_dropout", "drop_path", "layerdrop"):
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"encoder.{name}={value} must be in [0, 1)")
@@ -89,6 +93,9 @@ class DataConfig:
     workers: int = doc("DataLoader worker processes per rank (decode + augment + masking run there)", 2)
     shuffle_buffer: int = doc("samples held in each worker's shuffle buffer", 1000)
     prefetch: int = doc("batches prefetched per worker", 2)
+    verify: str = doc("how shards are checked against the manifest: 'size' (at start-up; cheap) or 'sha256' (also "
+                      "each shard's sha256, by the worker that reads it, when it first opens it: a mismatch stops "
+                      "the run naming the shard; costs one extra read of the data per worker and pass 1)", "size")
     max_bad_samples: int = doc("samples in a row that may fail to decode (each is logged and skipped) before "
                                "the run stops with an error; 0: stop at the first", 100)
 
@@ -97,6 +104,7 @@ class DataConfig:
         require(self.max_bad_samples >= 0, "data.max_bad_samples must be >= 0")
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
         require(self.prefetch >= 1, "data.prefetch must be >= 1")
+        one_of("data.verify", self.verify, ("size", "sha256"))
 
 
 @dataclass
@@ -129,6 +137,9 @@ class TrainConfig:
     keep_checkpoints: int = doc("complete checkpoints to keep (older ones are deleted; 0 keeps all)", 3)
     stop_after: int = doc("end this run (with a checkpoint) once this step is reached; the schedule still "
                           "targets train.steps and a later run resumes (0: run to train.steps)", 0)
+    resume_damaged: str = doc("a checkpoint whose files fail their CRC-32 (or cannot be read) on resume: 'error' "
+                              "(stop, naming the file) or 'previous' (set it aside as step_N.damaged, warn, and "
+                              "resume from the newest older complete checkpoint)", "error")
 
     def __post_init__(self):
         require(self.steps >= 1, "train.steps must be >= 1")
@@ -145,7 +156,11 @@ class TrainConfig:
                     f"train.steps={self.steps}: the rest is the decay stage")
             require(0 < self.init_lr_scale <= 1, "train.init_lr_scale must be in (0, 1]")
         require(self.hold_steps >= 0, "train.hold_steps must be >= 0")
+        require(self.eps > 0, f"train.eps={self.eps} must be > 0 (AdamW divides by sqrt(v) + eps)")
+        require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
+        require(self.output_dir.strip() != "", "train.output_dir must not be empty: checkpoints and logs go there")
         one_of("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        one_of("train.resume_damaged", self.resume_damaged, ("error", "previous"))
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 f"train.betas={self.betas} must be two numbers in [0, 1)")
         require(self.grad_clip >= 0, "train.grad_clip must be >= 0")
@@ -200,7 +215,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         raise ConfigError(f"'{where}' must be {hint.__name__}, got {value!r}")
     if hint is list and not isinstance(value, list):
         raise ConfigError(f"'{where}' must be a list, got {value!r}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"'{where}' must be a finite number, got {value!r}")
+    if hint is int and abs(value) > MAX_INT:
+        raise ConfigError(f"'{where}'={value} is out of range (at most {MAX_INT:.0e} in size)")
     return value
+
+
+MAX_INT = 10 ** 12  # no count in a config is larger; a bigger one is a typo (and overflows schedules)
 
 
 def field_help(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
@@ -225,10 +247,37 @@ def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; presets live in configs/ (e.g. configs/vision_tiny.yaml)")
-    with open(path, encoding="utf-8") as f:
-        raw = yaml.safe_load(f) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a UTF-8 text file: --config takes a YAML preset such as "
+                          f"configs/vision_tiny.yaml") from None
+    try:
+        reject_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:  # syntax errors, and tags such as !!python/object, which safe_load refuses
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
     require(isinstance(raw, dict), f"{path} must hold a YAML mapping at the top level")
     return raw
+
+
+def reject_duplicate_keys(node, path: Path) -> None:
+    """YAML keeps the last of two equal keys silently (a second ``train:`` would drop the first): refuse."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if key.value in seen:
+                    raise ConfigError(f"{path}, line {key.start_mark.line + 1}: key '{key.value}' appears twice in "
+                                      f"the same section; keep one")
+                seen.add(key.value)
+            reject_duplicate_keys(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            reject_duplicate_keys(item, path)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

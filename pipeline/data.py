@@ -23,6 +23,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,11 +93,14 @@ def check_shared_memory(cfg: DataConfig, sample_bytes: int, batch_size: int, ran
             f"(data.workers=0 needs none)")
 
 
-def raw_samples(paths: list[str]) -> Iterator[dict]:
+def raw_samples(paths: list[str], verify=None) -> Iterator[dict]:
     """Samples (dict of key -> bytes) from local tar shards. Files are opened here, never via a URL
     handler, so a shard name cannot run a command (webdataset's 'pipe:'). A shard that cannot be read
-    to its end is logged and left; the sample being assembled when the damage was hit is lost too."""
+    to its end is logged and left; the sample being assembled when the damage was hit is lost too.
+    ``verify(path)``, when given, runs before a shard is opened (data.verify=sha256)."""
     for path in paths:
+        if verify is not None:
+            verify(path)
         count = 0
         try:
             with open(path, "rb") as stream:
@@ -139,7 +143,7 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"shuffle/{self.seed}/{epoch}/{self.dp_rank}/{worker}")
             shards = self.worker_shards(epoch, worker, workers)
             count = 0
-            for sample in shuffled(raw_samples(shards), self.cfg.shuffle_buffer, rng):
+            for sample in shuffled(raw_samples(shards, self.verifier()), self.cfg.shuffle_buffer, rng):
                 count += 1
                 yield sample
             if count == 0:
@@ -148,22 +152,61 @@ class ShardStream(IterableDataset):
             yield PASS_END
             epoch += 1
 
+    def verifier(self):
+        """data.verify=sha256: a check of each shard's sha256 against the manifest, once per worker."""
+        if self.cfg.verify != "sha256":
+            return None
+        if not hasattr(self, "expected"):
+            from data_prep.core import read_manifest
+            self.expected = {s["path"]: s["sha256"] for s in read_manifest(self.cfg.manifest)["shards"]}
+            self.verified: set[str] = set()
+
+        def verify(path: str) -> None:
+            from data_prep.core import sha256_file
+            if path in self.verified:
+                return
+            try:
+                digest = sha256_file(Path(path))
+            except OSError:
+                return  # unreadable: raw_samples logs and skips it like any damaged shard
+            if path in self.expected and digest != self.expected[path]:
+                raise DataError(f"shard {path} does not match the sha256 in its manifest {self.cfg.manifest}: it "
+                                f"changed or is damaged. Re-create it with data_prep")
+            self.verified.add(path)
+        return verify
+
     def decode(self, sample: dict, rng: random.Random) -> dict | None:
         """The modality's example, or None for a sample that fails to decode (logged)."""
         try:
             return self.modality.example(sample, rng)
         except Exception as exc:  # noqa: BLE001 - any decoder error; repeated failures stop the run below
-            self.bad += 1
-            if self.bad <= 20:
-                log.warning("data: skipped sample %s of %s (%s: %s)%s", sample.get("__key__"), sample.get("__url__"),
-                            type(exc).__name__, exc, "; further bad samples are not logged" if self.bad == 20 else "")
-            self.bad_in_a_row += 1
-            if self.bad_in_a_row > self.cfg.max_bad_samples:
-                raise DataError(f"{self.bad_in_a_row} samples in a row failed to decode (data.max_bad_samples="
-                                f"{self.cfg.max_bad_samples}); the last, {sample.get('__key__')} of "
-                                f"{sample.get('__url__')}: {type(exc).__name__}: {exc}. Check the shards and the "
-                                f"model settings") from exc
+            self.reject(sample, exc)
             return None
+
+    def same_shapes(self, example: dict, sample: dict) -> bool:
+        """Collate stacks the modality's fixed-shape keys: an example whose shapes differ from this stream's
+        first good example (e.g. a text block a token short) is a bad sample, skipped and counted here
+        rather than a crash in collate."""
+        shapes = {key: tuple(example[key].shape) for key in self.modality.fixed_shape_keys}
+        if self.shapes is None:
+            self.shapes = shapes
+        if shapes == self.shapes:
+            return True
+        self.reject(sample, ValueError(f"shapes {shapes} differ from this stream's first example's {self.shapes}"))
+        return False
+
+    def reject(self, sample: dict, exc: Exception) -> None:
+        """Count (and log the first 20 of) the bad samples; too many in a row stop the run."""
+        self.bad += 1
+        if self.bad <= 20:
+            log.warning("data: skipped sample %s of %s (%s: %s)%s", sample.get("__key__"), sample.get("__url__"),
+                        type(exc).__name__, exc, "; further bad samples are not logged" if self.bad == 20 else "")
+        self.bad_in_a_row += 1
+        if self.bad_in_a_row > self.cfg.max_bad_samples:
+            raise DataError(f"{self.bad_in_a_row} samples in a row failed to decode (data.max_bad_samples="
+                            f"{self.cfg.max_bad_samples}); the last, {sample.get('__key__')} of "
+                            f"{sample.get('__url__')}: {type(exc).__name__}: {exc}. Check the shards and the "
+                            f"model settings") from exc
 
     def __iter__(self):
         info = get_worker_info()
@@ -174,6 +217,7 @@ class ShardStream(IterableDataset):
         skip = self.positions[worker] if self.positions else 0  # raw samples this stream had consumed
         batch, index = [], 0
         self.bad = self.bad_in_a_row = 0
+        self.shapes = None
         decoded = usable = 0  # in the current pass over this stream's shards
         for sample in self.worker_samples(worker, workers):
             if sample is PASS_END:
@@ -189,6 +233,8 @@ class ShardStream(IterableDataset):
             rng = random.Random(f"sample/{self.seed}/{self.dp_rank}/{worker}/{index}")
             example = self.decode(sample, rng)
             decoded += 1
+            if example is not None and not self.same_shapes(example, sample):
+                example = None
             if example is not None:
                 self.bad_in_a_row = 0
                 usable += 1
@@ -222,14 +268,28 @@ def make_loader(shards: list[str], modality: Modality, cfg: DataConfig, batch_si
     # resumed run (loader created after the RNG state is restored) would drift from an uninterrupted one.
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(stream, batch_size=None, num_workers=cfg.workers, generator=generator,
-                      worker_init_fn=ignore_stop_signals, **kwargs)
+                      worker_init_fn=init_worker, **kwargs)
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader worker init: SIGTERM and SIGUSR2 are the rank's to handle (it saves a checkpoint first).
-    SLURM signals every process of a step, and torch's workers otherwise die on SIGTERM, crashing the rank."""
+def init_worker(_worker_id: int) -> None:
+    """DataLoader worker init. SIGTERM and SIGUSR2 are the rank's to handle (it saves a checkpoint first):
+    SLURM signals every process of a step, and torch's workers otherwise die on SIGTERM, crashing the rank.
+    Ignoring them also ignores what multiprocessing uses to stop workers at exit, so a worker is tied to
+    its rank instead: the kernel kills it the moment the rank's process dies (Linux), and a rank that fails
+    never waits on its workers (train.main leaves with os._exit)."""
     for sig in (signal.SIGTERM, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)
+    die_with_parent()
+
+
+def die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL): this process is killed when its parent exits (Linux only)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the call: nobody will read our batches
+            os._exit(0)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

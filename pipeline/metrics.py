@@ -4,10 +4,34 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 log = logging.getLogger("pipeline")
+
+
+def drop_records_after(path: Path, step: int) -> None:
+    """A resumed run restarts at its checkpoint's step: the records a crashed run wrote past that step are
+    replaced by the resumed run's (as TensorBoard's purge_step does), so every step appears once. A line
+    cut by the crash is dropped too."""
+    if not path.is_file():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            keep = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        log.info("metrics.jsonl: dropped %d record(s) after step %d, which this run redoes", dropped, step)
 
 
 class MetricsLogger:
@@ -22,6 +46,7 @@ class MetricsLogger:
         self.jsonl = self.tb = None
         if enabled:
             output.mkdir(parents=True, exist_ok=True)
+            drop_records_after(output / "metrics.jsonl", start_step)
             self.jsonl = open(output / "metrics.jsonl", "a", encoding="utf-8")
             try:
                 from torch.utils.tensorboard import SummaryWriter

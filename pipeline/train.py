@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def check_resumable(args, cfg) -> None:
     if ckpt is not None:
         try:
             checkpoint.read_marker(ckpt, cfg.parallel.tp)
+        except checkpoint.DamagedCheckpoint as exc:
+            if args.resume or cfg.train.resume_damaged != "previous":  # else the trainer falls back
+                raise ConfigError(str(exc)) from None
         except (checkpoint.CheckpointError, OSError, ValueError, KeyError) as exc:
             raise ConfigError(str(exc)) from None
 
@@ -108,14 +112,26 @@ def main(argv=None) -> int:
                       exc, trainer.ckpt_root)
         return 3
     except Exception as exc:  # name the rank: the launcher (srun --kill-on-bad-exit, torchrun) ends the others
-        log.error("rank %d of %d failed: %r", rt.rank, rt.world_size, exc)
-        raise
+        log.exception("rank %d of %d failed: %r", rt.rank, rt.world_size, exc)
+        fail_fast(1)
     finally:
         distributed.shutdown()
     # SIGUSR2 (SLURM's warning before the time limit): the checkpoint is complete, the rest runs after a requeue
     if status == "requeue" and trainer.step < cfg.train.steps and rt.is_main:
         distributed.requeue_slurm_job()
     return 0
+
+
+def fail_fast(code: int) -> None:
+    """End this rank now. A normal exit would wait for what a failed rank cannot finish: collectives in
+    flight (destroy_process_group can block on them) and DataLoader workers held alive by the traceback.
+    The launcher sees the exit code at once and stops the other ranks; the workers die with this process
+    (data.init_worker)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def parallel_layout(cfg, rt) -> dict:

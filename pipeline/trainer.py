@@ -221,10 +221,20 @@ class Trainer:
         return 4 * forward
 
     def resume(self, path: Path | None) -> None:
-        ckpt = path if path is not None else checkpoint.find_latest(self.ckpt_root)
-        if ckpt is None:
+        candidates = [path] if path is not None else checkpoint.complete_checkpoints(self.ckpt_root)
+        if not candidates:
             return
-        state = checkpoint.load(self, ckpt)
+        for ckpt in candidates:
+            try:
+                state = checkpoint.load(self, ckpt)
+                break
+            except checkpoint.DamagedCheckpoint as exc:  # raised on every rank together, before any state is set
+                if path is not None or self.cfg.train.resume_damaged != "previous" or ckpt == candidates[-1]:
+                    raise
+                if self.rt.is_main:
+                    log.warning("%s; train.resume_damaged=previous: set aside as %s, trying the previous complete "
+                                "checkpoint", exc, checkpoint.set_aside(ckpt).name)
+                self.barrier()
         self.step = state["step"]
         t = self.cfg.train
         self.engine.global_steps, self.engine.micro_steps = self.step, self.step * t.grad_accum
@@ -247,6 +257,11 @@ class Trainer:
                         "data.workers streams %d -> %d): model, optimizer and teacher state are exact; the data "
                         "order restarts from a new shuffle seeded by the step", ckpt, self.step, state["saved_dp"],
                         self.rt.dp, len(saved_streams), len(self.stream_positions))
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()
 
     def position(self) -> dict:
         """Where training stands, as saved in a checkpoint."""

@@ -7,6 +7,7 @@ rank on it:
   AVX512-FP16/AMX, or an AMD EPYC). DeepSpeed's CPU accelerator then answers ``is_fp16_supported()`` with
   None, which changes what ``deepspeed.zero.Init`` builds. ``=1``: a CPU whose oneDNN has fp16.
 - unset: whatever this machine is.
+- ``D2V_FAULT_COLLATE=RANK:AFTER``: a fault, not a machine: collate raises in that rank after AFTER batches.
 
 The patch is applied before the target runs, in every rank, so the forced answer is the one every
 DeepSpeed code path sees.
@@ -25,10 +26,30 @@ def force_cpu_fp16(supported: bool) -> None:
     cpu_accelerator.CPU_Accelerator.is_fp16_supported = lambda self: True if supported else None
 
 
+def fail_in_collate(rank: int, after: int) -> None:
+    """Make the modality's collate raise in rank ``rank`` after ``after`` good batches (per DataLoader
+    worker: the workers are forked with the patched class)."""
+    from pipeline.modalities.base import Modality
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    original, calls = Modality.collate, [0]
+
+    def collate(self, examples):
+        calls[0] += 1
+        if calls[0] > after:
+            raise RuntimeError(f"injected fault: collate of batch {calls[0]} on rank {rank}")
+        return original(self, examples)
+    Modality.collate = collate
+
+
 def apply_from_environment() -> None:
     fp16 = os.environ.get("D2V_MACHINE_CPU_FP16")
     if fp16 is not None:
         force_cpu_fp16(fp16 == "1")
+    fault = os.environ.get("D2V_FAULT_COLLATE")  # "RANK:AFTER"
+    if fault:
+        rank, after = map(int, fault.split(":"))
+        fail_in_collate(rank, after)
 
 
 def main(argv: list[str]) -> None:

@@ -25,6 +25,9 @@ class Modality(abc.ABC):
     Config: ClassVar[type]  # the modality's own dataclass (the ``model:`` section of a preset)
     data_kind: ClassVar[str]  # the data_prep manifest's "modality" this modality trains on
     prefix_tokens: ClassVar[int] = 0  # tokens prepended by the embedder (e.g. CLS), excluded from targets
+    # example keys whose shape every example of a data stream shares (collate stacks them): a sample whose
+    # shapes differ is skipped as bad instead of crashing collate
+    fixed_shape_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -138,6 +138,7 @@ class Text(Modality):
     name = "text"
     data_kind = "text"
     Config = TextConfig
+    fixed_shape_keys = ("tokens", "student_tokens", "mask")
 
     def example(self, sample, rng):
         key = next((k for k in TOKEN_KEYS if k in sample), None)

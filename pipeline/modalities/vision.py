@@ -33,10 +33,13 @@ class VisionConfig:
     min_aspect: float = doc("smallest block aspect ratio (the largest is its inverse)", 0.3)
     crop_scale: list = doc("RandomResizedCrop area range", [0.08, 1.0])
     hflip: bool = doc("random horizontal flip", True)
+    max_pixels: int = doc("a sample image of more pixels is skipped as bad before it is decoded (data_prep.images "
+                          "--max-pixels: the same default)", 50_000_000)
     mean: list = doc("per-channel normalisation mean", [0.485, 0.456, 0.406])
     std: list = doc("per-channel normalisation std", [0.229, 0.224, 0.225])
 
     def __post_init__(self):
+        require(0 < self.image_size <= 8192, f"model.image_size={self.image_size} must be in [1, 8192]")
         require(self.patch_size > 0 and self.image_size % self.patch_size == 0,
                 f"model.image_size={self.image_size} must be a multiple of model.patch_size={self.patch_size}")
         require(0.0 < self.mask_ratio < 1.0, f"model.mask_ratio={self.mask_ratio} must be in (0, 1)")
@@ -178,6 +181,7 @@ class Vision(Modality):
     name = "vision"
     data_kind = "image"
     Config = VisionConfig
+    fixed_shape_keys = ("image", "mask")
     prefix_tokens = 1  # CLS
 
     def example(self, sample, rng):
@@ -186,6 +190,8 @@ class Vision(Modality):
         if key is None:
             raise ValueError(f"sample {sample.get('__key__')} has no image (expected one of {IMAGE_KEYS})")
         with Image.open(io.BytesIO(sample[key])) as img:
+            if img.width * img.height > cfg.max_pixels:  # header only: refuse before decoding every pixel
+                raise ValueError(f"{img.width}x{img.height} image is over model.max_pixels={cfg.max_pixels:,}")
             img = random_resized_crop(img.convert("RGB"), cfg.image_size, cfg.crop_scale, rng)
         if cfg.hflip and rng.random() < 0.5:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
