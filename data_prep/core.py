@@ -358,7 +358,8 @@ def output_lock(out: Path, manifest_name: str) -> Iterator[None]:
         f.flush()
         try:
             yield
-        finally:
+        finally:  # removed while still held: a prep that opened it meanwhile fails to lock it, not races
+            path.unlink(missing_ok=True)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from pipeline.checkpoint import file_crc32
 
 # The tiny preset on 2 CPU ranks; the GPU-node defaults of the scripts are overridden on the command line.
 CPU_JOB = ["-N1", "-n2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "--time=30"]
@@ -112,8 +113,10 @@ def test_preemption_saves_at_an_agreed_step_requeues_and_resumes_exactly(slurm, 
     stop = int(re.search(r"INFO requeue at step (\d+)", text).group(1))
     assert 1 <= stop < 12, stop  # the signal landed mid-run
     ckpt = out / f"checkpoints/step_{stop:08d}"
-    assert json.loads((ckpt / "COMPLETE").read_text()) == {"step": stop, "world_size": 2, "tp": 1, "dp": 2,
-                                                           "grid": [[0, 0], [0, 1]]}
+    marker = json.loads((ckpt / "COMPLETE").read_text())
+    crcs = marker.pop("crc32")  # one CRC-32 per rank file, checked on resume
+    assert marker == {"step": stop, "world_size": 2, "tp": 1, "dp": 2, "grid": [[0, 0], [0, 1]]}
+    assert crcs == [file_crc32(ckpt / f"d2v_rank{rank:05d}.pt") for rank in (0, 1)]
     for rank in (0, 1):  # every rank wrote its part of the checkpoint at that step
         own = torch.load(ckpt / f"d2v_rank{rank:05d}.pt", map_location="cpu", weights_only=True)
         assert own["step"] == stop and own["moments"] == ["exp_avg", "exp_avg_sq"]
