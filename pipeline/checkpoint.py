@@ -147,7 +147,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 def set_aside(ckpt: Path) -> Path:
     """Rename a damaged checkpoint so that nothing resumes from it or mistakes it for a saved step (a save
     at that step would otherwise keep it). Kept, not deleted: its other files may still be of use."""
-    aside = ckpt.with_name(f"{ckpt.name}.damaged")
+    aside = ckpt.with_name(f"damaged_{ckpt.name}")  # no longer a step_* directory: never resumed, pruned or reused
     if not aside.exists():
         os.replace(ckpt, aside)
     return aside

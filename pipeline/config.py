@@ -138,7 +138,7 @@ class TrainConfig:
     stop_after: int = doc("end this run (with a checkpoint) once this step is reached; the schedule still "
                           "targets train.steps and a later run resumes (0: run to train.steps)", 0)
     resume_damaged: str = doc("a checkpoint whose files fail their CRC-32 (or cannot be read) on resume: 'error' "
-                              "(stop, naming the file) or 'previous' (set it aside as step_N.damaged, warn, and "
+                              "(stop, naming the file) or 'previous' (set it aside as damaged_step_N, warn, and "
                               "resume from the newest older complete checkpoint)", "error")
 
     def __post_init__(self):

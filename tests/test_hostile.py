@@ -333,8 +333,8 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught_on_resume_and_export(tiny_shar
     fallback = train_one_rank(tiny_shards, out, "train.steps=6", "train.resume_damaged=previous")
     log = fallback.stdout + fallback.stderr
     assert fallback.returncode == 0, log[-3000:]
-    assert "set aside as step_00000004.damaged" in log and "resumed from" in log and "step_00000002" in log
-    assert (ckpts / "step_00000004.damaged").is_dir() and (ckpts / "step_00000006" / "COMPLETE").is_file()
+    assert "set aside as damaged_step_00000004" in log and "resumed from" in log and "step_00000002" in log
+    assert (ckpts / "damaged_step_00000004").is_dir() and (ckpts / "step_00000006" / "COMPLETE").is_file()
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # records 3 and 4 of the damaged run were replaced
 
