@@ -95,7 +95,7 @@ class DataConfig:
     prefetch: int = doc("batches prefetched per worker", 2)
     verify: str = doc("how shards are checked against the manifest: 'size' (at start-up; cheap) or 'sha256' (also "
                       "each shard's sha256, by the worker that reads it, when it first opens it: a mismatch stops "
-                      "the run naming the shard; costs one extra read of the data per worker and pass 1)", "size")
+                      "the run naming the shard; costs one extra read of each shard, once per worker)", "size")
     max_bad_samples: int = doc("samples in a row that may fail to decode (each is logged and skipped) before "
                                "the run stops with an error; 0: stop at the first", 100)
 
