@@ -221,9 +221,11 @@ class Trainer:
         return 4 * forward
 
     def resume(self, path: Path | None) -> None:
-        candidates = [path] if path is not None else checkpoint.complete_checkpoints(self.ckpt_root)
-        if not candidates:
+        latest = path if path is not None else checkpoint.find_latest(self.ckpt_root)
+        if latest is None:
             return
+        # on damage (train.resume_damaged=previous) the complete checkpoints before it, newest first
+        candidates = [latest] + [c for c in checkpoint.complete_checkpoints(self.ckpt_root) if c.name < latest.name]
         for ckpt in candidates:
             try:
                 state = checkpoint.load(self, ckpt)
