@@ -302,13 +302,8 @@ def prune(root: Path, keep: int, newest: Path) -> None:
 
 
 # -- load ---------------------------------------------------------------------------------------
-def read_marker(ckpt: Path, tp: int) -> dict:
-    """The ``COMPLETE`` marker of a checkpoint a job with tensor-parallel size ``tp`` can resume from.
-    Cheap (no tensors are read), so ``pipeline.train`` calls it before any process group starts."""
-    ckpt = Path(ckpt)
-    if not is_complete(ckpt):
-        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker); pick another with "
-                              f"--resume, or start over in a new train.output_dir")
+def read_complete(ckpt: Path) -> dict:
+    """The parsed ``COMPLETE`` marker; DamagedCheckpoint, naming it, when it is not one."""
     try:
         marker = json.loads((ckpt / COMPLETE).read_text("utf-8"))
     except (OSError, ValueError, RecursionError) as exc:
@@ -317,6 +312,17 @@ def read_marker(ckpt: Path, tp: int) -> dict:
     if not isinstance(marker, dict) or not {"tp", "dp", "world_size"} <= set(marker):
         raise DamagedCheckpoint(f"{ckpt / COMPLETE} does not hold a checkpoint marker ({str(marker)[:60]!r}); resume "
                                 f"from an earlier checkpoint (--resume DIR, or train.resume_damaged=previous)")
+    return marker
+
+
+def read_marker(ckpt: Path, tp: int) -> dict:
+    """The ``COMPLETE`` marker of a checkpoint a job with tensor-parallel size ``tp`` can resume from.
+    Cheap (no tensors are read), so ``pipeline.train`` calls it before any process group starts."""
+    ckpt = Path(ckpt)
+    if not is_complete(ckpt):
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker); pick another with "
+                              f"--resume, or start over in a new train.output_dir")
+    marker = read_complete(ckpt)
     if "grid" not in marker:
         raise CheckpointError(f"{ckpt} was written by an older version of the pipeline (no grid in {COMPLETE}); "
                               f"it cannot be resumed by this one: start over in a new train.output_dir")

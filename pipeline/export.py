@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.checkpoint import (COMPLETE, CheckpointError, atomic_torch_save, is_complete, read_rank_file,
-                                 repartition, verify_rank_file)
+from pipeline.checkpoint import (COMPLETE, CheckpointError, atomic_torch_save, is_complete, read_complete,
+                                 read_rank_file, repartition, verify_rank_file)
 
 
 class ExportError(RuntimeError):
@@ -32,13 +32,9 @@ class ExportError(RuntimeError):
 def load_rank_files(ckpt: Path) -> dict[tuple[int, int], dict]:
     """{(tp_rank, dp_rank): rank state} for every rank file, checked to form a full TP x DP grid."""
     states = {}
-    try:
-        marker = json.loads((ckpt / COMPLETE).read_text("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
-        raise ExportError(f"{ckpt / COMPLETE} is damaged ({type(exc).__name__}); export an earlier checkpoint") from None
+    marker = read_complete(ckpt)
     for path in sorted(ckpt.glob("d2v_rank*.pt")):
-        if isinstance(marker, dict) and "crc32" in marker:
-            verify_rank_file(ckpt, marker, int(path.stem.removeprefix("d2v_rank")))
+        verify_rank_file(ckpt, marker, int(path.stem.removeprefix("d2v_rank")))
         state = read_rank_file(path)
         grid = state["grid"]
         states[(grid["tp_rank"], grid["dp_rank"])] = state
