@@ -2,7 +2,7 @@
 
 Waveform (16 kHz, normalised per utterance) -> 7-layer conv feature encoder (LayerNorm + GELU after
 each conv, 16000 samples -> 49 frames) -> LayerNorm + Linear(C, D) -> learned mask embedding at masked
-frames -> convolutional positional encoding (added) -> LayerNorm -> post-LN blocks. The shapes and
+frames -> convolutional positional encoding (added) -> LayerNorm -> dropout -> post-LN blocks. The shapes and
 order follow transformers' ``Data2VecAudioModel``.
 
 Batches are cropped to the shortest clip in the batch (as the reference does): there is no padding,
@@ -143,18 +143,19 @@ class SpeechEmbedder(nn.Module):
         super().__init__()
         channels = cfg.conv_layers[-1][0]
         self.feature_extractor = FeatureEncoder(cfg.conv_layers)
-        self.feature_norm = nn.LayerNorm(channels)
+        self.feature_norm = nn.LayerNorm(channels, eps=enc.layer_norm_eps)
         self.projection = nn.Linear(channels, enc.dim)
         self.mask_emb = nn.Parameter(torch.empty(enc.dim).uniform_())
         self.pos_conv = PositionalConv(enc.dim, cfg.pos_conv_layers, cfg.pos_conv_kernel, cfg.pos_conv_groups)
         self.encoder_norm = nn.LayerNorm(enc.dim, eps=enc.layer_norm_eps)
+        self.dropout = nn.Dropout(enc.dropout)  # fairseq TransformerEncoder.extract_features, HF Data2VecAudioEncoder
 
     def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
         feats = self.feature_extractor(batch["audio"]).transpose(1, 2)  # (B, T, C)
         x = self.projection(self.feature_norm(feats))  # (B, T, D)
         if mask is not None:
             x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
-        x = self.encoder_norm(x + self.pos_conv(x))
+        x = self.dropout(self.encoder_norm(x + self.pos_conv(x)))
         return x, None
 
 
