@@ -22,8 +22,9 @@ setup(
         "soundfile>=0.12",  # audio decoding (libsndfile: FLAC/WAV/OGG); torchaudio only resamples
     ],
     extras_require={
-        # transformers: Data2Vec reference models for the benchmark comparison
-        "test": ["pytest>=8", "pytest-timeout>=2", "transformers>=4.40"],
+        # transformers: the Data2Vec models our backbones are tested against (and the benchmark peer);
+        # torchvision: the ColorJitter / RandomResizedCrop our vision augmentation is tested against
+        "test": ["pytest>=8", "pytest-timeout>=2", "transformers>=4.40", "torchvision==0.24.1"],
     },
     entry_points={"console_scripts": ["d2v-train=pipeline.train:main", "d2v-prep-images=data_prep.images:main"]},
 )

@@ -123,7 +123,12 @@ class TrainConfig:
                         "cosine")
     hold_steps: int = doc("tri_stage: steps at the peak lr after the warmup", 0)
     init_lr_scale: float = doc("tri_stage: the warmup starts at lr x this", 0.01)
-    weight_decay: float = doc("AdamW weight decay (biases, norms and other 1-D parameters are excluded)", 0.05)
+    weight_decay: float = doc("AdamW weight decay (which parameters it spares: train.decay_exempt)", 0.05)
+    decay_exempt: str = doc("parameters weight decay spares: 'reference' (the modality's released recipe: 'beit' for "
+                            "vision, 'none' for speech and text), 'beit' (1-D parameters, biases and cls_token; "
+                            "mask_token and the relative position table decay), 'none' (every parameter decays, as "
+                            "fairseq data2vec v1 audio and text) or '1d' (1-D parameters, biases, cls/mask tokens "
+                            "and the relative position table)", "reference")
     betas: list = doc("AdamW betas", [0.9, 0.999])
     eps: float = doc("AdamW epsilon", 1e-8)
     grad_clip: float = doc("clip the global gradient norm to this (0: no clipping); written into the DeepSpeed "
@@ -160,6 +165,7 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
         require(self.output_dir.strip() != "", "train.output_dir must not be empty: checkpoints and logs go there")
         one_of("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        one_of("train.decay_exempt", self.decay_exempt, ("reference", "beit", "none", "1d"))
         one_of("train.resume_damaged", self.resume_damaged, ("error", "previous"))
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 f"train.betas={self.betas} must be two numbers in [0, 1)")

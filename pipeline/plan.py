@@ -535,10 +535,10 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     in_flight = p.largest_block + min(prefetch, p.largest_block)  # the nominal working set
 
     # optimizer groups (decay / no decay, as pipeline.trainer.param_groups), split into sub-groups
-    from pipeline.trainer import NO_DECAY_SUFFIXES
-    groups = [0, 0]
+    from pipeline.trainer import decay_rule, decays
+    groups, rule = [0, 0], decay_rule(cfg)
     for i in infos:
-        groups[int(i.ndim <= 1 or i.name.endswith(NO_DECAY_SUFFIXES))] += ceil(i.numel)
+        groups[int(not decays(i.name, i.ndim, rule))] += ceil(i.numel)
     largest_sub = max(min(g, sub_group) for g in groups)
 
     s, b = p.seq, micro

@@ -26,7 +26,9 @@ from pipeline.objective import collapse_alarm, moment_stats, regression_loss, st
 
 log = logging.getLogger("pipeline")
 
-NO_DECAY_SUFFIXES = ("bias", "cls_token", "mask_token", "rel_pos_bias.table")
+# train.decay_exempt -> the parameters AdamW's weight decay leaves alone
+EXEMPT_SUFFIXES = {"beit": (".bias", "cls_token"),  # + every 1-D parameter (BEiT optim_factory.get_parameter_groups)
+                   "1d": ("bias", "cls_token", "mask_token", "rel_pos_bias.table")}  # + every 1-D parameter
 
 
 class CollapseError(RuntimeError):
@@ -37,13 +39,25 @@ def full_shape(p: torch.nn.Parameter) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are empty outside a gather
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay for biases, norms, tokens and other 1-D parameters."""
+def decay_rule(cfg: ExperimentConfig) -> str:
+    """train.decay_exempt with 'reference' resolved to the modality's released recipe."""
+    rule = cfg.train.decay_exempt
+    return cfg.make_modality().decay_exempt if rule == "reference" else rule
+
+
+def decays(name: str, ndim: int, rule: str) -> bool:
+    """Whether AdamW decays a parameter under ``rule`` ('none': every parameter decays, as fairseq v1)."""
+    if rule == "none":
+        return True
+    return not (ndim <= 1 or name.endswith(EXEMPT_SUFFIXES[rule]))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, rule: str) -> list[dict]:
+    """AdamW groups: decayed, and exempt under ``rule`` (see ``decays``)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if len(full_shape(p)) <= 1 or name.endswith(NO_DECAY_SUFFIXES) else decay).append(p)
+        if p.requires_grad:
+            (decay if decays(name, len(full_shape(p)), rule) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -106,7 +120,7 @@ class Trainer:
         teacher = build_sharded(lambda: Backbone(self.modality, cfg.encoder, mp), self.ds_teacher, rt)
         teacher.requires_grad_(False)
         t = cfg.train
-        optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+        optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay, decay_rule(cfg)), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=student, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_student, mpu=rt.mpu)

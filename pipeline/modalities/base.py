@@ -28,6 +28,7 @@ class Modality(abc.ABC):
     # example keys whose shape every example of a data stream shares (collate stacks them): a sample whose
     # shapes differ is skipped as bad instead of crashing collate
     fixed_shape_keys: ClassVar[tuple[str, ...]] = ()
+    decay_exempt: ClassVar[str] = "none"  # train.decay_exempt=reference means this (the released recipe's rule)
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

@@ -78,8 +78,9 @@ def span_mask(batch: int, frames: int, mask_prob: float, span: int, rng: random.
     overlap. Rows are then thinned to the smallest row's count so every row masks the same number."""
     rows = []
     for _ in range(batch):
-        starts = rng.sample(range(frames - span + 1), min(max(1, int(mask_prob * frames / span + rng.random())),
-                                                          frames - span + 1))
+        # fairseq draws distinct starts from [0, frames - span): the last possible start is never drawn
+        starts = rng.sample(range(frames - span), min(max(1, int(mask_prob * frames / span + rng.random())),
+                                                      frames - span))
         rows.append(sorted({s + k for s in starts for k in range(span)}))
     count = min(len(r) for r in rows)
     mask = torch.zeros(batch, frames, dtype=torch.bool)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from pipeline.config import EncoderConfig, doc, require
 from pipeline.modalities.base import Modality
@@ -33,6 +33,8 @@ class VisionConfig:
     min_aspect: float = doc("smallest block aspect ratio (the largest is its inverse)", 0.3)
     crop_scale: list = doc("RandomResizedCrop area range", [0.08, 1.0])
     hflip: bool = doc("random horizontal flip", True)
+    color_jitter: float = doc("ColorJitter strength for brightness, contrast and saturation (BEiT/data2vec: 0.4; "
+                              "0 disables it)", 0.4)
     max_pixels: int = doc("a sample image of more pixels is skipped as bad before it is decoded (data_prep.images "
                           "--max-pixels: the same default)", 50_000_000)
     mean: list = doc("per-channel normalisation mean", [0.485, 0.456, 0.406])
@@ -48,6 +50,7 @@ class VisionConfig:
         require(0 < self.min_aspect <= 1, "model.min_aspect must be in (0, 1]")
         require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
                 "model.crop_scale must be [min, max] with 0 < min <= max <= 1")
+        require(0 <= self.color_jitter < 1, f"model.color_jitter={self.color_jitter} must be in [0, 1)")
         require(len(self.mean) == self.in_chans and len(self.std) == self.in_chans,
                 "model.mean and model.std need one value per channel")
 
@@ -66,7 +69,8 @@ class VisionConfig:
 
 def add_block(mask: list[list[bool]], budget: int, min_patches: int, min_aspect: float,
               rng: random.Random) -> int:
-    """Try (10 times) to mask one random rectangle adding 1..budget new patches; return how many."""
+    """Try (10 times) to mask one random rectangle adding 1..budget new patches; return how many. As BEiT's
+    MaskingGenerator._mask: the area is drawn from U(min_patches, budget) even when budget < min_patches."""
     height, width = len(mask), len(mask[0])
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     for _ in range(10):
@@ -94,7 +98,7 @@ def block_mask(grid: int, num_masked: int, min_patches: int, min_aspect: float,
     mask = [[False] * grid for _ in range(grid)]
     count = 0
     while count < num_masked:
-        added = add_block(mask, num_masked - count, min(min_patches, num_masked - count), min_aspect, rng)
+        added = add_block(mask, num_masked - count, min_patches, min_aspect, rng)
         if added == 0:
             break
         count += added
@@ -109,20 +113,52 @@ def block_mask(grid: int, num_masked: int, min_patches: int, min_aspect: float,
 # Augmentation (PIL, driven by the per-sample rng so it replays exactly on resume)
 # ---------------------------------------------------------------------------------------------
 
-def random_resized_crop(img: Image.Image, size: int, scale: list, rng: random.Random) -> Image.Image:
-    width, height = img.size
+def color_jitter(img: Image.Image, strength: float, rng: random.Random) -> Image.Image:
+    """torchvision ColorJitter(strength, strength, strength) on a PIL image: brightness, contrast and saturation
+    factors drawn from U[1 - s, 1 + s], applied in a random order (PIL ImageEnhance, as torchvision does)."""
+    factors = [rng.uniform(max(0.0, 1 - strength), 1 + strength) for _ in range(3)]
+    order = [0, 1, 2]
+    rng.shuffle(order)
+    for k in order:
+        img = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)[k](img).enhance(factors[k])
+    return img
+
+
+def crop_box(width: int, height: int, scale: list, rng: random.Random,
+             ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params: (top, left, h, w) of a crop of a random area share in
+    ``scale`` and log-uniform aspect ratio; after 10 misses, the centre crop clamped to ``ratio``."""
     area = width * height
-    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target = area * rng.uniform(*scale)
         aspect = math.exp(rng.uniform(*log_ratio))
         w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
         if 0 < w <= width and 0 < h <= height:
-            top, left = rng.randint(0, height - h), rng.randint(0, width - w)
-            return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    side = min(width, height)  # fallback: centre crop
-    left, top = (width - side) // 2, (height - side) // 2
-    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(img: Image.Image, size: int, scale: list, rng: random.Random) -> Image.Image:
+    top, left, h, w = crop_box(img.width, img.height, scale, rng)
+    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+
+
+def augment(img: Image.Image, cfg: VisionConfig, rng: random.Random) -> Image.Image:
+    """BEiT's DataAugmentationForBEiT common transform, in its order: ColorJitter, horizontal flip,
+    RandomResizedCrop (bicubic)."""
+    if cfg.color_jitter > 0:
+        img = color_jitter(img, cfg.color_jitter, rng)
+    if cfg.hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return random_resized_crop(img, cfg.image_size, cfg.crop_scale, rng)
 
 
 def to_tensor(img: Image.Image, mean: list, std: list) -> torch.Tensor:
@@ -183,6 +219,7 @@ class Vision(Modality):
     Config = VisionConfig
     fixed_shape_keys = ("image", "mask")
     prefix_tokens = 1  # CLS
+    decay_exempt = "beit"  # data2vec_vision beit/optim_factory.py: 1-D, .bias and no_weight_decay() = cls_token
 
     def example(self, sample, rng):
         cfg = self.cfg
@@ -192,9 +229,7 @@ class Vision(Modality):
         with Image.open(io.BytesIO(sample[key])) as img:
             if img.width * img.height > cfg.max_pixels:  # header only: refuse before decoding every pixel
                 raise ValueError(f"{img.width}x{img.height} image is over model.max_pixels={cfg.max_pixels:,}")
-            img = random_resized_crop(img.convert("RGB"), cfg.image_size, cfg.crop_scale, rng)
-        if cfg.hflip and rng.random() < 0.5:
-            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            img = augment(img.convert("RGB"), cfg, rng)
         mask = block_mask(cfg.grid, cfg.num_masked, cfg.min_block_patches, cfg.min_aspect, rng)
         return {"image": to_tensor(img, cfg.mean, cfg.std), "mask": mask}
 
