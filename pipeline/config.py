@@ -59,6 +59,9 @@ class EncoderConfig:
                            "Every rank skips the same blocks in a micro-step: ZeRO-3 gathers parameters "
                            "collectively", 0.0)
     layer_norm_eps: float = doc("LayerNorm epsilon", 1e-6)
+    init: str = doc("weight init: 'beit' (trunc_normal(0.02) cut at +-1 std, output projections scaled by "
+                    "1/sqrt(2 x layer) in pre-LN stacks: BEiT/data2vec vision) or 'bert' (normal(0.02), padding rows "
+                    "zero: fairseq init_bert_params, data2vec speech and text)", "beit")
     tap: str = doc("what each block gives the teacher's targets: 'block' (output after the residual, v1 vision) "
                    "or 'ffn' (FFN output before the last residual and post-LN, v1 speech/text)", "block")
 
@@ -73,6 +76,7 @@ class EncoderConfig:
             value = getattr(self, name)
             require(0.0 <= value < 1.0, f"encoder.{name}={value} must be in [0, 1)")
         one_of("encoder.tap", self.tap, ("block", "ffn"))
+        one_of("encoder.init", self.init, ("beit", "bert"))
 
 
 @dataclass

@@ -35,7 +35,8 @@ class EMAConfig:
 
 
 def tau_at(step: int, cfg: EMAConfig) -> float:
-    """Linear anneal from tau0 to tau_end over anneal_steps updates, then constant."""
+    """Linear anneal from tau0 to tau_end over anneal_steps updates, then constant. ``step`` counts updates
+    from 1, as fairseq's num_updates: the EMA step after the first optimizer step uses tau_at(1)."""
     if cfg.anneal_steps == 0 or step >= cfg.anneal_steps:
         return cfg.tau_end
     return cfg.tau0 + (cfg.tau_end - cfg.tau0) * step / cfg.anneal_steps

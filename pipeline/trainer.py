@@ -217,7 +217,7 @@ class Trainer:
                 self.engine.step()
         if any(m.get("skipped") for m in metrics):
             return {**metrics[-1], "skipped": True}
-        tau = tau_at(self.step, self.cfg.ema)
+        tau = tau_at(self.step + 1, self.cfg.ema)  # the EMA after update n (from 1) decays by tau(n), as fairseq
         self.ema.update(tau)
         self.step += 1
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("loss", "target_std", "prediction_std", "tokens")}

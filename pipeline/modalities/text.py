@@ -21,7 +21,7 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from pipeline.config import EncoderConfig, doc, one_of, require
 from pipeline.modalities.base import Modality
-from pipeline.model.transformer import TruncNormalEmbedding, trunc_normal_init
+from pipeline.model.transformer import InitEmbedding, InitLinear, weight_init
 
 TOKEN_KEYS = {"u16": np.uint16, "i32": np.int32}
 
@@ -106,8 +106,9 @@ class TextEmbedder(nn.Module):
         super().__init__()
         self.pad_id = cfg.pad_id
         self.tokens = VocabParallelEmbedding(cfg.padded_vocab(mp.tensor_model_parallel_size), enc.dim,
-                                             init_method=trunc_normal_init(0.02), config=mp)
-        self.positions = TruncNormalEmbedding(cfg.max_positions + cfg.pad_id + 1, enc.dim, std=0.02)
+                                             init_method=weight_init(enc.init, pad_row=cfg.pad_id), config=mp)
+        self.positions = InitEmbedding(cfg.max_positions + cfg.pad_id + 1, enc.dim,
+                                       init=weight_init(enc.init, pad_row=cfg.pad_id))
         self.norm = nn.LayerNorm(enc.dim, eps=enc.layer_norm_eps)
         self.dropout = nn.Dropout(enc.dropout)
 
@@ -124,11 +125,12 @@ class TextEmbedder(nn.Module):
 
 
 class TwoLayerHead(nn.Module):
-    """data2vec v1 text regression head: Linear(D, 2D) -> GELU -> Linear(2D, D)."""
+    """data2vec v1 text regression head: Linear(D, 2D) -> GELU -> Linear(2D, D), drawn by ``init``
+    (fairseq applies init_bert_params to it)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, init):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.fc1, self.fc2 = InitLinear(dim, 2 * dim, init=init), InitLinear(2 * dim, dim, init=init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -168,7 +170,7 @@ class Text(Modality):
         return TextEmbedder(self.cfg, enc, mp)
 
     def build_head(self, enc, mp):
-        return TwoLayerHead(enc.dim)
+        return TwoLayerHead(enc.dim, weight_init(enc.init))
 
     def tokens_per_sample(self):
         return self.cfg.max_positions

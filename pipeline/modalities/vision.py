@@ -19,6 +19,7 @@ from PIL import Image, ImageEnhance
 
 from pipeline.config import EncoderConfig, doc, require
 from pipeline.modalities.base import Modality
+from pipeline.model.transformer import InitConv2d, InitLinear, weight_init
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 
@@ -197,11 +198,12 @@ class RelativePositionBias(nn.Module):
 class PatchEmbedder(nn.Module):
     def __init__(self, cfg: VisionConfig, enc: EncoderConfig, tp: int = 1):
         super().__init__()
-        self.patch = nn.Conv2d(cfg.in_chans, enc.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        init = weight_init(enc.init)
+        self.patch = InitConv2d(cfg.in_chans, enc.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size, init=init)
         self.cls_token = nn.Parameter(torch.empty(1, 1, enc.dim))
         self.mask_token = nn.Parameter(torch.empty(1, 1, enc.dim))
         for p in (self.cls_token, self.mask_token):
-            nn.init.trunc_normal_(p, std=0.02, a=-0.04, b=0.04)
+            init(p)
         self.rel_pos_bias = RelativePositionBias(cfg.grid, enc.heads, tp)
 
     def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
@@ -235,6 +237,9 @@ class Vision(Modality):
 
     def build_embedder(self, enc, mp):
         return PatchEmbedder(self.cfg, enc, mp.tensor_model_parallel_size)
+
+    def build_head(self, enc, mp):
+        return InitLinear(enc.dim, enc.dim, init=weight_init(enc.init))  # BEiT _init_weights: trunc_normal(0.02), bias 0
 
     def tokens_per_sample(self):
         return self.cfg.grid ** 2

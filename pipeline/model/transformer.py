@@ -9,6 +9,7 @@ taps, so the objective never reaches into the block.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -19,36 +20,59 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from pipeline.config import EncoderConfig
 
 
-def trunc_normal_init(std: float = 0.02):
+def weight_init(rule: str, std: float = 0.02, pad_row: int | None = None) -> Callable[[torch.Tensor], None]:
+    """The weight init of ``encoder.init``: 'beit' draws trunc_normal(std) cut at +-1 std (BEiT's own
+    trunc_normal_, a=-std, b=std); 'bert' draws normal(std) (fairseq init_bert_params), with an embedding's
+    ``pad_row`` zeroed."""
     def init(weight: torch.Tensor) -> None:
-        nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+        if rule == "bert":
+            nn.init.normal_(weight, std=std)
+            if pad_row is not None:
+                with torch.no_grad():
+                    weight[pad_row].zero_()
+        else:
+            nn.init.trunc_normal_(weight, std=std, a=-std, b=std)
     return init
 
 
-class TruncNormalEmbedding(nn.Embedding):
-    """nn.Embedding drawn from trunc_normal(std) at +-2 std, in its own constructor.
+class OwnInit:
+    """Mixin for a torch layer: its weight is drawn by ``init`` (see ``weight_init``) and its bias zeroed, in
+    its own ``reset_parameters``, which the layer's constructor calls.
 
-    Every module initialises its own parameters inside its own ``__init__`` (here ``reset_parameters``,
-    which nn.Embedding's constructor calls): under ``deepspeed.zero.Init`` a module's parameters are
-    partitioned when its ``__init__`` returns, so an init a parent applies afterwards is silently lost.
+    Every module initialises its own parameters inside its own ``__init__``: under ``deepspeed.zero.Init``
+    a module's parameters are partitioned when its ``__init__`` returns, so an init a parent applies
+    afterwards is silently lost.
     """
 
-    def __init__(self, num_embeddings: int, dim: int, std: float = 0.02):
-        self.std = std
-        super().__init__(num_embeddings, dim)
+    def __init__(self, *args, init: Callable[[torch.Tensor], None], **kwargs):
+        self.init = init
+        super().__init__(*args, **kwargs)
 
     def reset_parameters(self) -> None:
-        trunc_normal_init(self.std)(self.weight)
+        self.init(self.weight)
+        if getattr(self, "bias", None) is not None:
+            nn.init.zeros_(self.bias)
 
 
-def column(in_dim: int, out_dim: int, mp: ModelParallelConfig, bias: bool = True, std: float = 0.02):
-    return ColumnParallelLinear(in_dim, out_dim, config=mp, init_method=trunc_normal_init(std), bias=bias,
-                                gather_output=False)
+class InitEmbedding(OwnInit, nn.Embedding):
+    pass
 
 
-def row(in_dim: int, out_dim: int, mp: ModelParallelConfig, std: float = 0.02):
-    return RowParallelLinear(in_dim, out_dim, config=mp, init_method=trunc_normal_init(std), bias=True,
-                             input_is_parallel=True, skip_bias_add=False)
+class InitLinear(OwnInit, nn.Linear):
+    """BEiT's and fairseq's heads (``_init_weights``, ``init_bert_params``)."""
+
+
+class InitConv2d(OwnInit, nn.Conv2d):
+    """BEiT's patch embedding (``_init_weights`` covers Conv2d)."""
+
+
+def column(in_dim: int, out_dim: int, mp: ModelParallelConfig, init: Callable, bias: bool = True):
+    return ColumnParallelLinear(in_dim, out_dim, config=mp, init_method=init, bias=bias, gather_output=False)
+
+
+def row(in_dim: int, out_dim: int, mp: ModelParallelConfig, init: Callable):
+    return RowParallelLinear(in_dim, out_dim, config=mp, init_method=init, bias=True, input_is_parallel=True,
+                             skip_bias_add=False)
 
 
 class DropPath(nn.Module):
@@ -75,10 +99,11 @@ class Attention(nn.Module):
         self.local_heads = cfg.heads // tp
         self.head_dim = cfg.dim // cfg.heads
         self.attn_dropout = cfg.attn_dropout
-        self.query = column(cfg.dim, cfg.dim, mp)
-        self.key = column(cfg.dim, cfg.dim, mp, bias=cfg.key_bias)
-        self.value = column(cfg.dim, cfg.dim, mp)
-        self.out = row(cfg.dim, cfg.dim, mp, std=out_std)
+        init = weight_init(cfg.init)
+        self.query = column(cfg.dim, cfg.dim, mp, init)
+        self.key = column(cfg.dim, cfg.dim, mp, init, bias=cfg.key_bias)
+        self.value = column(cfg.dim, cfg.dim, mp, init)
+        self.out = row(cfg.dim, cfg.dim, mp, weight_init(cfg.init, out_std))
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, h*hd) -> (B, h, T, hd)
         b, t, _ = x.shape
@@ -97,8 +122,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: EncoderConfig, mp: ModelParallelConfig, out_std: float):
         super().__init__()
-        self.fc1 = column(cfg.dim, cfg.ffn_dim, mp)
-        self.fc2 = row(cfg.ffn_dim, cfg.dim, mp, std=out_std)
+        self.fc1 = column(cfg.dim, cfg.ffn_dim, mp, weight_init(cfg.init))
+        self.fc2 = row(cfg.ffn_dim, cfg.dim, mp, weight_init(cfg.init, out_std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)[0]))[0]
