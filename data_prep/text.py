@@ -1,20 +1,33 @@
 """Text prep: plain text and JSON Lines (optionally gzip'd) -> sentencepiece token blocks in WebDataset shards.
 
-    python -m data_prep.text --input PATH [PATH ...] --output OUT [--vocab-size 50000] [--block-size 512] [--workers 8]
+    python -m data_prep.text --input PATH [PATH ...] --output OUT [--vocab-size 50000] [--block-size 512]
+                             [--break-mode {full_sentences,complete_doc}] [--workers 8]
 
-Every sample is one block of exactly --block-size token ids, cut from the stream of the shard's
-documents in corpus order, each document's ids followed by </s> (RoBERTa "full-sentences" packing:
-blocks cross document boundaries; no <s>):
+Every sample is one block of exactly --block-size token ids, made from the shard's documents in
+corpus order, each document's ids followed by </s>. --break-mode says how (fairseq's
+sample_break_mode of the same name):
+  full_sentences  (default; RoBERTa "full-sentences" packing) the documents are one stream, cut every
+                  --block-size tokens: blocks cross document boundaries; no <s>. Only the last block of
+                  a shard is partial: it is filled up with <pad> (id 0).
+  complete_doc    (the released data2vec text recipe: tokens_per_sample 512, sample_break_mode
+                  complete_doc) a block never crosses a document boundary and never holds two documents:
+                  <s> (id 1), then at most --block-size - 1 tokens of one document, then <pad> up to
+                  --block-size. A document longer than that is cut into consecutive pieces of
+                  --block-size - 1 tokens, one block each (fairseq keeps such a sentence whole in an
+                  oversized block that training then drops; here no token is lost).
+Either way every document is stored exactly once and <pad> only ends a block. A sample:
   __key__  "<shard>_<block>" ("%09d_%09d"): shard number, block number within the shard
   u16|i32  the ids as raw little-endian uint16 (vocabulary <= 65536) or int32; no header, no pickle
-  json     {"doc", "offset", "docs", "path", "byte", "pad"}: the block starts at token "offset" of the
-           shard's document number "doc" (counting the shard's non-empty documents from 0), which begins
-           at byte "byte" of file "path" (uncompressed bytes for .gz); "docs" documents have tokens in
-           it; "pad" <pad> tokens end it
-Only the last block of a shard can be partial: it is filled up with <pad> (id 0), so every document
-is stored exactly once. OUT/spm.model is the sentencepiece model, with fixed special ids
-<pad>=0 <s>=1 </s>=2 <unk>=3 <mask>=4; OUT/manifest.json has its sha256 and vocabulary size, the
-dtype, the block size and token/document counts per shard and in total.
+  json     {"doc", "offset", "docs", "path", "byte", "pad"}: the block's tokens (after its <s>, if any)
+           start at token "offset" of the shard's document number "doc" (counting the shard's non-empty
+           documents from 0; its ids and </s>), which begins at byte "byte" of file "path" (uncompressed
+           bytes for .gz); "docs" documents have tokens in it (always 1 for complete_doc); "pad" <pad>
+           tokens end it
+OUT/spm.model is the sentencepiece model, with fixed special ids <pad>=0 <s>=1 </s>=2 <unk>=3
+<mask>=4; OUT/manifest.json has its sha256 and vocabulary size, the break mode, the dtype, the
+block size and counts per shard and in total: "tokens" are the stored tokens other than <pad>
+(<s> included, so tokens + pad_tokens = samples x block size; with complete_doc the documents'
+own tokens are tokens - samples).
 
 Inputs are files or directories (searched recursively, in sorted order) of .txt, .jsonl, .txt.gz
 and .jsonl.gz files, read as one stream in the order given. The stream is cut into byte ranges of
@@ -43,6 +56,7 @@ import os
 import re
 import sys
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple, Sequence
@@ -53,9 +67,15 @@ from data_prep import core
 
 SPECIAL_IDS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".txt.gz": "txt", ".jsonl.gz": "jsonl"}
+BREAK_MODES = ("full_sentences", "complete_doc")  # fairseq sample_break_mode names; the first is the default
 TOKEN_DTYPES = {"u16": "<u2", "i32": "<i4"}  # sample field -> little-endian numpy dtype
 STAT_KEYS = ("documents", "empty_documents", "invalid_json_lines", "invalid_utf8_documents",
              "invalid_utf8_bytes", "text_bytes", "tokens", "pad_tokens")
+PACKING = {  # the manifest's params.packing, one line per --break-mode
+    "full_sentences": "full-sentences: </s> after each document; last block per shard padded",
+    "complete_doc": "complete_doc: <s>, then at most block_size-1 tokens of one document (</s> after it), "
+                    "padded; a longer document cut into several blocks",
+}
 MODEL_FILE = "spm.model"
 BLOCK_KEY_FORMAT = "%09d_%09d"
 # sentencepiece's unigram result depends on its thread count, so it is fixed rather than --workers
@@ -142,6 +162,9 @@ class Tokenizer:
     vocab_size: int
     bytes_per_token: float
     record: dict
+    # (tokens, documents) pairs: how many of the documents bytes_per_token was measured on have that many
+    # tokens (ids + </s>); None for a model cached before this was recorded
+    doc_lengths: tuple[tuple[int, int], ...] | None = None
 
 
 # ----------------------------------------------------------------------------- reading documents
@@ -319,7 +342,7 @@ def _json_text(line: str, field: str, counts: dict) -> str | None:
 
 
 class BlockPacker:
-    """Concatenates documents (ids, then </s>) and cuts the stream into blocks of exactly ``block_size``.
+    """full_sentences: concatenates documents (ids, then </s>) and cuts the stream into blocks of ``block_size``.
 
     ``add`` returns the blocks completed by a document as (int32 array, metadata); ``finish``
     returns the last, partial block filled up with ``pad_id`` (or nothing).
@@ -379,6 +402,51 @@ class BlockPacker:
         return blocks
 
 
+class DocBlocker:
+    """complete_doc: one document (ids, then </s>) per block, after <s>; a long one cut into several blocks.
+
+    Each piece of at most ``block_size - 1`` tokens of one document becomes one block: ``bos_id``, the
+    piece, ``pad_id`` up to ``block_size``. Mirrors fairseq's ``TokenBlockDataset(block_size - 1,
+    break_mode="complete_doc")`` then ``PrependTokenDataset(bos)``, with each of our documents as a
+    one-sentence fairseq document; fairseq would keep a sentence longer than the block whole (a block
+    too long to train on), here it is cut. Same interface as ``BlockPacker``.
+    """
+
+    def __init__(self, block_size: int, bos_id: int, eos_id: int, pad_id: int):
+        if block_size < 2:
+            raise ValueError(f"complete_doc blocks need room for <s> and a token, got block_size={block_size}")
+        self.block_size, self.bos_id, self.eos_id, self.pad_id = block_size, bos_id, eos_id, pad_id
+        self.documents = 0  # documents added
+
+    def add(self, ids: Sequence[int], doc: Doc) -> list[tuple[np.ndarray, dict]]:
+        room = self.block_size - 1
+        n = len(ids) + 1  # the document's tokens: its ids and </s>
+        pieces = -(-n // room)
+        flat = np.full(pieces * room, self.pad_id, dtype=np.int32)
+        flat[:n - 1] = ids
+        flat[n - 1] = self.eos_id
+        blocks = np.empty((pieces, self.block_size), dtype=np.int32)  # (pieces, block_size)
+        blocks[:, 0] = self.bos_id
+        blocks[:, 1:] = flat.reshape(pieces, room)
+        out = [(blocks[k], {"doc": self.documents, "offset": k * room, "docs": 1, "path": doc.rel,
+                            "byte": doc.byte, "pad": max(0, (k + 1) * room - n)})
+               for k in range(pieces)]
+        self.documents += 1
+        return out
+
+    def finish(self) -> list[tuple[np.ndarray, dict]]:
+        return []  # every block is complete (padded) as soon as its document is added
+
+
+def packer_for(break_mode: str, block_size: int, sp) -> BlockPacker | DocBlocker:
+    """The packer of ``break_mode`` with the model's special ids."""
+    if break_mode == "full_sentences":
+        return BlockPacker(block_size, sp.eos_id(), sp.pad_id())
+    if break_mode == "complete_doc":
+        return DocBlocker(block_size, sp.bos_id(), sp.eos_id(), sp.pad_id())
+    raise ValueError(f"unknown break mode {break_mode!r}; expected one of {BREAK_MODES}")
+
+
 def token_field(vocab_size: int) -> str:
     """``u16`` when every id fits in uint16 (vocabulary <= 65536), else ``i32``."""
     return "u16" if vocab_size <= 1 << 16 else "i32"
@@ -402,19 +470,20 @@ def _load_model(model: ModelRef):
 
 
 def process_chunk(segments: tuple[Segment, ...], doc_mode: str, jsonl_field: str, model: ModelRef,
-                  block_size: int, field: str) -> list[dict]:
+                  block_size: int, field: str, break_mode: str = "full_sentences") -> list[dict]:
     """Worker entry point: the documents of one byte range -> its blocks, then a stats-only dict."""
     sp = _load_model(model)
     counts = new_counts()
     with _Opener() as opener:
         docs = iter_documents(segments, doc_mode, jsonl_field, counts, opener)
-        samples = list(encode_blocks(sp, docs, block_size, field, counts))
+        samples = list(encode_blocks(sp, docs, block_size, field, counts, break_mode))
     return [*samples, {"__stats__": counts}]
 
 
-def encode_blocks(sp, docs: Iterable[Doc], block_size: int, field: str, counts: dict) -> Iterator[dict]:
-    """Pure (given the model): documents -> block samples; adds to counts' documents, tokens, pad_tokens."""
-    packer = BlockPacker(block_size, sp.eos_id(), sp.pad_id())
+def encode_blocks(sp, docs: Iterable[Doc], block_size: int, field: str, counts: dict,
+                  break_mode: str = "full_sentences") -> Iterator[dict]:
+    """Pure (given the model): documents -> block samples; adds to counts' documents, tokens (not <pad>), pad_tokens."""
+    packer = packer_for(break_mode, block_size, sp)
     dtype = TOKEN_DTYPES[field]
     j = pad = 0
 
@@ -672,13 +741,27 @@ def check_special_ids(sp, origin: str) -> None:
             f"pad_id=0 bos_id=1 eos_id=2 unk_id=3 control_symbols=<mask> (or omit --spm-model to train one here)")
 
 
-def bytes_per_token(sp, texts: Sequence[str]) -> float:
-    """UTF-8 bytes per stored token (ids + one </s> per document), on up to ESTIMATE_BYTES of ``texts``."""
+def bytes_per_token(sp, texts: Sequence[str]) -> tuple[float, tuple[tuple[int, int], ...]]:
+    """UTF-8 bytes per stored token (ids + one </s> per document), on up to ESTIMATE_BYTES of ``texts``,
+    and the (tokens, documents) histogram of those documents' lengths (for ``chunk_bytes``)."""
     total = sum(len(t) for t in texts) or 1
     step = max(1, round(total / ESTIMATE_BYTES))
     chosen = list(texts[::step])
-    tokens = sum(len(ids) + 1 for ids in sp.encode(chosen, num_threads=1))
-    return round(sum(len(t.encode("utf-8")) for t in chosen) / max(tokens, 1), 6)
+    lengths = [len(ids) + 1 for ids in sp.encode(chosen, num_threads=1)]
+    bpt = round(sum(len(t.encode("utf-8")) for t in chosen) / max(sum(lengths), 1), 6)
+    return bpt, tuple(sorted(Counter(lengths).items()))
+
+
+def chunk_bytes(tok: Tokenizer, shard_size: int, block_size: int, break_mode: str) -> int:
+    """Bytes of text per shard: about ``shard_size`` blocks' worth, as measured on the sample.
+
+    full_sentences fills every block; complete_doc starts a block per document (and per further
+    ``block_size - 1`` tokens of it), so its blocks per byte come from the sample's document lengths."""
+    if break_mode == "full_sentences":
+        return max(1, round(shard_size * block_size * tok.bytes_per_token))
+    tokens = sum(t * n for t, n in tok.doc_lengths)
+    blocks = sum(-(-t // (block_size - 1)) * n for t, n in tok.doc_lengths)
+    return max(1, round(shard_size * tok.bytes_per_token * tokens / max(blocks, 1)))
 
 
 def prepare_tokenizer(args: argparse.Namespace, corpus: Corpus, out: Path, log) -> Tokenizer:
@@ -686,7 +769,7 @@ def prepare_tokenizer(args: argparse.Namespace, corpus: Corpus, out: Path, log) 
     for path in (out / MODEL_FILE, _model_sidecar(out)):
         core._remove_stale_temps(path)  # left by a killed run
     spec = _model_spec(args, corpus)
-    cached = _cached_tokenizer(out, spec)
+    cached = _cached_tokenizer(out, spec, need_lengths=args.break_mode != "full_sentences")
     if cached is not None:
         log(f"reusing {cached.path} (same inputs and options)")
         return cached
@@ -709,10 +792,11 @@ def prepare_tokenizer(args: argparse.Namespace, corpus: Corpus, out: Path, log) 
     if not path.is_file() or path.read_bytes() != data:
         core.atomic_write_bytes(path, data)
     model_type = None if args.spm_model else args.model_type
-    tok = _tokenizer(path, data, sp, bytes_per_token(sp, texts), sample, model_type)
+    tok = _tokenizer(path, data, sp, *bytes_per_token(sp, texts), sample, model_type)
     # written after the model, so its presence with a matching sha256 marks a complete model
     core.atomic_write_json(_model_sidecar(out), {"spec": spec, "sha256": tok.sha256,
-                                                 "bytes_per_token": tok.bytes_per_token, "record": tok.record})
+                                                 "bytes_per_token": tok.bytes_per_token,
+                                                 "doc_lengths": tok.doc_lengths, "record": tok.record})
     return tok
 
 
@@ -725,13 +809,14 @@ def _sample(args, corpus: Corpus, max_bytes: int) -> tuple[list[str], dict]:
     return texts, sample
 
 
-def _tokenizer(path: Path, data: bytes, sp, bpt: float, sample: dict, model_type: str | None) -> Tokenizer:
+def _tokenizer(path: Path, data: bytes, sp, bpt: float, doc_lengths: tuple, sample: dict,
+               model_type: str | None) -> Tokenizer:
     """``model_type`` None: a given model (its type and normaliser are read from the model when possible)."""
     sha = hashlib.sha256(data).hexdigest()
     record = {"file": MODEL_FILE, "sha256": sha, "vocab_size": sp.vocab_size(), "trained": model_type is not None,
               **_model_spec_fields(data, model_type), "special_ids": dict(SPECIAL_IDS), "sample": sample,
               "bytes_per_token": bpt}
-    return Tokenizer(path, sha, sp.vocab_size(), bpt, record)
+    return Tokenizer(path, sha, sp.vocab_size(), bpt, record, doc_lengths)
 
 
 def _model_spec_fields(data: bytes, model_type: str | None) -> dict:
@@ -765,17 +850,21 @@ def _model_sidecar(out: Path) -> Path:
     return out / f".{MODEL_FILE}.json"
 
 
-def _cached_tokenizer(out: Path, spec: dict) -> Tokenizer | None:
+def _cached_tokenizer(out: Path, spec: dict, need_lengths: bool = False) -> Tokenizer | None:
+    """The model of an earlier run with an equal spec; None if there is none (or, with ``need_lengths``,
+    its sidecar predates the document-length histogram that complete_doc sizes shards with)."""
     path = out / MODEL_FILE
     try:
         record = json.loads(_model_sidecar(out).read_text("utf-8"))
-        if record["spec"] != spec or not path.is_file():
+        lengths = record.get("doc_lengths")
+        if record["spec"] != spec or not path.is_file() or (need_lengths and lengths is None):
             return None
         data = path.read_bytes()
         if hashlib.sha256(data).hexdigest() != record["sha256"]:
             return None
         sp = load_model(data, str(path))
-        return Tokenizer(path, record["sha256"], sp.vocab_size(), record["bytes_per_token"], record["record"])
+        return Tokenizer(path, record["sha256"], sp.vocab_size(), record["bytes_per_token"], record["record"],
+                         None if lengths is None else tuple((int(t), int(n)) for t, n in lengths))
     except (OSError, ValueError, KeyError, TypeError, core.PrepError):
         return None
 
@@ -809,7 +898,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="... and at most SIZE bytes of text, e.g. 500M or 2G. A corpus larger than this is sampled "
                         "from up to 1024 evenly spaced windows, not just its start (default: 100M)")
     p.add_argument("--block-size", type=core.int_arg(2), default=512, metavar="TOKENS",
-                   help="tokens per block, </s> separators included (default: %(default)s)")
+                   help="tokens per block, </s> separators, <s> and <pad> included; the model's positions "
+                        "(fairseq tokens_per_sample) (default: %(default)s)")
+    p.add_argument("--break-mode", choices=BREAK_MODES, default=BREAK_MODES[0],
+                   help="full_sentences: one stream of documents cut every --block-size tokens, across "
+                        "documents, no <s> (RoBERTa); complete_doc: <s> + at most --block-size - 1 tokens of "
+                        "one document per block, padded, a long document cut into several blocks (the "
+                        "released data2vec text recipe; best with documents of several hundred tokens: "
+                        "--doc-mode paragraph or .jsonl) (default: %(default)s)")
     p.add_argument("--doc-mode", choices=("line", "paragraph"), default="line",
                    help=".txt documents: one per line, or one per run of non-blank lines (default: %(default)s); "
                         ".jsonl files always hold one document per line")
@@ -843,13 +939,15 @@ def run(args: argparse.Namespace) -> tuple[core.PrepReport, Tokenizer]:
     if out.exists() and not out.is_dir():
         raise core.PrepError(f"output path exists and is not a directory: {out}")
     tok = prepare_tokenizer(args, corpus, out, log)
-    chunk = max(1, round(args.shard_size * args.block_size * tok.bytes_per_token))
+    chunk = chunk_bytes(tok, args.shard_size, args.block_size, args.break_mode)
     field = token_field(tok.vocab_size)
     model = ModelRef(tok.sha256, str(tok.path))
+    # process_chunk's arguments, part of each shard's fingerprint: the default mode is left out, so shards
+    # written before --break-mode existed are still recognised as complete by a re-run
+    options = (args.block_size, field) + (() if args.break_mode == BREAK_MODES[0] else (args.break_mode,))
     items = [
         core.WorkItem(core.item_key(k), f"text bytes {a}-{min(a + chunk, corpus.size)}",
-                      (segs, args.doc_mode, args.jsonl_field, model, args.block_size, field),
-                      corpus.stamps(segs))
+                      (segs, args.doc_mode, args.jsonl_field, model, *options), corpus.stamps(segs))
         for k, a in enumerate(range(0, corpus.size, chunk))
         for segs in [corpus.segments(a, a + chunk)]
     ]
@@ -857,8 +955,8 @@ def run(args: argparse.Namespace) -> tuple[core.PrepReport, Tokenizer]:
         items, process_chunk, out, args.name, modality="text", shard_size=1, workers=workers,
         params=_params(args, chunk), pre_skipped=skipped + unreadable, progress=not args.quiet,
         allow_empty=args.allow_empty,
-        extra={"tokenizer": tok.record, "block_size": args.block_size, "field": field,
-               "dtype": np.dtype(TOKEN_DTYPES[field]).name},
+        extra={"tokenizer": tok.record, "block_size": args.block_size, "break_mode": args.break_mode,
+               "field": field, "dtype": np.dtype(TOKEN_DTYPES[field]).name},
     )
     return report, tok
 
@@ -874,23 +972,28 @@ def _check_output(output: Path, inputs: Sequence[Path]) -> Path:
 
 def _params(args: argparse.Namespace, chunk_bytes: int) -> dict:
     return {"inputs": [str(p.resolve()) for p in args.input], "doc_mode": args.doc_mode,
-            "jsonl_field": args.jsonl_field, "block_size": args.block_size, "shard_size": args.shard_size,
+            "jsonl_field": args.jsonl_field, "block_size": args.block_size, "break_mode": args.break_mode,
+            "shard_size": args.shard_size,
             "chunk_bytes": chunk_bytes, "vocab_size": args.vocab_size, "model_type": args.model_type,
             "byte_fallback": args.byte_fallback, "allow_smaller_vocab": args.allow_smaller_vocab,
             "spm_model": str(args.spm_model.resolve()) if args.spm_model else None,
             "sample_docs": args.sample_docs, "sample_bytes": args.sample_bytes,
-            "key_format": BLOCK_KEY_FORMAT,
-            "packing": "full-sentences: </s> after each document; last block per shard padded"}
+            "key_format": BLOCK_KEY_FORMAT, "packing": PACKING[args.break_mode]}
 
 
 def summary(report: core.PrepReport, tok: Tokenizer) -> str:
     m = report.manifest
     t = m["totals"]
+    if m["break_mode"] == "complete_doc":
+        share = t["pad_tokens"] / max(t["samples"] * m["block_size"], 1)
+        packing = (f"complete_doc: <s> + one document's tokens per block; {t['pad_tokens']:,} <pad> "
+                   f"({share:.0%} of the blocks)")
+    else:
+        packing = f"full_sentences; {t['pad_tokens']:,} <pad> filling the last block of each shard"
     return "\n".join([
         report.summary(),
         f"  {t['tokens']:,} tokens in {t['samples']:,} blocks of {m['block_size']} ({m['dtype']}) from "
-        f"{t['documents']:,} documents, {t['text_bytes'] / 1e6:.1f} MB of text; {t['pad_tokens']:,} <pad> "
-        f"filling the last block of each shard",
+        f"{t['documents']:,} documents, {t['text_bytes'] / 1e6:.1f} MB of text; {packing}",
         f"  {t['empty_documents']:,} empty documents, {t['invalid_json_lines']:,} invalid JSON lines, "
         f"{t['invalid_utf8_documents']:,} documents with invalid UTF-8 ({t['invalid_utf8_bytes']:,} bytes replaced)",
         f"  model {tok.path}: {tok.vocab_size} pieces ({tok.record['model_type']}), sha256 {tok.sha256[:16]}...",
