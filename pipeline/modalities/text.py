@@ -1,11 +1,16 @@
-"""Text: data2vec v1 text (RoBERTa shapes) with BERT masking.
+"""Text: data2vec v1 text (RoBERTa shapes) with BERT or span masking.
 
 Token embedding (megatron-core ``VocabParallelEmbedding``, vocabulary padded for tensor parallelism)
 + learned positions (RoBERTa numbering: pad_id + 1 + index of the non-pad token) -> embedding
-LayerNorm -> post-LN blocks. The student sees the corrupted tokens (80% ``<mask>``, 10% random,
-10% unchanged of the selected 15%), the teacher the original ones. Which positions carry loss is
-``model.loss_on``: 'mask_token' (the reference: only positions replaced by ``<mask>``) or
-'selected' (all 15%, as BERT's MLM loss).
+LayerNorm -> post-LN blocks. Masking follows fairseq's ``MaskTokensDataset``: int(mask_prob x n / L + u)
+span starts of L tokens (L = 1 for BERT masking), overlaps merged; of the selected, ``leave_unmasked_prob``
+stay, ``random_token_prob`` become a random token and the rest ``<mask>`` (BERT: 10/10/80; the released
+data2vec recipe: 0/0/100 with spans of 4 at 0.35). Which positions carry loss is ``model.loss_on``:
+'mask_token' (the reference: only positions replaced by ``<mask>``) or 'selected' (all, as BERT's MLM).
+
+The teacher sees the original, unmasked block, as the paper describes. The released fairseq code differs:
+its teacher input is the task's target tokens, which hold <pad> everywhere except the masked positions,
+so that teacher attends only to the masked tokens (fairseq issue 4881, open). We follow the paper.
 """
 
 from __future__ import annotations
@@ -36,12 +41,16 @@ class TextConfig:
     mask_id: int = doc("<mask> id", 4)
     max_positions: int = doc("learned positions", 512)
     vocab_multiple: int = doc("pad the embedding rows to a multiple of this x parallel.tp", 128)
-    masking: str = doc("'bert' (independent tokens) or 'span' (spans of span_length)", "bert")
-    mask_prob: float = doc("fraction of tokens selected (BERT 0.15; the span variant used 0.35)", 0.15)
+    masking: str = doc("'bert' (independent tokens) or 'span' (spans of span_length, overlaps merge: fairseq "
+                       "mask_multiple_length)", "bert")
+    mask_prob: float = doc("span starts are int(mask_prob x tokens / span length + u): BERT 0.15; data2vec's "
+                           "released text recipe 0.35 with spans of 4, which masks about 30.7% at 512 tokens", 0.15)
     span_length: int = doc("span length for masking='span'", 4)
     random_token_prob: float = doc("of the selected, fraction replaced by a random token", 0.1)
     leave_unmasked_prob: float = doc("of the selected, fraction left unchanged", 0.1)
     loss_on: str = doc("'mask_token' (only <mask> positions carry loss, as the reference) or 'selected'", "mask_token")
+    mask_specials: bool = doc("<s>, </s>, <unk> can be selected for masking, as fairseq's MaskTokensDataset (<pad> "
+                              "never is)", True)
 
     def __post_init__(self):
         specials = {self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id}
@@ -63,23 +72,22 @@ class TextConfig:
 # ---------------------------------------------------------------------------------------------
 
 def select_positions(candidates: list[int], cfg: TextConfig, rng: random.Random) -> list[int]:
-    """int(mask_prob * n + u) positions (BERT) or that many covered by spans (span), probabilistic rounding."""
+    """fairseq MaskTokensDataset: int(mask_prob * n / L + u) distinct span starts among the n candidates
+    (u ~ U[0, 1): probabilistic rounding), each extended to L = span_length candidates (1 for 'bert');
+    overlapping spans merge and spans are cut at the end, so spans mask about mask_prob x n or fewer."""
     n = len(candidates)
-    target = min(n, int(cfg.mask_prob * n + rng.random()))
-    if cfg.masking == "bert" or target == 0:
-        return sorted(rng.sample(candidates, target))
-    chosen: set[int] = set()
-    while len(chosen) < target:
-        start = rng.randrange(n)
-        chosen.update(candidates[start:start + cfg.span_length])
-    return sorted(chosen)[:target] if len(chosen) > target else sorted(chosen)
+    length = cfg.span_length if cfg.masking == "span" else 1
+    starts = rng.sample(range(n), min(n, int(cfg.mask_prob * n / length + rng.random())))
+    return sorted({candidates[i] for s in starts for i in range(s, min(s + length, n))})
 
 
 def corrupt(tokens: torch.Tensor, cfg: TextConfig, rng: random.Random):
-    """-> (student tokens, loss mask). Specials are never selected; random tokens are non-special."""
+    """-> (student tokens, loss mask). <pad> is never selected; other specials only with model.mask_specials
+    (fairseq masks <s> and </s> too); random replacement tokens are never specials."""
     specials = {cfg.pad_id, cfg.bos_id, cfg.eos_id, cfg.unk_id, cfg.mask_id}
+    exempt = specials if not cfg.mask_specials else {cfg.pad_id}
     ids = tokens.tolist()
-    selected = select_positions([i for i, t in enumerate(ids) if t not in specials], cfg, rng)
+    selected = select_positions([i for i, t in enumerate(ids) if t not in exempt], cfg, rng)
     student = list(ids)
     loss = torch.zeros(len(ids), dtype=torch.bool)
     for i in selected:
