@@ -224,6 +224,7 @@ def test_manifest_counts_and_model(prepared, corpus):
     m = json.loads((out / "manifest.json").read_text())
     assert m == report.manifest and m["modality"] == "text"
     assert (m["block_size"], m["field"], m["dtype"]) == (BLOCK, "u16", "uint16")
+    assert m["break_mode"] == m["params"]["break_mode"] == "full_sentences"  # the default
     tok = m["tokenizer"]
     assert tok["sha256"] == sha((out / "spm.model").read_bytes()) and tok["vocab_size"] == int(VOCAB)
     assert (tok["model_type"], tok["trained"], tok["special_ids"]) == ("bpe", True, text.SPECIAL_IDS)
@@ -376,7 +377,7 @@ def test_help_lists_every_option():
     assert done.returncode == 0
     for option in ("--input", "--output", "--name", "--vocab-size", "--allow-smaller-vocab", "--model-type",
                    "--byte-fallback", "--spm-model", "--sample-docs", "--sample-bytes", "--block-size",
-                   "--doc-mode", "--jsonl-field", "--shard-size", "--workers", "--quiet"):
+                   "--break-mode", "--doc-mode", "--jsonl-field", "--shard-size", "--workers", "--quiet"):
         assert option in done.stdout, option
 
 
@@ -395,3 +396,175 @@ def test_sample_is_bounded_and_spread_over_the_corpus(corpus):
     gz = [f for f in files if f.gz]
     with gzip.open(gz[0].path, "rb") as fh:
         assert gz[0].size == len(fh.read())
+
+
+# ----------------------------------------------------------------------------- --break-mode complete_doc
+
+
+def complete_doc_reference(docs: list[list[int]], block: int) -> list[tuple[list[int], dict]]:
+    """fairseq's complete_doc with one sentence per document, then <s> prepended, in plain lists: each
+    document's ids + </s> in pieces of block - 1 tokens, one block each, padded to ``block``."""
+    out = []
+    for d, ids in enumerate(docs):
+        unit = [*ids, EOS]
+        for offset in range(0, len(unit), block - 1):
+            piece = unit[offset:offset + block - 1]
+            pad = block - 1 - len(piece)
+            out.append(([BOS, *piece] + [PAD] * pad,
+                        {"doc": d, "offset": offset, "docs": 1, "path": "f", "byte": d, "pad": pad}))
+    return out
+
+
+def test_doc_blocker_matches_a_plain_list_reference():
+    rng = random.Random(2)
+    for block in (2, 3, 7, 64):
+        room = block - 1  # lengths (ids + </s>) around every piece boundary, and random ones
+        lengths = [1, 2, room - 1, room, room + 1, 2 * room - 1, 2 * room, 2 * room + 1, 5 * room + 3]
+        lengths += [rng.randrange(1, 4 * block) for _ in range(50)]
+        docs = [[rng.randrange(5, 100) for _ in range(max(n - 1, 1))] for n in lengths]  # >= 1 id, as encoded
+        blocker = text.DocBlocker(block, BOS, EOS, PAD)
+        out = []
+        for i, ids in enumerate(docs):
+            out += blocker.add(ids, text.Doc("", "f", i))
+        assert blocker.finish() == [] and blocker.documents == len(docs)
+        assert [(b.tolist(), m) for b, m in out] == complete_doc_reference(docs, block)
+        assert all(b.dtype == np.int32 and b.shape == (block,) for b, _ in out)
+    with pytest.raises(ValueError, match="unknown break mode"):
+        text.packer_for("complete", 64, spm.SentencePieceProcessor())
+
+
+def check_complete_doc_round_trip(out: Path, corpus: TextCorpus) -> dict[int, int]:
+    """complete_doc shards: <s> first, then one document's tokens, <pad> only at the end; every document
+    once, in order, split into pieces of block - 1 tokens with nothing lost; counts and metadata right.
+    Returns {blocks per document: documents}."""
+    manifest = core.read_manifest(out)
+    assert manifest["break_mode"] == manifest["params"]["break_mode"] == "complete_doc"
+    sp = spm.SentencePieceProcessor(model_file=str(out / "spm.model"))
+    block = manifest["block_size"]
+    blocks = shard_blocks(out)
+    first, spread = 0, {}
+    for s, rec in enumerate(manifest["shards"]):
+        docs = corpus.docs[first:first + rec["documents"]]
+        pieces: dict[int, list] = {}
+        for k, (key, ids, meta) in enumerate(blocks[rec["path"]]):
+            ids = ids.tolist()
+            assert key == f"{s:09d}_{k:09d}" and len(ids) == block
+            assert ids[0] == BOS and BOS not in ids[1:]
+            n = block - meta["pad"]  # tokens before the padding
+            assert ids[n:] == [PAD] * meta["pad"] and PAD not in ids[:n] and n >= 2
+            assert EOS not in ids[1:n - 1]  # never a document boundary inside a block
+            assert meta["docs"] == 1 and (meta["path"], meta["byte"]) == (docs[meta["doc"]].rel,
+                                                                          docs[meta["doc"]].byte)
+            pieces.setdefault(meta["doc"], []).append((meta["offset"], ids[1:n]))
+        assert list(pieces) == list(range(len(docs)))  # each document, in order, its blocks together
+        expected_tokens = 0
+        for d, doc in enumerate(docs):
+            ids = sp.encode(doc.text)
+            assert [off for off, _ in pieces[d]] == list(range(0, len(ids) + 1, block - 1))
+            unit = [t for _, piece in pieces[d] for t in piece]
+            assert unit == [*ids, EOS]  # no token lost, only the last piece ends with </s>
+            assert all(len(piece) == block - 1 for _, piece in pieces[d][:-1])
+            assert sp.decode(unit[:-1]) == sp.decode(sp.encode(doc.text)) and unit[:-1]
+            expected_tokens += len(ids) + 1
+            spread[len(pieces[d])] = spread.get(len(pieces[d]), 0) + 1
+        samples = len(blocks[rec["path"]])
+        assert rec["samples"] == samples == sum(len(p) for p in pieces.values())
+        assert rec["tokens"] == expected_tokens + samples  # <s> counted; <pad> not
+        assert rec["tokens"] + rec["pad_tokens"] == samples * block
+        assert rec["pad_tokens"] == sum(m["pad"] for _, _, m in blocks[rec["path"]])
+        first += rec["documents"]
+    assert first == len(corpus.docs)
+    return spread
+
+
+@pytest.fixture(scope="module")
+def prepared_doc(corpus, prepared, tmp_path_factory):
+    """A complete_doc run over the line corpus (reusing the default run's model)."""
+    out = tmp_path_factory.mktemp("doc") / "out"
+    report, stdout = prep(corpus, out, "--break-mode", "complete_doc")
+    return out, report, stdout
+
+
+def test_complete_doc_round_trip_and_long_documents_split(prepared_doc, corpus):
+    out, report, stdout = prepared_doc
+    spread = check_complete_doc_round_trip(out, corpus)
+    assert max(spread) >= 10 and spread[1] > 100  # the > 4096-character line fills many blocks; most fit in one
+    t, m = report.manifest["totals"], report.manifest
+    assert m["params"]["packing"].startswith("complete_doc") and t["documents"] == len(corpus.docs)
+    for key in text.STAT_KEYS:
+        assert t[key] == sum(s[key] for s in m["shards"]), key
+    assert "complete_doc" in stdout and f"{t['pad_tokens']:,} <pad>" in stdout
+    assert json.loads((out / "manifest.json").read_text()) == m
+
+
+def test_complete_doc_paragraph_mode_round_trip(tmp_path):
+    corpus = make_paragraph_corpus(tmp_path / "in")
+    prep(corpus, tmp_path / "out", "--doc-mode", "paragraph", "--break-mode", "complete_doc", "--block-size", "24")
+    spread = check_complete_doc_round_trip(tmp_path / "out", corpus)
+    assert len(spread) >= 5  # documents of 1, 2, 3 ... blocks
+
+
+def test_complete_doc_shards_hold_about_shard_size_blocks(prepared_doc, prepared):
+    """Shards are sized from the sample's document lengths: about --shard-size blocks each, as full_sentences."""
+    for manifest in (prepared_doc[1].manifest, prepared[2].manifest):
+        samples = sorted(s["samples"] for s in manifest["shards"] if s["samples"])
+        assert 30 <= samples[len(samples) // 2] <= 55, samples  # --shard-size 40
+    sidecar = json.loads((prepared_doc[0] / ".spm.model.json").read_text())
+    lengths = {int(t): n for t, n in sidecar["doc_lengths"]}
+    assert sum(lengths.values()) > 400 and max(lengths) > 1000  # the sample's documents, the long line too
+
+
+def test_chunk_bytes_counts_complete_doc_blocks_per_document():
+    # 100 documents of 10 tokens and 10 of 130, 2 bytes per token: 2000 + 2600 bytes of text
+    tok = text.Tokenizer(Path("m"), "", 600, 2.0, {}, ((10, 100), (130, 10)))
+    assert text.chunk_bytes(tok, 40, 64, "full_sentences") == 40 * 64 * 2  # full blocks
+    # complete_doc, 63 tokens per block: 100 + 10 x 3 blocks for 4600 bytes -> 40 blocks' worth
+    assert text.chunk_bytes(tok, 40, 64, "complete_doc") == round(40 * 4600 / 130)
+    assert text.chunk_bytes(tok, 40, 2, "complete_doc") == 40 * 4600 // 2300  # 1 token per block
+
+
+def test_complete_doc_shards_of_mostly_padding_still_hold_about_shard_size_blocks(corpus, tmp_path):
+    report, _ = prep(corpus, tmp_path / "out", "--break-mode", "complete_doc", "--block-size", "512")
+    t = report.manifest["totals"]
+    assert t["pad_tokens"] > 0.6 * t["samples"] * 512  # most documents are far shorter than a block
+    samples = sorted(s["samples"] for s in report.manifest["shards"] if s["samples"])
+    assert 30 <= samples[len(samples) // 2] <= 50, samples  # --shard-size 40
+
+
+def test_complete_doc_rerun_workers_and_mode_switches(corpus, prepared, prepared_doc, tmp_path):
+    """Resumable, deterministic across --workers, and the mode is part of every shard's fingerprint."""
+    out = tmp_path / "out"
+    first, _ = run_main(["--input", str(corpus.root), "--output", str(out), *OPTIONS, "--break-mode",
+                         "complete_doc", "--workers", "2"])
+    assert file_bytes(out) == file_bytes(prepared_doc[0]) and first.manifest == prepared_doc[1].manifest
+    names = [s["name"] for s in first.manifest["shards"]]
+    (out / names[3]).unlink()
+    (out / f".{names[4]}.json").unlink()  # a tar without its sidecar is not known to be complete
+    (out / f".{names[5]}.tmp-99999").write_bytes(b"left by a killed run")
+    second, stdout = prep(corpus, out, "--break-mode", "complete_doc")
+    assert f"2 written, {len(names) - 2} reused" in stdout
+    assert file_bytes(out) == file_bytes(prepared_doc[0]) and second.manifest == first.manifest
+
+    switched, _ = prep(corpus, out)  # the default, full_sentences: every shard rewritten
+    assert switched.reused == 0 and switched.manifest["break_mode"] == "full_sentences"
+    want = file_bytes(prepared[1])  # (complete_doc's further shards stay in OUT, listed by no manifest)
+    assert {k: v for k, v in file_bytes(out).items() if k in want} == want
+    explicit, _ = prep(corpus, out, "--break-mode", "full_sentences")
+    assert explicit.reused == len(explicit.manifest["shards"]) and explicit.manifest == prepared[2].manifest
+
+
+def test_complete_doc_with_a_model_cached_before_document_lengths(corpus, prepared, prepared_doc, tmp_path):
+    """An output whose model sidecar predates doc_lengths: full_sentences reuses it as is; complete_doc
+    measures the sample again (the model comes out the same) and sizes shards as a fresh run."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spm.model").write_bytes((prepared[1] / "spm.model").read_bytes())
+    sidecar = json.loads((prepared[1] / ".spm.model.json").read_text())
+    del sidecar["doc_lengths"]
+    (out / ".spm.model.json").write_text(json.dumps(sidecar))
+    prep(corpus, out)
+    assert "doc_lengths" not in json.loads((out / ".spm.model.json").read_text())  # reused, not retrained
+    report, _ = prep(corpus, out, "--break-mode", "complete_doc")
+    assert report.manifest == prepared_doc[1].manifest
+    assert (out / "spm.model").read_bytes() == (prepared[1] / "spm.model").read_bytes()
+    assert json.loads((out / ".spm.model.json").read_text())["doc_lengths"]
