@@ -912,7 +912,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jsonl-field", default="text", metavar="KEY",
                    help="the string field of each JSON object that holds the text (default: %(default)s)")
     core.add_shard_args(p, "about this many blocks per shard: the stream is cut every BLOCKS x --block-size x "
-                           "(bytes per token measured on the sample) bytes of text (default: %(default)s)",
+                           "(bytes per token measured on the sample) bytes of text; for complete_doc, every "
+                           "BLOCKS x (bytes per block, from the sample's document lengths) (default: %(default)s)",
                         default=10000, metavar="BLOCKS", worker_task="encoding")
     p.add_argument("--quiet", action="store_true", help="no progress bar or progress messages")
     return p
