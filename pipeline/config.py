@@ -102,9 +102,21 @@ class DataConfig:
                       "the run naming the shard; costs one extra read of each shard, once per worker)", "size")
     max_bad_samples: int = doc("samples in a row that may fail to decode (each is logged and skipped) before "
                                "the run stops with an error; 0: stop at the first", 100)
+    max_tokens: int = doc("speech only: batches by a budget of audio samples instead of train.micro_batch_size "
+                          "clips (fairseq's max_tokens; data2vec audio: 3800000 per GPU). Each worker stream sorts "
+                          "a window of data.bucket_window examples by length and cuts it into batches whose clips x "
+                          "longest clip stays within this budget (fairseq batch_by_size), emitted in a seeded "
+                          "shuffled order; clips are still cropped to their batch's shortest, which now wastes "
+                          "little. Must be >= model.max_samples. 0: off (train.micro_batch_size clips per batch)", 0)
+    bucket_window: int = doc("with data.max_tokens: examples each worker stream pools and sorts by length before "
+                             "cutting batches. Larger wastes less audio in the crops but holds about this many "
+                             "decoded clips per worker (256 x 11 s mean: ~180 MB), and a resume re-decodes up to "
+                             "one window", 256)
 
     def __post_init__(self):
         require(self.workers >= 0, "data.workers must be >= 0")
+        require(self.max_tokens >= 0, "data.max_tokens must be >= 0 (0: fixed train.micro_batch_size batches)")
+        require(1 <= self.bucket_window <= 65536, "data.bucket_window must be in [1, 65536]")
         require(self.max_bad_samples >= 0, "data.max_bad_samples must be >= 0")
         require(self.shuffle_buffer >= 1, "data.shuffle_buffer must be >= 1")
         require(self.prefetch >= 1, "data.prefetch must be >= 1")

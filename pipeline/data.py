@@ -6,7 +6,9 @@ seeded buffer and yields whole batches. The DataLoader visits workers round-robi
 rank comes from worker ``i % workers`` and the whole stream is a function of (seed, layout). Every
 batch carries its stream's position (raw samples consumed); a checkpoint saves the batch count and
 these positions, and on resume each worker takes over the stream whose turn it is and skips that
-stream's raw samples *before* decoding. Tensor-parallel peers share a data-parallel rank and so
+stream's raw samples *before* decoding. With ``data.max_tokens`` (speech) a stream sorts windows of
+examples by length and cuts them into batches by a token budget; the position then also counts the
+batches taken from the current window, which a resume rebuilds (``bucketed_batches``). Tensor-parallel peers share a data-parallel rank and so
 see identical batches (we do not use webdataset's RANK-based node splitter for that reason).
 Decoding, augmentation and masking run in the workers; sample bytes are never unpickled.
 
@@ -18,6 +20,7 @@ deterministic, so exact resume still holds. A worker gives up with a clear error
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -131,6 +134,9 @@ class ShardStream(IterableDataset):
         self.shards, self.modality, self.cfg = list(shards), modality, cfg
         self.batch_size, self.seed, self.dp_rank, self.dp = batch_size, seed, dp_rank, dp
         self.start_batch, self.positions = start_batch, positions
+        if cfg.max_tokens and not hasattr(modality, "token_batches"):
+            raise ConfigError(f"data.max_tokens={cfg.max_tokens}: the {modality.name} modality has no length-"
+                              f"bucketed batching (speech only); set data.max_tokens=0")
 
     def worker_shards(self, epoch: int, worker: int, workers: int) -> list[str]:
         order = list(self.shards)
@@ -214,8 +220,25 @@ class ShardStream(IterableDataset):
         # The DataLoader always starts at its worker 0, but the next batch (index start_batch) belongs to
         # stream start_batch % workers: rotate the roles so every stream continues where it stopped.
         worker = (loader_worker + self.start_batch) % workers
-        skip = self.positions[worker] if self.positions else 0  # raw samples this stream had consumed
-        batch, index = [], 0
+        skip, taken = unpack_position(self.positions[worker] if self.positions else 0)
+        examples = self.examples(worker, workers, skip)
+        if self.cfg.max_tokens:
+            batches = self.bucketed_batches(examples, worker, skip, taken)
+        else:
+            if taken:
+                log.warning("data: worker stream %d resumes a data.max_tokens (bucketed) position with "
+                            "data.max_tokens=0: it restarts at its last window's start, so up to "
+                            "data.bucket_window examples are seen again", worker)
+            batches = self.fixed_batches(examples)
+        for batch, position in batches:
+            # where this stream stands: what a checkpoint saves
+            yield {**self.modality.collate(batch), STREAM_KEY: torch.tensor([worker, position])}
+
+    def examples(self, worker: int, workers: int, skip: int) -> Iterator[tuple[int, dict]]:
+        """(raw samples consumed, example) for each usable example of a stream, after skipping its first
+        ``skip`` raw samples undecoded (examples may be fewer than raw samples: the modality can drop a
+        sample, a damaged one is skipped)."""
+        index = 0
         self.bad = self.bad_in_a_row = 0
         self.shapes = None
         decoded = usable = 0  # in the current pass over this stream's shards
@@ -238,12 +261,33 @@ class ShardStream(IterableDataset):
             if example is not None:
                 self.bad_in_a_row = 0
                 usable += 1
-                batch.append(example)
+                yield index, example
+
+    def fixed_batches(self, examples: Iterator[tuple[int, dict]]) -> Iterator[tuple[list[dict], int]]:
+        """train.micro_batch_size examples per batch, in stream order; position: raw samples consumed."""
+        batch = []
+        for index, example in examples:
+            batch.append(example)
             if len(batch) == self.batch_size:
-                # where this stream stands: what a checkpoint saves (examples may be fewer than raw
-                # samples: the modality can drop a sample, a damaged one is skipped)
-                yield {**self.modality.collate(batch), STREAM_KEY: torch.tensor([worker, index])}
+                yield batch, index
                 batch = []
+
+    def bucketed_batches(self, examples: Iterator[tuple[int, dict]], worker: int, start: int,
+                         taken: int) -> Iterator[tuple[list[dict], int]]:
+        """data.max_tokens: windows of data.bucket_window examples, each sorted by length, cut into batches
+        within the budget (the modality's ``token_batches``) and emitted in an order shuffled by (seed,
+        stream, window start). A window is a function of where it starts, so a position is (window start,
+        its batches taken): a resume rebuilds that window and drops the batches taken. After a window's
+        last batch the position is its end with none taken, i.e. plain raw samples consumed."""
+        while True:
+            window = list(itertools.islice(examples, self.cfg.bucket_window))
+            end = window[-1][0]
+            batches = self.modality.token_batches([example for _, example in window], self.cfg.max_tokens)
+            random.Random(f"buckets/{self.seed}/{self.dp_rank}/{worker}/{start}").shuffle(batches)
+            for done in range(taken + 1, len(batches) + 1):
+                position = pack_position(end, 0) if done == len(batches) else pack_position(start, done)
+                yield batches[done - 1], position
+            start, taken = end, 0
 
 
 class DataError(RuntimeError):
@@ -251,7 +295,23 @@ class DataError(RuntimeError):
 
 
 PASS_END = None  # what worker_samples yields after each pass over a stream's shards
-STREAM_KEY = "stream_position"  # (worker stream, raw samples it has consumed) of every batch
+STREAM_KEY = "stream_position"  # (worker stream, its position) of every batch
+
+# A stream position is one int: raw samples consumed, below bit 40. With data.max_tokens it is the start of
+# the window being batched, and the batches of that window already taken sit above bit 40 (none taken:
+# the plain count, so a position saved without data.max_tokens resumes under it at that count).
+WINDOW_SHIFT = 40
+
+
+def pack_position(raw: int, taken: int = 0) -> int:
+    if raw >> WINDOW_SHIFT:
+        raise DataError(f"a data stream consumed {raw} raw samples, more than a position holds (2^{WINDOW_SHIFT})")
+    return raw | taken << WINDOW_SHIFT
+
+
+def unpack_position(position: int) -> tuple[int, int]:
+    """(raw samples consumed before the current window, batches of that window taken)."""
+    return position & ((1 << WINDOW_SHIFT) - 1), position >> WINDOW_SHIFT
 
 
 def stream_count(cfg: DataConfig) -> int:
@@ -261,7 +321,8 @@ def stream_count(cfg: DataConfig) -> int:
 def make_loader(shards: list[str], modality: Modality, cfg: DataConfig, batch_size: int, seed: int,
                 dp_rank: int, dp: int, start_batch: int = 0, positions: list[int] | None = None) -> DataLoader:
     """Batches of this data-parallel rank. To resume, pass the batches consumed so far and the stream
-    positions (raw samples consumed per worker stream, from the batches' ``STREAM_KEY`` entries)."""
+    positions (one int per worker stream, from the batches' ``STREAM_KEY`` entries: raw samples consumed,
+    with data.max_tokens packed with the batches taken from the current window; see ``pack_position``)."""
     stream = ShardStream(shards, modality, cfg, batch_size, seed, dp_rank, dp, start_batch, positions)
     kwargs = {"prefetch_factor": cfg.prefetch, "persistent_workers": False} if cfg.workers else {}
     # Own generator: creating the loader must not draw from the global RNG that dropout uses, or a

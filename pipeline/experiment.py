@@ -58,6 +58,13 @@ def check_consistency(cfg: ExperimentConfig) -> None:
             "collapse.action=skip skips whole optimizer steps and needs train.grad_accum=1; use 'log' or 'stop'")
     require(enc.ffn_dim % cfg.parallel.tp == 0,
             f"encoder.ffn_dim={enc.ffn_dim} is not divisible by parallel.tp={cfg.parallel.tp}")
+    if cfg.data.max_tokens:
+        require(cfg.modality == "speech",
+                f"data.max_tokens={cfg.data.max_tokens} (length-bucketed batches) is for modality=speech only; "
+                f"{cfg.modality} examples all have one length: set data.max_tokens=0 and use train.micro_batch_size")
+        require(cfg.data.max_tokens >= cfg.model.max_samples,
+                f"data.max_tokens={cfg.data.max_tokens} is below model.max_samples={cfg.model.max_samples}: a "
+                f"full-length clip would not fit in a batch. Raise data.max_tokens or lower model.max_samples")
 
 
 def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:

@@ -6,7 +6,9 @@ frames -> convolutional positional encoding (added) -> LayerNorm -> dropout -> p
 order follow transformers' ``Data2VecAudioModel``.
 
 Batches are cropped to the shortest clip in the batch (as the reference does): there is no padding,
-so neither the convolutions nor the instance-normalised targets ever see padded frames.
+so neither the convolutions nor the instance-normalised targets ever see padded frames. With
+``data.max_tokens`` the data stream groups clips of similar length (``token_batches``), so the crop
+discards little.
 """
 
 from __future__ import annotations
@@ -87,6 +89,24 @@ def span_mask(batch: int, frames: int, mask_prob: float, span: int, rng: random.
     for i, row in enumerate(rows):
         mask[i, rng.sample(row, count) if len(row) > count else row] = True
     return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Length-bucketed batches (data.max_tokens)
+# ---------------------------------------------------------------------------------------------
+
+def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of ``lengths`` sorted longest first (ties: by index) and cut greedily into batches whose
+    size x longest length stays within ``max_tokens`` (fairseq batch_by_size on descending sizes). A
+    length over the budget on its own still forms a batch of one."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,6 +214,11 @@ class Speech(Modality):
         rng = random.Random(examples[0]["seed"] ^ 0x5EED)
         mask = span_mask(len(examples), frames, self.cfg.mask_prob, self.cfg.mask_length, rng)
         return {"audio": torch.stack(crops), "mask": mask}
+
+    def token_batches(self, examples: list[dict], max_tokens: int) -> list[list[dict]]:
+        """Examples grouped by length into batches of at most ``max_tokens`` audio samples (``length_batches``)."""
+        return [[examples[i] for i in batch] for batch in length_batches([ex["audio"].numel() for ex in examples],
+                                                                         max_tokens)]
 
     def build_embedder(self, enc, mp):
         return SpeechEmbedder(self.cfg, enc)
