@@ -1,6 +1,6 @@
 #!/bin/bash
 # data2vec ViT-L/16 pretraining (configs/vision_large.yaml): 8 nodes x 8 GPUs, one rank per GPU,
-# global batch 32 images x 64 ranks = 2048.
+# global batch 64 images x 64 ranks = 4096, as the released ViT-L command (data2vec_vision beit/README.md:66).
 #
 #   sbatch slurm/pretrain_large.sh [--config configs/<preset>.yaml] [key.sub=value ...]
 #

@@ -290,3 +290,119 @@ def test_weight_decay_groups_follow_the_release(single_process_group, modality):
         assert id(names["backbone.embed.cls_token"]) in exempt
     else:  # fairseq v1 audio and text: one Adam group, every parameter decays
         assert not exempt and len(decayed) == len(names)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets against the released recipes
+# ---------------------------------------------------------------------------------------------
+
+FS = "facebookresearch/fairseq@3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99"
+AUDIO = f"{FS}:examples/data2vec/config/audio/pretraining/base_librispeech.yaml"
+TEXT = f"{FS}:examples/data2vec/config/text/pretraining/base.yaml"
+W2V = f"{FS}:fairseq/models/wav2vec/wav2vec2.py"
+DV = "facebookresearch/data2vec_vision@af9a36349aaed59ae66e69b5dabeef2d62fdc5da"
+RD = f"{DV}:beit/README.md"
+RC = f"{DV}:beit/run_cyclical.py"
+EPOCH_B, EPOCH_L = 1281167 // 2048, 1281167 // 4096  # BEiT: num_training_steps_per_epoch = len(dataset) // batch
+
+# (preset, key, released value, where the release sets it). Values in epochs are converted to steps here.
+RELEASED = [
+    ("vision_base", "model.num_masked", 120, f"{RD}:24 --num_mask_patches 120"),
+    ("vision_base", "model.min_block_patches", 16, f"{RD}:33 --min_mask_patches_per_block 16"),
+    ("vision_base", "model.crop_scale", [0.08, 1.0], f"{DV}:beit/transforms.py:83 scale=(0.08, 1.0)"),
+    ("vision_base", "model.color_jitter", 0.4, f"{DV}:beit/datasets.py:67 ColorJitter(0.4, 0.4, 0.4)"),
+    ("vision_base", "encoder.layer_scale_init", 1e-4, f"{RD}:30 --layer_scale_init_value 1e-4"),
+    ("vision_base", "encoder.drop_path", 0.25, f"{RD}:30 --drop_path 0.25"),
+    ("vision_base", "encoder.attn_dropout", 0.05, f"{RD}:37 --attn_drop_rate 0.05"),
+    ("vision_base", "objective.top_k", 6, f"{RD}:27 --target_layers [6,7,8,9,10,11]"),
+    ("vision_base", "objective.beta", 2.0, f"{RD}:34 --l1_beta 2.0"),
+    ("vision_base", "ema.tau_end", 0.9998, f"{RD}:28 --ema_decay 0.9998"),
+    ("vision_base", "ema.anneal_steps", 0, f"{RD}:28 --ema_start_at 0 (constant decay)"),
+    ("vision_base", "train.lr", 2e-3, f"{RD}:29 --lr 2e-3"),
+    ("vision_base", "train.steps", 800 * EPOCH_B, f"{RD}:29 --epochs 800"),
+    ("vision_base", "train.warmup_steps", 10 * EPOCH_B, f"{RD}:29 --warmup_epochs 10"),
+    ("vision_base", "train.min_lr", 1e-5, f"{RC}:148-150 --min_lr default 1e-5"),
+    ("vision_base", "train.grad_clip", 3.0, f"{RD}:30 --clip_grad 3.0"),
+    ("vision_base", "train.weight_decay", 0.05, f"{RD}:35 --weight_decay 0.05"),
+    ("vision_base", "train.betas", [0.9, 0.999], f"{DV}:beit/optim_factory.py:120-121 (torch AdamW default)"),
+    ("vision_large", "model.num_masked", 120, f"{RD}:61 --num_mask_patches 120"),
+    ("vision_large", "encoder.layer_scale_init", 1e-5, f"{RD}:67 --layer_scale_init_value 1e-5"),
+    ("vision_large", "encoder.drop_path", 0.2, f"{RD}:67 --drop_path 0.2"),
+    ("vision_large", "encoder.attn_dropout", 0.15, f"{RD}:73 --attn_drop_rate 0.15"),
+    ("vision_large", "objective.top_k", 6, f"{RD}:64 --target_layers [18,...,23]"),
+    ("vision_large", "ema.tau_end", 0.9998, f"{RD}:65 --ema_decay 0.9998 (stage 1)"),
+    ("vision_large", "train.lr", 1e-3, f"{RD}:66 --lr 1e-3"),
+    ("vision_large", "train.steps", 800 * EPOCH_L, f"{RD}:66 --epochs 800 (stage 1)"),
+    ("vision_large", "train.warmup_steps", 80 * EPOCH_L, f"{RD}:66 --warmup_epochs 80"),
+    ("vision_large", "train.micro_batch_size", 64, f"{RD}:66 --batch_size 64 (per GPU, 64 GPUs: RD:60)"),
+    ("vision_large", "train.grad_clip", 3.0, f"{RD}:67 --clip_grad 3.0"),
+    ("speech_base", "model.max_samples", 320000, f"{AUDIO}:18 max_sample_size"),
+    ("speech_base", "model.min_samples", 32000, f"{AUDIO}:19 min_sample_size"),
+    ("speech_base", "model.normalize", True, f"{AUDIO}:20 normalize"),
+    ("speech_base", "model.mask_prob", 0.65, f"{AUDIO}:64 mask_prob"),
+    ("speech_base", "model.mask_length", 10, f"{AUDIO}:65 mask_length"),
+    ("speech_base", "model.pos_conv_layers", 5, f"{AUDIO}:73 pos_conv_depth"),
+    ("speech_base", "model.pos_conv_kernel", 19, f"{AUDIO}:74 conv_pos 95 / 5 layers ({W2V}:1019-1022)"),
+    ("speech_base", "encoder.layerdrop", 0.05, f"{AUDIO}:58 encoder_layerdrop"),
+    ("speech_base", "encoder.dropout", 0.1, f"{W2V}:73-75 dropout default"),
+    ("speech_base", "encoder.attn_dropout", 0.1, f"{W2V}:76-78 attention_dropout default"),
+    ("speech_base", "objective.top_k", 8, f"{AUDIO}:71 average_top_k_layers"),
+    ("speech_base", "objective.layer_norm", "instance", f"{AUDIO}:70 instance_norm_target_layer"),
+    ("speech_base", "objective.loss", "l2", f"{AUDIO}:67 loss_beta 0 (MSE)"),
+    ("speech_base", "objective.scale", "inv_sqrt_dim", f"{AUDIO}:68 loss_scale null (1/sqrt(D))"),
+    ("speech_base", "ema.tau0", 0.999, f"{AUDIO}:76 ema_decay"),
+    ("speech_base", "ema.tau_end", 0.9999, f"{AUDIO}:77 ema_end_decay"),
+    ("speech_base", "ema.anneal_steps", 30000, f"{AUDIO}:78 ema_anneal_end_step"),
+    ("speech_base", "train.steps", 400000, f"{AUDIO}:42 max_update"),
+    ("speech_base", "train.lr", 5e-4, f"{AUDIO}:43 lr"),
+    ("speech_base", "train.betas", [0.9, 0.98], f"{AUDIO}:47 adam_betas"),
+    ("speech_base", "train.eps", 1e-6, f"{AUDIO}:48 adam_eps"),
+    ("speech_base", "train.weight_decay", 0.01, f"{AUDIO}:49 weight_decay"),
+    ("speech_base", "train.schedule", "tri_stage", f"{AUDIO}:52 lr_scheduler tri_stage"),
+    ("speech_base", "train.warmup_steps", 12000, f"{AUDIO}:53 phase_ratio 0.03 x 400000"),
+    ("speech_base", "train.hold_steps", 360000, f"{AUDIO}:53 phase_ratio 0.9 x 400000"),
+    ("speech_base", "train.grad_clip", 0.0, f"{FS}:fairseq/dataclass/configs.py:601-602 clip_norm default 0"),
+    ("text_base", "model.masking", "span", f"{TEXT}:26 mask_multiple_length 4"),
+    ("text_base", "model.mask_prob", 0.35, f"{TEXT}:25 mask_prob"),
+    ("text_base", "model.span_length", 4, f"{TEXT}:26 mask_multiple_length"),
+    ("text_base", "model.random_token_prob", 0.0, f"{TEXT}:23 random_token_prob"),
+    ("text_base", "model.leave_unmasked_prob", 0.0, f"{TEXT}:24 leave_unmasked_prob"),
+    ("text_base", "model.mask_specials", True, f"{FS}:fairseq/data/mask_tokens_dataset.py:148 (every position)"),
+    ("text_base", "encoder.dropout", 0.1, f"{TEXT}:64 dropout"),
+    ("text_base", "encoder.attn_dropout", 0.1, f"{TEXT}:65 attention_dropout"),
+    ("text_base", "encoder.init", "bert", f"{FS}:examples/data2vec/models/data2vec_text.py:90 init_bert_params"),
+    ("text_base", "objective.top_k", 10, f"{TEXT}:54 average_top_k_layers"),
+    ("text_base", "objective.beta", 4.0, f"{TEXT}:60 loss_beta"),
+    ("text_base", "ema.tau0", 0.999, f"{TEXT}:57 ema_decay"),
+    ("text_base", "ema.tau_end", 0.9999, f"{TEXT}:58 ema_end_decay"),
+    ("text_base", "ema.anneal_steps", 300000, f"{TEXT}:59 ema_anneal_end_step"),
+    ("text_base", "train.steps", 1000000, f"{TEXT}:48 max_update"),
+    ("text_base", "train.lr", 2e-4, f"{TEXT}:47 lr"),
+    ("text_base", "train.schedule", "cosine", f"{TEXT}:42 lr_scheduler cosine"),
+    ("text_base", "train.warmup_steps", 10000, f"{TEXT}:43 warmup_updates"),
+    ("text_base", "train.min_lr", 0.0, f"{FS}:fairseq/optim/lr_scheduler/cosine_lr_scheduler.py:23-28 min_lr default"),
+    ("text_base", "train.grad_clip", 5.0, f"{TEXT}:46 clip_norm"),
+    ("text_base", "train.weight_decay", 0.01, f"{TEXT}:37 weight_decay"),
+    ("text_base", "train.betas", [0.9, 0.98], f"{TEXT}:38 adam_betas"),
+    ("text_base", "train.eps", 1e-6, f"{TEXT}:39 adam_eps"),
+]
+
+
+def preset_value(cfg, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+@pytest.mark.parametrize("preset", sorted({row[0] for row in RELEASED}))
+def test_presets_match_the_released_recipes(preset):
+    cfg = load_experiment(ROOT / f"configs/{preset}.yaml")
+    wrong = [f"{key}={preset_value(cfg, key)!r}, released {want!r} ({source})"
+             for name, key, want, source in RELEASED if name == preset and preset_value(cfg, key) != pytest.approx(want)]
+    assert not wrong, "\n".join(wrong)
+
+
+@pytest.mark.parametrize("preset", ["vision_base", "vision_large", "speech_base", "text_base"])
+def test_reference_rules_resolve_per_modality(preset):
+    """Weight decay as the release: BEiT's groups for vision, one group for fairseq audio and text."""
+    cfg = load_experiment(ROOT / f"configs/{preset}.yaml")
+    assert decay_rule(cfg) == ("beit" if cfg.modality == "vision" else "none")

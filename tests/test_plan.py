@@ -113,10 +113,10 @@ def test_ds_json_batch_contradiction_and_bad_values_are_reported(single_process_
 
 
 def test_does_not_fit_says_what_to_change(single_process_group, capsys):
-    assert main(["--config", str(ROOT / "configs/vision_large.yaml"), "--gpu-memory-gb", "8"]) == 1
+    assert main(["--config", str(ROOT / "configs/vision_large.yaml"), "--gpu-memory-gb", "16"]) == 1
     out = capsys.readouterr().out
-    assert "DOES NOT FIT in 8 GiB" in out
-    assert "lower the micro batch: --micro-batch 16 --grad-accum 2 keeps the global batch 256" in out
+    assert "DOES NOT FIT in 16 GiB" in out
+    assert "lower the micro batch: --micro-batch 32 --grad-accum 2 keeps the global batch 512" in out
     assert "raise TP: --tp 2 fits" in out
 
 
@@ -130,6 +130,6 @@ def test_cli_help_and_vision_large_on_8_gpus():
                            "--tp", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     out = proc.stdout
-    assert "world 8; TP 1, DP 8; global batch = micro 32 x accumulation 1 x DP 8 = 256" in out
+    assert "world 8; TP 1, DP 8; global batch = micro 64 x accumulation 1 x DP 8 = 512" in out
     assert "student 304.2M" in out and "fits in 80 GiB" in out
     assert "EMA update" in out and "teacher all-gather (fp32)" in out
