@@ -151,6 +151,11 @@ class TrainConfig:
                            "config as gradient_clipping", 0.0)
     seed: int = doc("seed for initialisation, data order, augmentation and masks", 0)
     precision: str = doc("'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'. The EMA teacher is always fp32", "auto")
+    teacher_precision: str = doc("how the teacher computes when the student runs bf16 (its weights and EMA stay "
+                                 "fp32): 'autocast' (bf16 matmuls, like fairseq's fp16 teacher for data2vec speech "
+                                 "and text), 'fp32' (outside autocast, like BEiT's teacher for data2vec vision; "
+                                 "slower) or 'reference' (the modality's release: fp32 for vision, autocast for "
+                                 "speech and text)", "reference")
     ds_config: str = doc("DeepSpeed JSON (ZeRO-3); batch keys must agree with this section", "ds_configs/zero3.json")
     output_dir: str = doc("checkpoints, logs and TensorBoard events go here", "runs/default")
     log_every: int = doc("steps between log lines", 10)
@@ -181,6 +186,7 @@ class TrainConfig:
         require(self.weight_decay >= 0, f"train.weight_decay={self.weight_decay} must be >= 0")
         require(self.output_dir.strip() != "", "train.output_dir must not be empty: checkpoints and logs go there")
         one_of("train.precision", self.precision, ("auto", "bf16", "fp32"))
+        one_of("train.teacher_precision", self.teacher_precision, ("reference", "autocast", "fp32"))
         one_of("train.decay_exempt", self.decay_exempt, ("reference", "beit", "none", "1d"))
         one_of("train.resume_damaged", self.resume_damaged, ("error", "previous"))
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),

@@ -542,6 +542,8 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     largest_sub = max(min(g, sub_group) for g in groups)
 
     s, b = p.seq, micro
+    if cfg.modality == "speech" and cfg.data.max_tokens:  # bucketed batches: at most max_tokens samples each,
+        b = -(-cfg.data.max_tokens // cfg.model.max_samples)  # so at most this many full-length clips' activations
     a = cb
     block_act, scores = block_activation_bytes(enc, s, b, tp, a, fused_attention)
     masked = max(1, round(masked_fraction(cfg) * (s - cfg.make_modality().prefix_tokens))) * b

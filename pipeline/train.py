@@ -48,7 +48,10 @@ def prepare(args):
     modality = cfg.make_modality()
     shards = resolve_shards(cfg.data.manifest, modality)
     check_shard_count(len(shards), dp, cfg.data.workers)
-    check_shared_memory(cfg.data, modality.sample_bytes(), cfg.train.micro_batch_size, env.local_world_size)
+    clips = cfg.train.micro_batch_size
+    if cfg.data.max_tokens:  # a bucketed batch holds at most max_tokens samples: as many full-length clips
+        clips = -(-cfg.data.max_tokens // cfg.model.max_samples)
+    check_shared_memory(cfg.data, modality.sample_bytes(), clips, env.local_world_size)
     check_resumable(args, cfg)
     return cfg, choice, ds_base, shards, env
 

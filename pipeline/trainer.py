@@ -140,10 +140,21 @@ class Trainer:
     # -- the data2vec step --------------------------------------------------------------------
     @torch.no_grad()
     def teacher_targets(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Teacher (fp32 weights, bf16 autocast on GPU) on the unmasked input -> (B, T, D) fp32 targets."""
-        with torch.autocast(self.rt.choice.device_type, dtype=self.rt.choice.dtype, enabled=self.rt.choice.autocast):
+        """Teacher (fp32 weights; bf16 autocast on GPU unless train.teacher_precision says fp32) on the unmasked
+        input -> (B, T, D) fp32 targets."""
+        autocast = self.teacher_autocast()
+        if self.rt.choice.autocast and not autocast:  # fp32 compute: the batch's floating inputs came in bf16
+            inputs = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+        with torch.autocast(self.rt.choice.device_type, dtype=self.rt.choice.dtype, enabled=autocast):
             taps = self.teacher(inputs, keep=self.cfg.objective.top_k)  # only the K layers the targets use
         return teacher_targets(taps, self.cfg.objective)
+
+    def teacher_autocast(self) -> bool:
+        """Whether the teacher computes under the student's autocast (train.teacher_precision, 'reference':
+        the modality's release)."""
+        rule = self.cfg.train.teacher_precision
+        rule = self.modality.teacher_precision if rule == "reference" else rule
+        return self.rt.choice.autocast and rule == "autocast"
 
     def student_forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         return self.engine(inputs, mask, self.layers_to_drop())  # (M, D) predictions at masked positions
@@ -162,16 +173,19 @@ class Trainer:
         targets = self.teacher_targets(batch)[mask]  # (M, D)
         prediction = self.student_forward(batch, mask)  # (M, D)
         loss_sum = regression_loss(prediction, targets, self.cfg.objective)
-        # one all-reduce over data-parallel ranks: loss, target and prediction moments, stop and requeue flags
+        # one all-reduce over data-parallel ranks: loss, target and prediction moments, the batch's samples and
+        # positions (they vary per rank with data.max_tokens), stop and requeue flags
+        counts = [float(mask.shape[0]), float(mask.numel())]
         flags = [float(self.stop_requested), float(self.requeue_requested)]
         stats = torch.cat([loss_sum.detach().float().view(1), moment_stats(targets), moment_stats(prediction),
-                           torch.tensor(flags, device=loss_sum.device)])
+                           torch.tensor(counts + flags, device=loss_sum.device)])
         all_reduce_sum(stats, self.rt.dp_group)
         dim = targets.shape[-1]
         masked = stats[1].clamp_min(1.0)  # a batch may (rarely, for text) select no position at all
         metrics = {"loss": (stats[0] / masked).item(), "masked": masked.item(), "tokens": mask.shape[1],
                    "target_std": std_from_stats(stats[1:2 + 2 * dim]),
                    "prediction_std": std_from_stats(stats[2 + 2 * dim:3 + 4 * dim]),
+                   "samples": stats[-4].item(), "positions": stats[-3].item(),
                    "stop": stats[-2].item() > 0, "requeue": stats[-1].item() > 0}
         alarm = collapse_alarm(self.step, metrics["target_std"], metrics["prediction_std"], self.cfg.collapse)
         if alarm:
@@ -221,6 +235,7 @@ class Trainer:
         self.ema.update(tau)
         self.step += 1
         out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("loss", "target_std", "prediction_std", "tokens")}
+        out.update({k: sum(m[k] for m in metrics) for k in ("samples", "positions")})  # global, this step
         return {**out, "tau": tau, "stop": any(m["stop"] for m in metrics),
                 "requeue": any(m["requeue"] for m in metrics), "lr": lr}
 
@@ -309,7 +324,6 @@ class Trainer:
                              self.rt.dp_rank, self.rt.dp, self.batches_consumed, self.stream_positions)
         self.batches = iter(loader)
         logger = MetricsLogger(self.output, self.rt.is_main, start_step=self.step)
-        samples_per_step = t.micro_batch_size * t.grad_accum * self.rt.dp
         status = "done"
         last = min(t.steps, t.stop_after) if t.stop_after else t.steps
         skips = 0
@@ -320,9 +334,11 @@ class Trainer:
                 if skips >= self.cfg.collapse.max_skips:
                     raise CollapseError(f"{skips} consecutive steps skipped (collapse.max_skips)")
                 if not metrics.get("skipped"):
-                    logger.record(self.step, metrics, samples=samples_per_step,
-                                  tokens=samples_per_step * metrics["tokens"],
-                                  flops=samples_per_step * self.flops_per_sample(round(metrics["tokens"])),
+                    # samples and positions as counted (data.max_tokens batches vary in clips and length);
+                    # FLOPs at the step's mean positions per sample
+                    samples, positions = metrics["samples"], metrics["positions"]
+                    logger.record(self.step, metrics, samples=samples, tokens=positions,
+                                  flops=samples * self.flops_per_sample(round(positions / samples)),
                                   devices=self.rt.world_size)
                     if self.step % t.log_every == 0 or self.step == last:
                         logger.flush(self.step, t.steps)

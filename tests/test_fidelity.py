@@ -406,3 +406,44 @@ def test_reference_rules_resolve_per_modality(preset):
     """Weight decay as the release: BEiT's groups for vision, one group for fairseq audio and text."""
     cfg = load_experiment(ROOT / f"configs/{preset}.yaml")
     assert decay_rule(cfg) == ("beit" if cfg.modality == "vision" else "none")
+
+
+@pytest.mark.parametrize("preset,override,gpu_autocast", [
+    ("vision_base", "reference", False),  # BEiT: the teacher runs outside autocast (engine_for_cyclical.py:66-67)
+    ("speech_base", "reference", True),  # fairseq: the teacher is part of the fp16 model
+    ("text_base", "reference", True),
+    ("vision_base", "autocast", True),
+    ("speech_base", "fp32", False),
+])
+def test_teacher_precision_follows_the_release(preset, override, gpu_autocast):
+    from types import SimpleNamespace
+    from pipeline.trainer import Trainer
+    cfg = load_experiment(ROOT / f"configs/{preset}.yaml", [f"train.teacher_precision={override}"])
+    for student_autocast in (True, False):  # bf16 on GPU, fp32 on CPU (where nothing is autocast)
+        fake = SimpleNamespace(cfg=cfg, modality=cfg.make_modality(),
+                               rt=SimpleNamespace(choice=SimpleNamespace(autocast=student_autocast)))
+        assert Trainer.teacher_autocast(fake) == (gpu_autocast and student_autocast)
+
+
+def test_fp32_teacher_computes_in_fp32_under_a_bf16_student(single_process_group):
+    """With the student under bf16 autocast (forced here on CPU) and batches cast to bf16, an fp32 teacher
+    upcasts the inputs and computes outside autocast: its targets equal a plain fp32 forward."""
+    from types import SimpleNamespace
+    from pipeline.model.data2vec import Backbone
+    from pipeline.objective import teacher_targets
+    from pipeline.trainer import Trainer
+    cfg = load_experiment(ROOT / "configs/vision_tiny.yaml")
+    teacher = Backbone(cfg.make_modality(), cfg.encoder, model_parallel_config(1)).eval()
+    image = torch.randn(2, 3, cfg.model.image_size, cfg.model.image_size, generator=torch.Generator().manual_seed(0))
+    bf16_batch = {"image": image.to(torch.bfloat16)}
+    with torch.no_grad():
+        want = teacher_targets(teacher({"image": bf16_batch["image"].float()}, keep=cfg.objective.top_k), cfg.objective)
+    for precision, exact in (("fp32", True), ("autocast", False)):
+        cfg.train.teacher_precision = precision
+        fake = SimpleNamespace(cfg=cfg, modality=cfg.make_modality(), teacher=teacher,
+                               rt=SimpleNamespace(choice=SimpleNamespace(autocast=True, device_type="cpu",
+                                                                         dtype=torch.bfloat16)))
+        fake.teacher_autocast = lambda: Trainer.teacher_autocast(fake)
+        got = Trainer.teacher_targets(fake, dict(bf16_batch))
+        assert got.dtype == torch.float32
+        assert torch.equal(got, want) == exact, precision

@@ -29,6 +29,7 @@ class Modality(abc.ABC):
     # shapes differ is skipped as bad instead of crashing collate
     fixed_shape_keys: ClassVar[tuple[str, ...]] = ()
     decay_exempt: ClassVar[str] = "none"  # train.decay_exempt=reference means this (the released recipe's rule)
+    teacher_precision: ClassVar[str] = "autocast"  # train.teacher_precision=reference: fairseq's fp16 teacher
 
     def __init__(self, cfg: Any):
         self.cfg = cfg

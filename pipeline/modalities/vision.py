@@ -233,6 +233,7 @@ class Vision(Modality):
     fixed_shape_keys = ("image", "mask")
     prefix_tokens = 1  # CLS
     decay_exempt = "beit"  # data2vec_vision beit/optim_factory.py: 1-D, .bias and no_weight_decay() = cls_token
+    teacher_precision = "fp32"  # beit/engine_for_cyclical.py:66-67: the teacher runs outside autocast
 
     def example(self, sample, rng):
         cfg = self.cfg

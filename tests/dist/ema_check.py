@@ -53,7 +53,8 @@ def main() -> None:
     init_err = max((start_teacher[k] - reference[k]).abs().max().item() for k in reference)
     for step in range(steps):
         trainer.optimizer_step()
-        tau = tau0 + (tau_end - tau0) * step / anneal if step < anneal else tau_end
+        update = step + 1  # fairseq's num_updates: the EMA after the first update decays by tau(1)
+        tau = tau0 + (tau_end - tau0) * update / anneal if update < anneal else tau_end
         current = gathered(student)
         reference = {k: current[k] if k in copied else tau * reference[k] + (1 - tau) * current[k]
                      for k in reference}
