@@ -126,7 +126,7 @@ class TextEmbedder(nn.Module):
         positions = torch.cumsum(not_pad, 1) * not_pad + self.pad_id  # RoBERTa numbering
         x = self.dropout(self.norm(self.tokens(tokens) + self.positions(positions)))
         attn_bias = None
-        if not bool(not_pad.all()):  # packed blocks have no padding; padded input is masked out of attention
+        if not bool(not_pad.all()):  # full_sentences blocks have none; complete_doc blocks do: pads leave attention
             attn_bias = torch.zeros(tokens.shape, dtype=x.dtype, device=x.device).masked_fill(~not_pad, float("-inf"))
             attn_bias = attn_bias[:, None, None, :]  # (B, 1, 1, T)
         return x, attn_bias
