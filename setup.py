@@ -25,6 +25,9 @@ setup(
         # transformers: the Data2Vec models our backbones are tested against (and the benchmark peer);
         # torchvision: the ColorJitter / RandomResizedCrop our vision augmentation is tested against
         "test": ["pytest>=8", "pytest-timeout>=2", "transformers>=4.40", "torchvision==0.24.1"],
+        # transformers: export to / start from HF Data2Vec directories (python -m pipeline.export --format hf,
+        # init.from=DIR); safetensors comes with it
+        "hf": ["transformers>=4.40"],
     },
     entry_points={"console_scripts": ["d2v-train=pipeline.train:main", "d2v-prep-images=data_prep.images:main"]},
 )

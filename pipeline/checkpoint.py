@@ -329,7 +329,9 @@ def read_marker(ckpt: Path, tp: int) -> dict:
     if marker["tp"] != tp:
         raise CheckpointError(f"{ckpt} was written with tensor parallel size {marker['tp']}; this job has "
                               f"parallel.tp={tp}. Resume with parallel.tp={marker['tp']} (any number of "
-                              f"data-parallel ranks), or consolidate it with python -m pipeline.export")
+                              f"data-parallel ranks), or start a new run at parallel.tp={tp} from its weights: "
+                              f"python -m pipeline.export {ckpt} --output W.pt, then train with init.from=W.pt in a "
+                              f"new train.output_dir (optimizer, schedule and data start fresh)")
     return marker
 
 

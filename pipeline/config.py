@@ -23,12 +23,27 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message says how."""
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, **kw) -> Any:
-    """A dataclass field with a help text (shown by ``python -m pipeline.train --help``)."""
+def doc(text: str, default: Any = dataclasses.MISSING, key: str | None = None, **kw) -> Any:
+    """A dataclass field with a help text (shown by ``python -m pipeline.train --help``). ``key``: the name
+    the field has in YAML and overrides when that is a Python keyword (init.from -> field ``from_``)."""
+    metadata = {"help": text, **({"key": key} if key else {})}
     if default is not dataclasses.MISSING and isinstance(default, (list, dict, tuple)):
         value = default
-        return field(default_factory=lambda: type(value)(value), metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+        return field(default_factory=lambda: type(value)(value), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def config_key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def config_dict(obj: Any) -> Any:
+    """A config dataclass tree as the plain dict its YAML would hold (config keys, lists copied)."""
+    if dataclasses.is_dataclass(obj):
+        return {config_key(f): config_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [config_dict(x) for x in obj]
+    return obj
 
 
 def require(condition: bool, message: str) -> None:
@@ -209,7 +224,7 @@ def build_dataclass(cls: type, raw: Any, where: str) -> Any:
     if raw is None:
         raw = {}
     require(isinstance(raw, dict), f"'{where}' must be a mapping, got {type(raw).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {config_key(f): f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
@@ -218,7 +233,8 @@ def build_dataclass(cls: type, raw: Any, where: str) -> Any:
             hint = f" Did you mean '{_join(where, close[0])}'?" if close else ""
             raise ConfigError(f"unknown config key '{_join(where, key)}'.{hint} "
                               f"Valid keys here: {', '.join(sorted(fields))}")
-        kwargs[key] = _coerce(hints[key], value, _join(where, key))
+        name = fields[key].name
+        kwargs[name] = _coerce(hints[name], value, _join(where, key))
     try:
         return cls(**kwargs)
     except TypeError as exc:
@@ -258,7 +274,7 @@ def field_help(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key = _join(prefix, f.name)
+        key = _join(prefix, config_key(f))
         if dataclasses.is_dataclass(hints[f.name]):
             rows += field_help(hints[f.name], key)
         else:

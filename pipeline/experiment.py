@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import (ConfigError, DataConfig, EncoderConfig, ParallelConfig, TrainConfig, apply_overrides,
-                             build_dataclass, field_help, load_yaml, require)
+                             build_dataclass, config_dict, field_help, load_yaml, require)
 from pipeline.ema import EMAConfig
 from pipeline.modalities import MODALITIES
 from pipeline.objective import CollapseConfig, ObjectiveConfig
+from pipeline.warm_start import InitConfig
 
 
 @dataclass
@@ -25,13 +26,14 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
     def make_modality(self):
         return MODALITIES[self.modality](self.model)
 
 
 SECTIONS = {"encoder": EncoderConfig, "objective": ObjectiveConfig, "ema": EMAConfig, "collapse": CollapseConfig,
-            "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig}
+            "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig, "init": InitConfig}
 
 
 def build_experiment(raw: dict) -> ExperimentConfig:
@@ -72,8 +74,7 @@ def load_experiment(path: str | Path, overrides: list[str] = ()) -> ExperimentCo
 
 
 def experiment_dict(cfg: ExperimentConfig) -> dict:
-    from dataclasses import asdict
-    return asdict(cfg)
+    return config_dict(cfg)
 
 
 def config_help() -> str:

@@ -1,19 +1,29 @@
-"""Consolidate a TP x ZeRO-3 checkpoint into one fp32 state dict (student and teacher), on one machine.
+"""Export a TP x ZeRO-3 checkpoint: to a transformers directory, or to one consolidated fp32 state dict.
 
+    python -m pipeline.export runs/vit_l/checkpoints/step_00100000 --format hf --output vit_l_hf
     python -m pipeline.export runs/vit_l/checkpoints/step_00100000 --output vit_l_step100k.pt
+
+--format hf writes a directory that transformers loads: AutoModel gives Data2VecVisionModel,
+Data2VecAudioModel or Data2VecTextModel with our weights (computing what our backbone computes, tested
+layer by layer), and AutoImageProcessor / AutoFeatureExtractor / AutoTokenizer give our evaluation
+transform (images: resized to the model's size, bicubic, normalised; audio: 16 kHz, normalised per clip;
+text: the shards' sentencepiece ids). --weights picks the student (default: what the data2vec releases
+fine-tune from, fairseq and BEiT alike) or the EMA teacher. An option HF cannot express is refused, naming
+it. --format pt (the default) writes ``student``, ``teacher``, ``config`` and ``step`` with torch.save
+(loads with ``weights_only=True``); the text vocabulary keeps its TP padding rows there.
 
 Needs only the checkpoint directory, not the original world size or DeepSpeed: every rank's
 ``d2v_rankNNNNN.pt`` holds its fp32 partitions of the student (master weights) and the teacher, the
 full shape of each parameter on its tensor-parallel rank and the dim it is split on. Partitions are
 concatenated over data-parallel ranks (ZeRO-3 splits the flattened tensor in rank order and pads the
 end), then over tensor-parallel ranks on the split dim; replicated parameters are taken from TP rank 0
-and checked to agree across TP ranks. The output (``torch.save``; loads with ``weights_only=True``)
-holds ``student``, ``teacher``, ``config`` and ``step``; the text vocabulary keeps its TP padding rows.
+and checked to agree across TP ranks.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import sys
@@ -97,15 +107,67 @@ def consolidated(ckpt: Path) -> dict:
     return result
 
 
+def backbone_state(result: dict, weights: str) -> dict[str, torch.Tensor]:
+    """The consolidated student's backbone (head dropped) or the teacher, under backbone parameter names."""
+    if weights == "teacher":
+        return dict(result["teacher"])
+    prefix = "backbone."
+    return {k[len(prefix):]: v for k, v in result["student"].items() if k.startswith(prefix)}
+
+
+def default_spm_model(cfg) -> Path | None:
+    """The sentencepiece model data_prep.text wrote next to the run's shards (OUT/spm.model)."""
+    manifest = Path(cfg.data.manifest)
+    path = (manifest if manifest.is_dir() else manifest.parent) / "spm.model"
+    return path if path.is_file() else None
+
+
+def export_hf(ckpt: Path, output: Path, weights: str = "student", spm_model: Path | None = None) -> dict:
+    """Write ``output`` as a transformers directory (model, config, preprocessor / tokenizer)."""
+    from pipeline import hf
+    from pipeline.experiment import build_experiment
+    if importlib.util.find_spec("transformers") is None:
+        raise ExportError("--format hf needs transformers: pip install -e '.[hf]'")
+    result = consolidated(ckpt)
+    if result["config"] is None:
+        raise ExportError(f"{ckpt} has no config.json: cannot tell the model's architecture")
+    cfg = build_experiment(result["config"])
+    if cfg.modality == "text":
+        spm_model = spm_model or default_spm_model(cfg)
+        if spm_model is None:
+            raise ExportError(f"no sentencepiece model next to data.manifest={cfg.data.manifest}: pass --spm-model "
+                              f"PATH (the spm.model data_prep.text wrote with the shards)")
+    output.mkdir(parents=True, exist_ok=True)
+    hf.save_hf(cfg, backbone_state(result, weights), output, spm_model)
+    return {**result, "cfg": cfg}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a checkpoint directory, e.g. runs/x/checkpoints/step_00001000")
-    parser.add_argument("--output", "-o", required=True, help="where to write the consolidated .pt file")
+    parser.add_argument("--output", "-o", required=True,
+                        help="--format pt: the .pt file to write; --format hf: the directory to write")
+    parser.add_argument("--format", choices=("pt", "hf"), default="pt",
+                        help="'hf': a transformers directory (AutoModel + preprocessor); 'pt': one consolidated "
+                             "state dict of student and teacher (default: %(default)s)")
+    parser.add_argument("--weights", choices=("student", "teacher"), default="student",
+                        help="--format hf: export the student (default; what the data2vec releases fine-tune "
+                             "from) or the EMA teacher")
+    parser.add_argument("--spm-model", type=Path, default=None,
+                        help="--format hf, text: the sentencepiece model of the shards (default: spm.model next "
+                             "to the run's data.manifest)")
     args = parser.parse_args(argv)
     try:
+        if args.format == "hf":
+            result = export_hf(Path(args.checkpoint), Path(args.output), args.weights, args.spm_model)
+            from pipeline.hf import HF_MODEL_CLASS
+            print(f"wrote {args.output}: transformers {HF_MODEL_CLASS[result['cfg'].modality]} ({args.weights} "
+                  f"weights, step {result['step']}) with its preprocessor; load it with "
+                  f"transformers.AutoModel.from_pretrained({str(args.output)!r})")
+            return 0
         result = export(Path(args.checkpoint), Path(args.output))
-    except (ExportError, CheckpointError, OSError, KeyError) as exc:
+    except (ExportError, CheckpointError, OSError, KeyError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in result["student"].values())

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 HF_MODEL_CLASS = {"vision": "Data2VecVisionModel", "speech": "Data2VecAudioModel", "text": "Data2VecTextModel"}
+HF_MODEL_TYPE = {"vision": "data2vec-vision", "speech": "data2vec-audio", "text": "data2vec-text"}
 
 # per block: our name -> HF name (block index substituted for {i})
 VISION_BLOCK = {
@@ -160,6 +161,29 @@ def hf_config_kwargs(cfg) -> dict[str, Any]:
         position_embedding_type="absolute")
 
 
+# the HF config fields that fix the shapes and the computation (compared before a run starts from HF weights)
+ARCHITECTURE = {"common": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"),
+                "vision": ("image_size", "patch_size", "num_channels", "use_shared_relative_position_bias",
+                           "use_relative_position_bias", "use_absolute_position_embeddings"),
+                "speech": ("conv_dim", "conv_kernel", "conv_stride", "conv_bias", "num_conv_pos_embeddings",
+                           "conv_pos_kernel_size", "num_conv_pos_embedding_groups", "feat_extract_norm"),
+                "text": ("vocab_size", "max_position_embeddings", "pad_token_id", "position_embedding_type")}
+
+
+def architecture_mismatch(cfg, hf_config_dict: dict) -> list[str]:
+    """How an HF config.json differs from what this experiment's backbone computes (empty: it matches)."""
+    want = hf_config_kwargs(cfg) | {"feat_extract_norm": "layer"}
+    problems = []
+    for key in ARCHITECTURE["common"] + ARCHITECTURE[cfg.modality]:
+        if key in want and key in hf_config_dict and hf_config_dict[key] != want[key]:
+            problems.append(f"{key}={hf_config_dict[key]!r} there, {want[key]!r} here")
+    if cfg.modality == "vision" and (hf_config_dict.get("layer_scale_init_value", 0) > 0) != (cfg.encoder.layer_scale_init > 0):
+        problems.append("layer scale on one side only (encoder.layer_scale_init)")
+    if cfg.modality == "text" and hf_config_dict.get("type_vocab_size", 1) != 1:
+        problems.append(f"type_vocab_size={hf_config_dict['type_vocab_size']} (only 1 maps exactly)")
+    return problems
+
+
 def hf_config(cfg):
     """The transformers config object for this experiment's backbone."""
     import transformers
@@ -184,23 +208,82 @@ def to_hf(cfg, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_hf(cfg, state: dict[str, torch.Tensor], padded_vocab: int | None = None) -> dict[str, torch.Tensor]:
+def from_hf(cfg, state: dict[str, torch.Tensor], padded_vocab: int | None = None,
+            strict: bool = True) -> dict[str, torch.Tensor]:
     """An HF model's state dict -> our whole backbone state dict. Text: the token embedding is padded with
     zero rows to ``padded_vocab``, and the token-type row (one, added to every position by HF) is folded into
-    the position embeddings, which is exact for HF's type_vocab_size=1."""
+    the position embeddings, which is exact for HF's type_vocab_size=1. ``strict=False``: parameters the HF
+    state lacks (e.g. the mask token of a fine-tuned model) are left out instead of refused."""
     names = name_map(cfg)
     missing = sorted(set(names.values()) - set(state))
-    if missing:
+    if missing and strict:
         raise KeyError(f"HF state lacks {missing[:5]}: not a {HF_MODEL_CLASS[cfg.modality]} of this config")
-    out = {ours: state[theirs] for ours, theirs in names.items()}
+    out = {ours: state[theirs] for ours, theirs in names.items() if theirs in state}
     if cfg.modality == "text":
         types = state.get(TEXT_TOKEN_TYPES)
         if types is not None:
             if types.shape[0] != 1:
                 raise ValueError(f"{TEXT_TOKEN_TYPES} has {types.shape[0]} rows; only type_vocab_size=1 maps exactly")
             out["embed.positions.weight"] = out["embed.positions.weight"] + types[0]
-        tokens = out["embed.tokens.weight"]
+        tokens = out["embed.tokens.weight"][:cfg.model.vocab_size]
+        out["embed.tokens.weight"] = tokens
         if padded_vocab is not None and padded_vocab > tokens.shape[0]:
             pad = tokens.new_zeros(padded_vocab - tokens.shape[0], tokens.shape[1])
             out["embed.tokens.weight"] = torch.cat([tokens, pad])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, preprocessor and tokenizer, as transformers loads them
+# ---------------------------------------------------------------------------------------------
+
+HF_ONLY = {"text": {"pooler.dense.weight", "pooler.dense.bias"}}  # HF parameters with no counterpart here
+
+
+def hf_model(cfg, state: dict[str, torch.Tensor]):
+    """The HF model holding our backbone ``state``. Text: transformers' Data2VecTextModel adds a pooler
+    (dense + tanh on the first token) that data2vec never trains; it keeps HF's own init, drawn from a fixed
+    seed, so that the directory loads with nothing left uninitialised."""
+    import transformers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = getattr(transformers, HF_MODEL_CLASS[cfg.modality])(hf_config(cfg))
+    result = model.load_state_dict(to_hf(cfg, state), strict=False)
+    missing = set(result.missing_keys) - HF_ONLY.get(cfg.modality, set())
+    if missing or result.unexpected_keys:
+        raise KeyError(f"{HF_MODEL_CLASS[cfg.modality]} does not take this state: missing {sorted(missing)[:5]}, "
+                       f"unexpected {sorted(result.unexpected_keys)[:5]}")
+    return model.eval()
+
+
+def hf_preprocessor(cfg, spm_model: str | None = None):
+    """The HF preprocessor computing our evaluation transform (``Modality.eval_inputs``): BeitImageProcessor,
+    Wav2Vec2FeatureExtractor, or for text a tokenizer giving sentencepiece's own ids (specials included,
+    a literal "<mask>" in the text stays text, as in data_prep.text)."""
+    import transformers
+    m = cfg.model
+    if cfg.modality == "vision":
+        from transformers.image_utils import PILImageResampling
+        return transformers.BeitImageProcessor(
+            do_resize=True, size={"height": m.image_size, "width": m.image_size}, resample=PILImageResampling.BICUBIC,
+            do_center_crop=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(m.mean),
+            image_std=list(m.std), do_reduce_labels=False)
+    if cfg.modality == "speech":
+        return transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                     do_normalize=m.normalize, return_attention_mask=False)
+    if spm_model is None:
+        raise ValueError("a text export needs the shards' sentencepiece model (spm.model next to their manifest)")
+    return transformers.BertGenerationTokenizer(
+        vocab_file=str(spm_model), bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        mask_token="<mask>", sep_token="</s>", split_special_tokens=True)
+
+
+def save_hf(cfg, state: dict[str, torch.Tensor], output, spm_model: str | None = None) -> None:
+    """Write a directory that transformers' AutoModel and AutoImageProcessor / AutoFeatureExtractor /
+    AutoTokenizer load: config.json, model.safetensors and the preprocessor's files."""
+    problems = unsupported(cfg)
+    if problems:
+        raise ValueError(f"transformers' {HF_MODEL_CLASS[cfg.modality]} cannot compute this model: "
+                         + "; ".join(problems) + ". Export it with --format pt instead")
+    hf_model(cfg, state).save_pretrained(output)
+    hf_preprocessor(cfg, spm_model).save_pretrained(output)

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.warm_start import check_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,6 +54,7 @@ def prepare(args):
         clips = -(-cfg.data.max_tokens // cfg.model.max_samples)
     check_shared_memory(cfg.data, modality.sample_bytes(), clips, env.local_world_size)
     check_resumable(args, cfg)
+    check_source(cfg)
     return cfg, choice, ds_base, shards, env
 
 
@@ -99,13 +101,23 @@ def main(argv=None) -> int:
             log.info("layout: %s", " ".join(f"{k}={v}" for k, v in parallel_layout(cfg, rt).items()))
             log.info("config: %s", distributed_summary(cfg, rt, experiment_dict))
         trainer = Trainer(cfg, rt, ds_base, shards)
+        resumed = False
         if not args.no_resume:
             try:
-                trainer.resume(Path(args.resume) if args.resume else None)
+                resumed = trainer.resume(Path(args.resume) if args.resume else None)
             except CheckpointError as exc:  # every rank reads the same files and stops here together
                 if rt.is_main:
                     log.error("cannot resume: %s", exc)
                 return 2
+        if not resumed and cfg.init.from_:
+            try:
+                trainer.warm_start()
+            except (ConfigError, KeyError) as exc:  # every rank reads the same source and stops here together
+                if rt.is_main:
+                    log.error("cannot start from init.from: %s", exc)
+                return 2
+        elif resumed and cfg.init.from_ and rt.is_main:
+            log.info("init.from=%s is not used: the run resumed from its own checkpoint", cfg.init.from_)
         status = trainer.train()
         if rt.is_main:
             log.info("%s at step %d; checkpoints in %s", status, trainer.step, trainer.ckpt_root)

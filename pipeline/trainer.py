@@ -249,10 +249,11 @@ class Trainer:
         forward = mod.embed_flops_per_sample(enc, tokens) + seq * matmul_flops_per_token(enc, seq)
         return 4 * forward
 
-    def resume(self, path: Path | None) -> None:
+    def resume(self, path: Path | None) -> bool:
+        """Load ``path`` or the latest complete checkpoint of this run; False when there is none."""
         latest = path if path is not None else checkpoint.find_latest(self.ckpt_root)
         if latest is None:
-            return
+            return False
         # on damage (train.resume_damaged=previous) the complete checkpoints before it, newest first
         candidates = [latest] + [c for c in checkpoint.complete_checkpoints(self.ckpt_root) if c.name < latest.name]
         for ckpt in candidates:
@@ -277,7 +278,7 @@ class Trainer:
             self.data_seed = state["data_seed"]
             if self.rt.is_main:
                 log.info("resumed from %s at step %d", ckpt, self.step)
-            return
+            return True
         # A new data-parallel size or worker count: weights, optimizer moments, teacher and LR schedule
         # carry over exactly; the data streams cannot, so they restart from a seed tied to the step.
         self.data_seed = t.seed + 7919 * self.step
@@ -288,6 +289,15 @@ class Trainer:
                         "data.workers streams %d -> %d): model, optimizer and teacher state are exact; the data "
                         "order restarts from a new shuffle seeded by the step", ckpt, self.step, state["saved_dp"],
                         self.rt.dp, len(saved_streams), len(self.stream_positions))
+        return True
+
+    def warm_start(self) -> None:
+        """A new run from init.from's weights (student, and the teacher as its copy)."""
+        from pipeline.warm_start import warm_start
+        kept = warm_start(self)
+        if self.rt.is_main:
+            log.info("started from init.from=%s%s", self.cfg.init.from_,
+                     f"; kept their own initialisation: {', '.join(kept)}" if kept else "")
 
     def barrier(self) -> None:
         import torch.distributed as dist

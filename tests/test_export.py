@@ -1,32 +1,42 @@
 """python -m pipeline.export: a TP x ZeRO-3 checkpoint consolidated on one process, without the original
-world size, loads into TP=1 models that reproduce the live job's outputs."""
+world size, loads into TP=1 models that reproduce the live job's outputs, and into transformers' Data2Vec
+models (with their preprocessors) that compute what ours computes."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import ROOT, torchrun
+from pipeline import hf
+from pipeline.data import raw_samples, resolve_shards
 from pipeline.distributed import model_parallel_config
 from pipeline.experiment import build_experiment
+from pipeline.export import default_spm_model
 from pipeline.model.data2vec import Backbone, Student
 from pipeline.objective import teacher_targets
+from test_hf_parity import assert_layers_equal, our_hidden_states
 
 pytestmark = pytest.mark.distributed
 
 
-@pytest.mark.parametrize("preset, shards, tp, nproc", [
-    ("configs/text_tiny.yaml", "tiny_text_shards", 2, 4),  # TP 2 x DP 2: vocabulary-parallel embedding
-    ("configs/vision_tiny.yaml", "tiny_shards", 2, 2),  # TP 2: heads split, relative position bias split
+@pytest.mark.parametrize("preset, shards", [
+    ("configs/vision_tiny.yaml", "tiny_shards"),  # heads split, relative position bias split
+    ("configs/speech_tiny.yaml", "tiny_audio_shards"),
+    ("configs/text_tiny.yaml", "tiny_text_shards"),  # vocabulary-parallel embedding
 ])
-def test_consolidated_tp_zero3_checkpoint_reproduces_outputs(single_process_group, request, tmp_path, preset,
-                                                             shards, tp, nproc):
+def test_tp2_x_dp2_checkpoint_exports_to_our_model_and_to_transformers(single_process_group, request, tmp_path,
+                                                                        preset, shards):
+    """One TP 2 x DP 2 run (4 ranks) per modality. Its checkpoint, consolidated on one process, reproduces the
+    live job's outputs in TP=1 models; exported with --format hf it loads in transformers (AutoModel and the
+    preprocessor) with nothing missing or new, and computes our backbone's hidden states, also end to end
+    from raw files."""
     manifest = request.getfixturevalue(shards)
-    proc = torchrun([str(ROOT / "tests/dist/export_check.py"), str(tmp_path), preset, str(manifest), str(tp)],
-                    nproc=nproc)
+    proc = torchrun([str(ROOT / "tests/dist/export_check.py"), str(tmp_path), preset, str(manifest), "2"], nproc=4)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     live = torch.load(tmp_path / "outputs.pt", weights_only=True)
     out = tmp_path / "consolidated.pt"
@@ -49,6 +59,81 @@ def test_consolidated_tp_zero3_checkpoint_reproduces_outputs(single_process_grou
     torch.testing.assert_close(targets, live["targets"], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(predictions, live["predictions"], rtol=1e-4, atol=1e-4)
     assert exported["step"] == 3
+    for weights, ours in (("student", student.backbone), ("teacher", teacher)):
+        check_hf_export(live, cfg, ours, weights, manifest, tmp_path / f"hf_{weights}")
+    # init.from at another TP (1, on 2 ranks): from the HF directory (the head keeps its own init: only the
+    # teacher's targets are the source's) and from the .pt export (student with its head: predictions too)
+    for source, exact_head in ((tmp_path / "hf_student", False), (out, True)):
+        start = tmp_path / f"start_{source.name}"
+        proc = torchrun([str(ROOT / "tests/dist/init_from_check.py"), str(start), preset, str(manifest), "1",
+                         str(source)], nproc=2)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        began = torch.load(start / "start.pt", weights_only=True)
+        with torch.no_grad():
+            want_targets = teacher_targets(student.backbone(began["batch"]), cfg.objective)
+            want_predictions = student(began["batch"], began["mask"])
+        torch.testing.assert_close(began["targets"], want_targets, rtol=1e-4, atol=1e-4)
+        if exact_head:
+            torch.testing.assert_close(began["predictions"], want_predictions, rtol=1e-4, atol=1e-4)
+
+
+def check_hf_export(live, cfg, ours, weights, manifest, directory):
+    """--format hf: AutoModel loads cleanly and equals ``ours`` on every layer, on the live (masked) batch and
+    end to end from a raw sample through HF's preprocessor."""
+    transformers = pytest.importorskip("transformers")
+    cli = subprocess.run([sys.executable, "-m", "pipeline.export", live["ckpt"], "--format", "hf", "--weights", weights,
+                          "--output", str(directory)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    model, info = transformers.AutoModel.from_pretrained(directory, output_loading_info=True)
+    assert type(model).__name__ == hf.HF_MODEL_CLASS[cfg.modality]
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    model.eval()
+    batch, mask = live["batch"], live["mask"]
+    kwargs = {"vision": lambda: {"pixel_values": batch["image"], "bool_masked_pos": mask},
+              "speech": lambda: {"input_values": batch["audio"], "mask_time_indices": mask},
+              "text": lambda: {"input_ids": batch["student_tokens"],
+                               "attention_mask": batch["student_tokens"].ne(cfg.model.pad_id).long()}}[cfg.modality]()
+    hidden, final = our_hidden_states(ours, batch, mask)
+    with torch.no_grad():
+        out = model(**kwargs, output_hidden_states=True)
+    last = out.last_hidden_state[:, cfg.make_modality().prefix_tokens:]
+    assert_layers_equal(hidden, out.hidden_states, final, last, tol=1e-4)
+    # end to end: one raw shard sample, through our evaluation transform and through HF's preprocessor
+    sample = next(raw_samples(resolve_shards(str(manifest))))
+    inputs, their_inputs = end_to_end_inputs(cfg, directory, sample, transformers)
+    _, want = our_hidden_states(ours, inputs, None)
+    with torch.no_grad():
+        got = model(**their_inputs).last_hidden_state
+    diff = (want - got[:, cfg.make_modality().prefix_tokens:]).abs().max().item()
+    assert diff <= 1e-4, f"end to end ({weights}): max abs diff {diff:.3g}"
+
+
+def end_to_end_inputs(cfg, directory, sample, transformers):
+    """(our inputs, HF's inputs) for one raw sample: our evaluation transform (text: the shards' sentencepiece
+    model on the text) and the exported directory's HF preprocessor on the raw content."""
+    import io
+
+    import soundfile
+    from PIL import Image
+    modality = cfg.make_modality()
+    if cfg.modality == "vision":
+        image = Image.open(io.BytesIO(next(sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample)))
+        processor = transformers.AutoImageProcessor.from_pretrained(directory, backend="pil")
+        pixels = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"]
+        return modality.eval_inputs(sample), {"pixel_values": pixels}
+    if cfg.modality == "speech":
+        wav, rate = soundfile.read(io.BytesIO(sample["flac"]), dtype="float32")
+        extractor = transformers.AutoFeatureExtractor.from_pretrained(directory)
+        values = extractor(wav, sampling_rate=rate, return_tensors="pt")["input_values"]
+        return modality.eval_inputs(sample), {"input_values": values}
+    import sentencepiece
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(default_spm_model(cfg)))
+    ids = np.frombuffer(sample["u16"], dtype="<u2").astype(np.int64)
+    text = sp.decode([int(i) for i in ids if i != cfg.model.pad_id])  # the block's text
+    encoded = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert encoded[0].tolist() == sp.encode(text)  # the shards' own sentencepiece ids
+    return {"tokens": torch.tensor([sp.encode(text)])}, {"input_ids": encoded}
 
 
 def test_export_rejects_an_incomplete_checkpoint(tmp_path):

@@ -56,13 +56,13 @@ def our_hidden_states(backbone, batch, mask):
     return seen, final
 
 
-def assert_layers_equal(ours, theirs, final, last_hidden):
+def assert_layers_equal(ours, theirs, final, last_hidden, tol: float = TOL):
     assert len(ours) == len(theirs), f"{len(ours)} hidden states here, {len(theirs)} in transformers"
     for i, (a, b) in enumerate(zip(ours, theirs)):
         diff = (a - b).abs().max().item()
-        assert diff <= TOL, f"hidden state {i}: max abs diff {diff:.3g} > {TOL}"
+        assert diff <= tol, f"hidden state {i}: max abs diff {diff:.3g} > {tol}"
     diff = (final - last_hidden).abs().max().item()
-    assert diff <= TOL, f"last_hidden_state: max abs diff {diff:.3g} > {TOL}"
+    assert diff <= tol, f"last_hidden_state: max abs diff {diff:.3g} > {tol}"
 
 
 @pytest.mark.parametrize("overrides", [[], ["encoder.layer_scale_init=0.0"]], ids=["layer-scale", "no-layer-scale"])
@@ -140,3 +140,60 @@ def test_options_without_hf_form_are_named(modality, override, option):
 def test_shipped_presets_have_an_hf_form(modality):
     for path in sorted((ROOT / "configs").glob(f"{modality}_*.yaml")):
         assert hf.unsupported(load_experiment(path)) == [], path.name
+
+
+TRICKY_TEXTS = [
+    "Hello world", "", "  leading and trailing  ", "\ttabs\nand newlines\r\n",
+    "Grüße aus Köln, ça va? Ελληνικά, русский, עברית, العربية, हिन्दी, 日本語, 한국어, 中文",
+    "emoji 😀🚀👩🏽‍💻 flags 🇩🇪 and ☃ snowmen", "unseen characters: 龘 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 \U0001F9EC",
+    "a literal <mask> and <s> </s> <pad> <unk> in the text", "<mask><mask>", "NFKC: ﬁ ligature, ① ２ Ⅻ, ǅ",
+    "zero\u200bwidth and \u00a0 no-break spaces", "x" * 300,
+]
+
+
+def test_exported_tokenizer_gives_our_sentencepiece_ids(tiny_text_shards, tmp_path):
+    """AutoTokenizer of an exported directory == the shards' sentencepiece model, on any text: specials,
+    byte fallback, many scripts, emoji, and a literal "<mask>" (which data_prep.text keeps as text)."""
+    import sentencepiece
+    cfg = load_experiment(ROOT / "configs/text_tiny.yaml")
+    spm_model = tiny_text_shards / "spm.model"
+    hf.hf_preprocessor(cfg, str(spm_model)).save_pretrained(tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+    for text in TRICKY_TEXTS:
+        assert tokenizer(text)["input_ids"] == sp.encode(text), text
+        assert tokenizer(text, add_special_tokens=False)["input_ids"] == sp.encode(text), text
+    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id,
+            tokenizer.mask_token_id] == [cfg.model.pad_id, cfg.model.bos_id, cfg.model.eos_id, cfg.model.unk_id,
+                                         cfg.model.mask_id]
+    assert any(sp.id_to_piece(i).startswith("<0x") for i in sp.encode("龘")), "byte fallback not exercised"
+
+
+@pytest.mark.parametrize("modality,override,option", [
+    ("vision", "encoder.key_bias=true", "encoder.key_bias"),
+    ("speech", "encoder.layer_scale_init=0.1", "encoder.layer_scale_init"),
+])
+def test_export_refuses_what_transformers_cannot_compute(single_process_group, tmp_path, modality, override, option):
+    cfg = load_experiment(ROOT / f"configs/{modality}_tiny.yaml", [override])
+    ours = Backbone(cfg.make_modality(), cfg.encoder, model_parallel_config(1))
+    with pytest.raises(ValueError, match=option):
+        hf.save_hf(cfg, ours.state_dict(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_is_checked_before_any_process_group(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.warm_start import check_source
+    text = load_experiment(ROOT / "configs/text_tiny.yaml")
+    with pytest.raises(ConfigError, match="neither a transformers model directory nor a .pt export"):
+        check_source(load_experiment(ROOT / "configs/text_tiny.yaml", [f"init.from={tmp_path / 'nope'}"]))
+    hf.hf_config(text).save_pretrained(tmp_path / "text")
+    with pytest.raises(ConfigError, match="has no model.safetensors"):
+        check_source(load_experiment(ROOT / "configs/text_tiny.yaml", [f"init.from={tmp_path / 'text'}"]))
+    (tmp_path / "text" / "model.safetensors").write_bytes(b"")
+    check_source(load_experiment(ROOT / "configs/text_tiny.yaml", [f"init.from={tmp_path / 'text'}"]))
+    with pytest.raises(ConfigError, match="holds a 'data2vec-text' model; modality=vision"):
+        check_source(load_experiment(ROOT / "configs/vision_tiny.yaml", [f"init.from={tmp_path / 'text'}"]))
+    with pytest.raises(ConfigError, match="hidden_size=64 there, 128 here"):
+        check_source(load_experiment(ROOT / "configs/text_tiny.yaml",
+                                     [f"init.from={tmp_path / 'text'}", "encoder.dim=128", "encoder.ffn_dim=256"]))

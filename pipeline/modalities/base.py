@@ -44,6 +44,11 @@ class Modality(abc.ABC):
         """Examples -> a batch holding the model inputs and a bool ``mask`` (B, T), True = masked."""
         return {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]}
 
+    def eval_inputs(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Raw shard sample -> one example's model inputs (batch of 1), decoded with no augmentation, no crop
+        and no mask: what feature extraction feeds the backbone, and what HF's preprocessor reproduces."""
+        raise NotImplementedError(f"the {self.name} modality has no evaluation transform")
+
     def check_manifest(self, manifest: dict) -> str | None:
         """What is wrong with training this model on a data_prep manifest's shards (None: nothing)."""
         kind = manifest.get("modality")

@@ -62,6 +62,13 @@ class SpeechConfig:
         return field
 
 
+def normalize_wave(wav: torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance per clip: (x - mean) / sqrt(var + 1e-7), as HF's Wav2Vec2FeatureExtractor
+    (fairseq's F.layer_norm uses eps 1e-5: the same for any clip of variance >> 1e-5)."""
+    centred = wav - wav.mean()
+    return centred / torch.sqrt(centred.pow(2).mean() + 1e-7)
+
+
 def frames_for(conv_layers: list, samples: int) -> int:
     """Frames the feature encoder gives for a clip: L <- floor((L - kernel) / stride) + 1 per conv."""
     length = samples
@@ -186,6 +193,26 @@ class Speech(Modality):
     Config = SpeechConfig
 
     def example(self, sample, rng):
+        wav = self.decode(sample)
+        if wav.numel() < self.cfg.min_samples:
+            return None
+        if self.cfg.normalize:
+            wav = normalize_wave(wav)
+        if wav.numel() > self.cfg.max_samples:
+            start = rng.randrange(wav.numel() - self.cfg.max_samples + 1)
+            wav = wav[start:start + self.cfg.max_samples]
+        return {"audio": wav, "seed": rng.getrandbits(62)}
+
+    def eval_inputs(self, sample):
+        """The whole clip, mono, normalised per clip as in training: HF's Wav2Vec2FeatureExtractor computes the same."""
+        wav = self.decode(sample)
+        if wav.numel() < self.cfg.receptive_field:
+            raise ValueError(f"sample {sample.get('__key__')} has {wav.numel()} samples, fewer than one frame "
+                             f"({self.cfg.receptive_field})")
+        return {"audio": (normalize_wave(wav) if self.cfg.normalize else wav).unsqueeze(0)}
+
+    def decode(self, sample) -> torch.Tensor:
+        """The sample's audio as a (L,) float32 mono waveform at 16 kHz."""
         key = next((k for k in AUDIO_KEYS if k in sample), None)
         if key is None:
             raise ValueError(f"sample {sample.get('__key__')} has no audio (expected one of {AUDIO_KEYS})")
@@ -193,15 +220,7 @@ class Speech(Modality):
         if rate != SAMPLE_RATE:
             raise ValueError(f"sample {sample.get('__key__')} is {rate} Hz; shards must hold 16 kHz audio "
                              f"(make them with python -m data_prep.audio)")
-        wav = torch.from_numpy(wav).mean(1)  # (L,) mono
-        if wav.numel() < self.cfg.min_samples:
-            return None
-        if self.cfg.normalize:
-            wav = F.layer_norm(wav, wav.shape)
-        if wav.numel() > self.cfg.max_samples:
-            start = rng.randrange(wav.numel() - self.cfg.max_samples + 1)
-            wav = wav[start:start + self.cfg.max_samples]
-        return {"audio": wav, "seed": rng.getrandbits(62)}
+        return torch.from_numpy(wav).mean(1)
 
     def collate(self, examples):
         """Crop every clip (at a random offset) to the shortest in the batch, then span-mask the frames."""

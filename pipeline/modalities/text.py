@@ -151,6 +151,15 @@ class Text(Modality):
     fixed_shape_keys = ("tokens", "student_tokens", "mask")
 
     def example(self, sample, rng):
+        tokens = self.decode(sample)
+        student, mask = corrupt(tokens, self.cfg, rng)
+        return {"tokens": tokens, "student_tokens": student, "mask": mask}
+
+    def eval_inputs(self, sample):
+        return {"tokens": self.decode(sample).unsqueeze(0)}
+
+    def decode(self, sample) -> torch.Tensor:
+        """The sample's token block as int64 ids, checked against the model's positions and vocabulary."""
         key = next((k for k in TOKEN_KEYS if k in sample), None)
         if key is None:
             raise ValueError(f"sample {sample.get('__key__')} has no token block (expected one of {list(TOKEN_KEYS)})")
@@ -161,8 +170,7 @@ class Text(Modality):
         if int(tokens.max()) >= self.cfg.vocab_size:
             raise ValueError(f"token id {int(tokens.max())} >= model.vocab_size={self.cfg.vocab_size}: the shards were "
                              f"made with a different sentencepiece model")
-        student, mask = corrupt(tokens, self.cfg, rng)
-        return {"tokens": tokens, "student_tokens": student, "mask": mask}
+        return tokens
 
     def check_manifest(self, manifest):
         problem = super().check_manifest(manifest)

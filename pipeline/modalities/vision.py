@@ -237,15 +237,26 @@ class Vision(Modality):
 
     def example(self, sample, rng):
         cfg = self.cfg
+        img = augment(self.decode(sample), cfg, rng)
+        mask = block_mask(cfg.grid, cfg.num_masked, cfg.min_block_patches, cfg.min_aspect, rng)
+        return {"image": to_tensor(img, cfg.mean, cfg.std), "mask": mask}
+
+    def eval_inputs(self, sample):
+        """The whole image resized to image_size x image_size (bicubic), normalised: HF's BeitImageProcessor
+        with do_center_crop=False computes the same."""
+        cfg = self.cfg
+        img = self.decode(sample).resize((cfg.image_size, cfg.image_size), Image.BICUBIC)
+        return {"image": to_tensor(img, cfg.mean, cfg.std).unsqueeze(0)}
+
+    def decode(self, sample) -> Image.Image:
+        """The sample's image as RGB; one over model.max_pixels is refused from its header, before decoding."""
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         if key is None:
             raise ValueError(f"sample {sample.get('__key__')} has no image (expected one of {IMAGE_KEYS})")
         with Image.open(io.BytesIO(sample[key])) as img:
-            if img.width * img.height > cfg.max_pixels:  # header only: refuse before decoding every pixel
-                raise ValueError(f"{img.width}x{img.height} image is over model.max_pixels={cfg.max_pixels:,}")
-            img = augment(img.convert("RGB"), cfg, rng)
-        mask = block_mask(cfg.grid, cfg.num_masked, cfg.min_block_patches, cfg.min_aspect, rng)
-        return {"image": to_tensor(img, cfg.mean, cfg.std), "mask": mask}
+            if img.width * img.height > self.cfg.max_pixels:
+                raise ValueError(f"{img.width}x{img.height} image is over model.max_pixels={self.cfg.max_pixels:,}")
+            return img.convert("RGB")
 
     def build_embedder(self, enc, mp):
         return PatchEmbedder(self.cfg, enc, mp.tensor_model_parallel_size)

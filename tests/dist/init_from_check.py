@@ -1,0 +1,46 @@
+"""Run under torchrun: start a run from init.from (at this TP), take no step, and (rank 0) write a fixed
+batch with the teacher's targets and the student's predictions on it, so a test can compare them with
+the source model's.
+
+argv: output_dir preset manifest tp source [weights]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.data import STREAM_KEY, make_loader, resolve_shards, to_device
+from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
+from pipeline.experiment import load_experiment
+from pipeline.objective import teacher_targets
+from pipeline.trainer import Trainer
+
+
+def main() -> None:
+    out, preset, manifest, tp, source = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+    weights = sys.argv[6] if len(sys.argv) > 6 else "student"
+    cfg = load_experiment(preset, [f"data.manifest={manifest}", f"train.output_dir={out}", f"parallel.tp={tp}",
+                                   "train.micro_batch_size=4", "data.workers=1", f"init.from={source}",
+                                   f"init.weights={weights}", "train.seed=123"])  # another seed: nothing by chance
+    rt = init_runtime(tp, choose_device("fp32"))
+    trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), resolve_shards(manifest))
+    trainer.warm_start()
+    loader = make_loader(trainer.shards, trainer.modality, cfg.data, 4, 0, rt.dp_rank, rt.dp)
+    batch = to_device(next(iter(loader)), rt.device, rt.choice.dtype)
+    mask = batch.pop("mask")
+    batch.pop(STREAM_KEY)
+    trainer.engine.eval()
+    with torch.no_grad():
+        targets = teacher_targets(trainer.teacher(batch), cfg.objective)
+        predictions = trainer.engine(batch, mask)
+    if rt.rank == 0:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        torch.save({"batch": batch, "mask": mask, "targets": targets, "predictions": predictions}, f"{out}/start.pt")
+    shutdown()
+
+
+if __name__ == "__main__":
+    main()
