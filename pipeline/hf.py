@@ -275,7 +275,7 @@ def hf_preprocessor(cfg, spm_model: str | None = None):
         raise ValueError("a text export needs the shards' sentencepiece model (spm.model next to their manifest)")
     return transformers.BertGenerationTokenizer(
         vocab_file=str(spm_model), bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        mask_token="<mask>", sep_token="</s>", split_special_tokens=True)
+        mask_token="<mask>", sep_token="</s>", split_special_tokens=True, model_max_length=m.max_positions)
 
 
 def save_hf(cfg, state: dict[str, torch.Tensor], output, spm_model: str | None = None) -> None:
