@@ -261,6 +261,7 @@ class Runtime:
     choice: DeviceChoice
     dp_group: object
     mpu: object
+    tp_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -296,7 +297,8 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0) -> Run
     return Runtime(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, tp=tp,
                    tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
                    dp_rank=ps.get_data_parallel_rank(), device=device, choice=choice,
-                   dp_group=ps.get_data_parallel_group(), mpu=MegatronMPU())
+                   dp_group=ps.get_data_parallel_group(), mpu=MegatronMPU(),
+                   tp_group=ps.get_tensor_model_parallel_group())
 
 
 def skip_shm_comm_build() -> None:
@@ -347,6 +349,16 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def agree_any(flags: torch.Tensor, rt: "Runtime") -> torch.Tensor:
+    """Flags already summed over this rank's data-parallel group, made world-wide: the MAX over its
+    tensor-parallel group. With TP >= 2 there is one data-parallel group per TP rank, and a signal can reach
+    one TP peer before the other's read; a stop decided per group would save at different steps and hang."""
+    if rt.tp > 1 and dist.is_available() and dist.is_initialized():
+        flags = flags.clone()
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=rt.tp_group)
+    return flags
 
 
 def shutdown() -> None:

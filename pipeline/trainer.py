@@ -15,8 +15,8 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
-from pipeline.distributed import (Runtime, all_reduce_sum, build_sharded, model_parallel_config, student_ds_config,
-                                  teacher_ds_config)
+from pipeline.distributed import (Runtime, agree_any, all_reduce_sum, build_sharded, model_parallel_config,
+                                  student_ds_config, teacher_ds_config)
 from pipeline.ema import ShardedEMA, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger
@@ -180,6 +180,7 @@ class Trainer:
         stats = torch.cat([loss_sum.detach().float().view(1), moment_stats(targets), moment_stats(prediction),
                            torch.tensor(counts + flags, device=loss_sum.device)])
         all_reduce_sum(stats, self.rt.dp_group)
+        stats[-2:] = agree_any(stats[-2:], self.rt)
         dim = targets.shape[-1]
         masked = stats[1].clamp_min(1.0)  # a batch may (rarely, for text) select no position at all
         metrics = {"loss": (stats[0] / masked).item(), "masked": masked.item(), "tokens": mask.shape[1],
