@@ -93,8 +93,9 @@ def main(argv=None) -> int:
     from pipeline import distributed
     from pipeline.checkpoint import CheckpointError
     from pipeline.experiment import experiment_dict
-    from pipeline.trainer import CollapseError, Trainer
+    from pipeline.trainer import CollapseError, Trainer, catch_early_signals
 
+    catch_early_signals()  # from here a rank's peers would wait for it in collectives
     rt = distributed.init_runtime(cfg.parallel.tp, choice)
     try:
         if rt.is_main:

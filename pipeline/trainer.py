@@ -25,6 +25,15 @@ from pipeline.model.transformer import layerdrop_choice, matmul_flops_per_token
 from pipeline.objective import collapse_alarm, moment_stats, regression_loss, std_from_stats, teacher_targets
 
 log = logging.getLogger("pipeline")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+EARLY_SIGNALS: set[int] = set()  # stop signals that arrived before the trainer was built
+
+
+def catch_early_signals() -> None:
+    """From a rank's start: remember SIGTERM/SIGUSR2 until the trainer installs its handlers (it then stops, with
+    a checkpoint, at its first step) instead of dying mid start-up while its peers wait in a collective."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, _frame: EARLY_SIGNALS.add(signum))
 
 # train.decay_exempt -> the parameters AdamW's weight decay leaves alone
 EXEMPT_SUFFIXES = {"beit": (".bias", "cls_token"),  # + every 1-D parameter (BEiT optim_factory.get_parameter_groups)
@@ -107,6 +116,7 @@ class Trainer:
         self.data_seed = tcfg.seed  # seeds the data streams; changes when a resume changes the data layout
         self.stop_requested = False
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
+        self.install_signal_handlers()  # before the engines: a signal during start-up stops at the first step
         self.build()
 
     # -- construction -------------------------------------------------------------------------
@@ -323,14 +333,15 @@ class Trainer:
             # shutdown, scheduler preemption, which requeues by itself if configured to) only stops.
             self.stop_requested = True
             self.requeue_requested |= signum == signal.SIGUSR2
-        for sig in (signal.SIGTERM, signal.SIGUSR2):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, request_stop)
+        for signum in sorted(EARLY_SIGNALS):  # caught during start-up, before this trainer existed
+            request_stop(signum, None)
 
     def train(self) -> str:
         """Run to train.steps. Returns 'done', 'stopped' (train.stop_after), or after a signal, with a
         checkpoint at a step all ranks agreed on: 'requeue' (SIGUSR2) or 'preempted' (SIGTERM)."""
         t = self.cfg.train
-        self.install_signal_handlers()
         loader = make_loader(self.shards, self.modality, self.cfg.data, t.micro_batch_size, self.data_seed,
                              self.rt.dp_rank, self.rt.dp, self.batches_consumed, self.stream_positions)
         self.batches = iter(loader)

@@ -39,8 +39,10 @@ def rank_pids(launcher: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' pids through /proc (Linux)")
-@pytest.mark.parametrize("target,sig", [(1, signal.SIGTERM), (2, signal.SIGUSR2)])
-def test_a_signal_to_one_rank_of_tp2_x_dp2_stops_every_rank_at_one_step(tiny_shards, tmp_path, target, sig):
+@pytest.mark.parametrize("target,sig,after", [(1, signal.SIGTERM, r"step 3/"), (2, signal.SIGUSR2, r"step 3/"),
+                                              (3, signal.SIGTERM, r"layout: ")],  # the last: during start-up
+                         ids=["sigterm-rank1", "sigusr2-rank2", "sigterm-rank3-start-up"])
+def test_a_signal_to_one_rank_of_tp2_x_dp2_stops_every_rank_at_one_step(tiny_shards, tmp_path, target, sig, after):
     out = tmp_path / "run"
     args = ["-m", "pipeline.train", "--config", "configs/vision_tiny.yaml", f"data.manifest={tiny_shards}",
             f"train.output_dir={out}", "parallel.tp=2", "train.steps=100000", "train.save_every=0",
@@ -51,10 +53,13 @@ def test_a_signal_to_one_rank_of_tp2_x_dp2_stops_every_rank_at_one_step(tiny_sha
                                                    stderr=subprocess.STDOUT, start_new_session=True) as proc:
         try:
             deadline = time.monotonic() + 300
-            while not re.search(r"step 3/", log.read_text(errors="replace")):  # running, past start-up
+            while not re.search(after, log.read_text(errors="replace")):
                 assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                 time.sleep(0.5)
             pids = rank_pids(proc.pid)
+            while sorted(pids) != [0, 1, 2, 3] and time.monotonic() < deadline:
+                time.sleep(0.2)
+                pids = rank_pids(proc.pid)
             assert sorted(pids) == [0, 1, 2, 3], pids
             os.kill(pids[target], sig)
             proc.wait(timeout=240)  # a hang (ranks stopping at different steps) times out here
