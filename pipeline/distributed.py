@@ -276,6 +276,12 @@ def check_layout(world_size: int, tp: int) -> int:
     return world_size // tp
 
 
+def device_index(local_rank: int, visible_devices: int) -> int:
+    """The device a rank drives: its local rank among the devices it can see. With srun --gpus-per-task=1 or
+    --gpu-bind each rank sees one device, its device 0; with all of a node's devices visible, device local_rank."""
+    return local_rank % max(visible_devices, 1)
+
+
 def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0) -> Runtime:
     """Start the process group, megatron-core parallel state and the device; returns the layout."""
     import datetime
@@ -288,12 +294,16 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0) -> Run
     export_rendezvous(env)
     check_layout(env.world_size, tp)
     accel = get_accelerator()
+    index = device_index(env.local_rank, accel.device_count()) if choice.device_type != "cpu" else 0
     if choice.device_type != "cpu":
-        accel.set_device(env.local_rank)
+        accel.set_device(index)
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=choice.backend, timeout=datetime.timedelta(seconds=timeout_s))
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp)
-    device = torch.device(accel.device_name(env.local_rank) if choice.device_type != "cpu" else "cpu")
+    # megatron's groups: the world group's timeout, and none of the gloo side groups it would otherwise create
+    # (three per rank, unused here; at 512 ranks they cost start-up time and memory)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False,
+                                 distributed_timeout_minutes=max(1, round(timeout_s / 60)))
+    device = torch.device(accel.device_name(index) if choice.device_type != "cpu" else "cpu")
     return Runtime(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, tp=tp,
                    tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
                    dp_rank=ps.get_data_parallel_rank(), device=device, choice=choice,

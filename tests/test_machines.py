@@ -120,3 +120,12 @@ def test_small_shared_memory_is_refused_before_any_process_group(tiny_shards, tm
     assert "/dev/shm has 64 MiB free" in err and "--shm-size" in err and "data.workers=0" in err
     # workers=0 passes no batch through shared memory: the same layout is accepted up to the next check
     data.check_shared_memory(data.DataConfig(workers=0), 10 ** 9, 64, 8)
+
+
+def test_each_rank_drives_a_device_it_can_see():
+    """All 8 GPUs of a node visible (torchrun): local rank k drives device k. One GPU per task (srun
+    --gpus-per-task=1 / --gpu-bind): every rank sees only its own, device 0, whatever its local rank."""
+    from pipeline.distributed import device_index
+    assert [device_index(k, 8) for k in range(8)] == list(range(8))
+    assert [device_index(k, 1) for k in range(8)] == [0] * 8
+    assert device_index(3, 2) == 1
