@@ -276,6 +276,19 @@ def check_layout(world_size: int, tp: int) -> int:
     return world_size // tp
 
 
+def single_process_parallel_state() -> None:
+    """A one-process gloo group + megatron-core parallel state (TP=1): enough to build the parallel layers
+    in a tool that runs a model on one process (planner, feature extraction)."""
+    from megatron.core import parallel_state as ps
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    if ps.get_tensor_model_parallel_world_size() != 1:
+        raise RuntimeError("this tool builds TP=1 models; call it from a process whose megatron parallel state "
+                           "has tensor_model_parallel_size=1 (or none)")
+
+
 def device_index(local_rank: int, visible_devices: int) -> int:
     """The device a rank drives: its local rank among the devices it can see. With srun --gpus-per-task=1 or
     --gpu-bind each rank sees one device, its device 0; with all of a node's devices visible, device local_rank."""

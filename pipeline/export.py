@@ -139,6 +139,8 @@ def export_hf(ckpt: Path, output: Path, weights: str = "student", spm_model: Pat
                               f"PATH (the spm.model data_prep.text wrote with the shards)")
     output.mkdir(parents=True, exist_ok=True)
     hf.save_hf(cfg, backbone_state(result, weights), output, spm_model)
+    from pipeline.features import OUR_CONFIG  # our config too: pipeline.embed / evaluate read the directory
+    (output / OUR_CONFIG).write_text(json.dumps(result["config"], indent=1), encoding="utf-8")
     return {**result, "cfg": cfg}
 
 

@@ -91,18 +91,9 @@ class ParamInfo:
 
 def _ensure_parallel_state() -> None:
     """A one-process gloo group + megatron-core parallel state (TP=1), enough to build parallel layers."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
-        with _quiet_fd(1, 2):  # gloo logs one line per group megatron creates
-            if not dist.is_initialized():
-                from pipeline.distributed import free_port
-                dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-            if not ps.model_parallel_is_initialized():
-                ps.initialize_model_parallel(tensor_model_parallel_size=1)
-    if ps.get_tensor_model_parallel_world_size() != 1:
-        raise RuntimeError("pipeline.plan builds shapes under TP=1 parallel state; call it from a process "
-                           "whose megatron parallel state has tensor_model_parallel_size=1 (or none)")
+    from pipeline.distributed import single_process_parallel_state
+    with _quiet_fd(1, 2):  # gloo logs one line per group megatron creates
+        single_process_parallel_state()
 
 
 class _quiet_fd:

@@ -116,7 +116,6 @@ class Trainer:
         self.data_seed = tcfg.seed  # seeds the data streams; changes when a resume changes the data layout
         self.stop_requested = False
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
-        self.install_signal_handlers()  # before the engines: a signal during start-up stops at the first step
         self.build()
 
     # -- construction -------------------------------------------------------------------------
@@ -342,6 +341,7 @@ class Trainer:
         """Run to train.steps. Returns 'done', 'stopped' (train.stop_after), or after a signal, with a
         checkpoint at a step all ranks agreed on: 'requeue' (SIGUSR2) or 'preempted' (SIGTERM)."""
         t = self.cfg.train
+        self.install_signal_handlers()  # takes over the signals train.main caught during start-up
         loader = make_loader(self.shards, self.modality, self.cfg.data, t.micro_batch_size, self.data_seed,
                              self.rt.dp_rank, self.rt.dp, self.batches_consumed, self.stream_positions)
         self.batches = iter(loader)

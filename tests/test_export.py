@@ -106,6 +106,14 @@ def check_hf_export(live, cfg, ours, weights, manifest, directory):
         got = model(**their_inputs).last_hidden_state
     diff = (want - got[:, cfg.make_modality().prefix_tokens:]).abs().max().item()
     assert diff <= 1e-4, f"end to end ({weights}): max abs diff {diff:.3g}"
+    # feature extraction reads the HF directory (our config travels with it) as it reads the checkpoint
+    from pipeline.features import load_backbone
+    _, from_directory = load_backbone(directory)
+    _, from_checkpoint = load_backbone(live["ckpt"], weights)
+    with torch.no_grad():
+        a = from_directory.encode(inputs, None)[0]
+        b = from_checkpoint.encode(inputs, None)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def end_to_end_inputs(cfg, directory, sample, transformers):

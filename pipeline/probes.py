@@ -1,0 +1,84 @@
+"""Probes of frozen features: kNN (DINO's weighted vote) and a linear probe (logistic regression).
+
+Plain torch on (N, D) float features and (N,) int labels; nothing here talks to the cluster.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+             k: int = 20, temperature: float = 0.07) -> float:
+    """DINO's kNN monitor: cosine similarity to the k nearest training features, each neighbour voting for
+    its class with weight exp(similarity / temperature); top-1 accuracy of the heaviest class."""
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    sims = F.normalize(test_x.float(), dim=1) @ F.normalize(train_x.float(), dim=1).T  # (N_test, N_train)
+    top, index = sims.topk(min(k, train_x.shape[0]), dim=1)
+    votes = torch.zeros(test_x.shape[0], classes).scatter_add_(1, train_y[index], (top / temperature).exp())
+    return (votes.argmax(1) == test_y).float().mean().item()
+
+
+def standardise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    """Zero mean, unit variance per dimension, with the training set's statistics."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    return [(x - mean) / std for x in (train_x, *others)]
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, steps: int = 200) -> torch.nn.Linear:
+    """Multinomial logistic regression with an L2 penalty on the weights, fitted by L-BFGS."""
+    layer = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(layer.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(layer(x), y) + l2 * layer.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return layer
+
+
+def folds(y: torch.Tensor, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """Stratified fold assignment: indices of each fold, every class spread over the folds."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [[] for _ in range(count)]
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        for i, j in enumerate(idx[torch.randperm(len(idx), generator=gen)].tolist()):
+            parts[i % count].append(j)
+    return [torch.tensor(sorted(p), dtype=torch.long) for p in parts if p]
+
+
+L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def choose_l2(x: torch.Tensor, y: torch.Tensor, classes: int, grid=L2_GRID, count: int = 5) -> float:
+    """The L2 penalty with the best mean accuracy over stratified cross-validation folds of the training set."""
+    parts = folds(y, min(count, int(torch.bincount(y).min().item())) if len(y) else 1)
+    if len(parts) < 2:
+        return grid[len(grid) // 2]
+    scores = []
+    for l2 in grid:
+        correct = 0
+        for held in parts:
+            keep = torch.ones(len(y), dtype=torch.bool)
+            keep[held] = False
+            a, b = standardise(x[keep], x[held])
+            layer = fit_logistic(a, y[keep], classes, l2)
+            with torch.no_grad():
+                correct += (layer(b).argmax(1) == y[held]).sum().item()
+        scores.append(correct / len(y))
+    return grid[max(range(len(grid)), key=lambda i: (scores[i], -i))]
+
+
+def linear_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
+    """Logistic regression on standardised frozen features, its L2 penalty chosen by cross-validation on the
+    training split only. -> {"top1", "l2"}."""
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    l2 = choose_l2(train_x.float(), train_y, classes)
+    a, b = standardise(train_x.float(), test_x.float())
+    with torch.no_grad():
+        pred = fit_logistic(a, train_y, classes, l2)(b).argmax(1)
+    return {"top1": (pred == test_y).float().mean().item(), "l2": l2}
