@@ -28,17 +28,23 @@ def main() -> None:
     for _ in range(3):
         trainer.optimizer_step()
     ckpt = trainer.save()
-    batch = to_device(next(trainer.batches), rt.device, rt.choice.dtype)
+    outputs = outputs_on(trainer, next(trainer.batches))
+    if rt.rank == 0:
+        torch.save({**outputs, "ckpt": str(ckpt)}, f"{out}/outputs.pt")
+    shutdown()
+
+
+def outputs_on(trainer, raw_batch: dict) -> dict:
+    """The live TP x ZeRO-3 teacher's targets and student's predictions on one batch (eval mode)."""
+    rt = trainer.rt
+    batch = to_device(raw_batch, rt.device, rt.choice.dtype)
     mask = batch.pop("mask")
     batch.pop(STREAM_KEY)
     trainer.engine.eval()
     with torch.no_grad():
-        targets = teacher_targets(trainer.teacher(batch), cfg.objective)
+        targets = teacher_targets(trainer.teacher(batch), trainer.cfg.objective)
         predictions = trainer.engine(batch, mask)
-    if rt.rank == 0:
-        torch.save({"batch": batch, "mask": mask, "targets": targets, "predictions": predictions, "ckpt": str(ckpt)},
-                   f"{out}/outputs.pt")
-    shutdown()
+    return {"batch": batch, "mask": mask, "targets": targets, "predictions": predictions}
 
 
 if __name__ == "__main__":

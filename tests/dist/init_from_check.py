@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from pipeline.data import STREAM_KEY, make_loader, resolve_shards, to_device
+from export_check import outputs_on  # tests/dist, this script's directory
+from pipeline.data import make_loader, resolve_shards
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
-from pipeline.objective import teacher_targets
 from pipeline.trainer import Trainer
 
 
@@ -29,16 +29,10 @@ def main() -> None:
     trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), resolve_shards(manifest))
     trainer.warm_start()
     loader = make_loader(trainer.shards, trainer.modality, cfg.data, 4, 0, rt.dp_rank, rt.dp)
-    batch = to_device(next(iter(loader)), rt.device, rt.choice.dtype)
-    mask = batch.pop("mask")
-    batch.pop(STREAM_KEY)
-    trainer.engine.eval()
-    with torch.no_grad():
-        targets = teacher_targets(trainer.teacher(batch), cfg.objective)
-        predictions = trainer.engine(batch, mask)
+    outputs = outputs_on(trainer, next(iter(loader)))
     if rt.rank == 0:
         Path(out).mkdir(parents=True, exist_ok=True)
-        torch.save({"batch": batch, "mask": mask, "targets": targets, "predictions": predictions}, f"{out}/start.pt")
+        torch.save(outputs, f"{out}/start.pt")
     shutdown()
 
 
