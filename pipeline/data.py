@@ -8,8 +8,9 @@ batch carries its stream's position (raw samples consumed); a checkpoint saves t
 these positions, and on resume each worker takes over the stream whose turn it is and skips that
 stream's raw samples *before* decoding. With ``data.max_tokens`` (speech) a stream sorts windows of
 examples by length and cuts them into batches by a token budget; the position then also counts the
-batches taken from the current window, which a resume rebuilds (``bucketed_batches``). Tensor-parallel peers share a data-parallel rank and so
-see identical batches (we do not use webdataset's RANK-based node splitter for that reason).
+batches taken from the current window, which a resume rebuilds (``bucketed_batches``). Tensor-parallel
+peers share a data-parallel rank and so see identical batches (we do not use webdataset's RANK-based node
+splitter for that reason).
 Decoding, augmentation and masking run in the workers; sample bytes are never unpickled.
 
 Bad data does not stop a run: a shard that cannot be read (truncated, corrupt, missing) is logged and

@@ -46,7 +46,8 @@ def evaluate(args) -> dict:
     eval_x, eval_y, _ = labelled(read(args.eval), classes)
     if len(classes) < 2 or not len(eval_y):
         raise ValueError(f"need labelled examples of at least 2 classes in --train and some in --eval (found "
-                         f"{len(classes)} class(es), {len(eval_y)} eval example(s)): see --help for where labels come from")
+                         f"{len(classes)} class(es), {len(eval_y)} eval example(s)): see --help for where labels "
+                         f"come from")
     result = {"n_train": len(train_y), "n_eval": len(eval_y), "classes": len(classes), "modality": cfg.modality,
               "weights": "random_init" if args.random_init else args.weights}
     if args.probe in ("linear", "both"):

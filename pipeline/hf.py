@@ -88,7 +88,8 @@ def text_names(cfg) -> dict[str, str]:
 
 
 def block_names(depth: int, hf_prefix: str, table: dict[str, str]) -> dict[str, str]:
-    return {f"encoder.blocks.{i}.{ours}": f"{hf_prefix}.{i}.{theirs}" for i in range(depth) for ours, theirs in table.items()}
+    return {f"encoder.blocks.{i}.{ours}": f"{hf_prefix}.{i}.{theirs}"
+            for i in range(depth) for ours, theirs in table.items()}
 
 
 NAMES = {"vision": vision_names, "speech": speech_names, "text": text_names}
@@ -162,7 +163,8 @@ def hf_config_kwargs(cfg) -> dict[str, Any]:
 
 
 # the HF config fields that fix the shapes and the computation (compared before a run starts from HF weights)
-ARCHITECTURE = {"common": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act"),
+ARCHITECTURE = {"common": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "hidden_act"),
                 "vision": ("image_size", "patch_size", "num_channels", "use_shared_relative_position_bias",
                            "use_relative_position_bias", "use_absolute_position_embeddings"),
                 "speech": ("conv_dim", "conv_kernel", "conv_stride", "conv_bias", "num_conv_pos_embeddings",
@@ -177,7 +179,8 @@ def architecture_mismatch(cfg, hf_config_dict: dict) -> list[str]:
     for key in ARCHITECTURE["common"] + ARCHITECTURE[cfg.modality]:
         if key in want and key in hf_config_dict and hf_config_dict[key] != want[key]:
             problems.append(f"{key}={hf_config_dict[key]!r} there, {want[key]!r} here")
-    if cfg.modality == "vision" and (hf_config_dict.get("layer_scale_init_value", 0) > 0) != (cfg.encoder.layer_scale_init > 0):
+    scaled = hf_config_dict.get("layer_scale_init_value", 0) > 0
+    if cfg.modality == "vision" and scaled != (cfg.encoder.layer_scale_init > 0):
         problems.append("layer scale on one side only (encoder.layer_scale_init)")
     if cfg.modality == "text" and hf_config_dict.get("type_vocab_size", 1) != 1:
         problems.append(f"type_vocab_size={hf_config_dict['type_vocab_size']} (only 1 maps exactly)")

@@ -129,7 +129,8 @@ class Trainer:
         teacher = build_sharded(lambda: Backbone(self.modality, cfg.encoder, mp), self.ds_teacher, rt)
         teacher.requires_grad_(False)
         t = cfg.train
-        optimizer = torch.optim.AdamW(param_groups(student, t.weight_decay, decay_rule(cfg)), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
+        groups = param_groups(student, t.weight_decay, decay_rule(cfg))
+        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=student, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_student, mpu=rt.mpu)

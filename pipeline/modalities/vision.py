@@ -262,7 +262,8 @@ class Vision(Modality):
         return PatchEmbedder(self.cfg, enc, mp.tensor_model_parallel_size)
 
     def build_head(self, enc, mp):
-        return InitLinear(enc.dim, enc.dim, init=weight_init(enc.init))  # BEiT _init_weights: trunc_normal(0.02), bias 0
+        # BEiT _init_weights: trunc_normal(0.02), bias 0
+        return InitLinear(enc.dim, enc.dim, init=weight_init(enc.init))
 
     def tokens_per_sample(self):
         return self.cfg.grid ** 2
