@@ -159,16 +159,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     from data_prep.core import read_manifest
-    from pipeline.distributed import free_port
+    from pipeline.distributed import single_process_parallel_state
     from pipeline.experiment import build_experiment
     from pipeline.export import consolidated
     torch.set_num_threads(2)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    single_process_parallel_state()
 
     exported = consolidated(Path(args.checkpoint))
     cfg = build_experiment(exported["config"])

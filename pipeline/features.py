@@ -6,7 +6,7 @@ a ``--format hf`` directory (it carries our experiment config as data2vec_pipeli
 Inputs, each decoded by the modality's evaluation transform (``Modality.eval_inputs``: no augmentation, no
 crop, no mask):
 - a data_prep shard directory (its manifest.json): every sample, labelled by the class folder data_prep
-  recorded (images) or the json ``label`` field (audio and text shards made from labelled input);
+  recorded for images (audio and text shards carry no label yet: their examples are unlabelled);
 - a folder of raw files: images (.jpg .jpeg .png .webp) or audio (.flac .wav .ogg, any rate: made 16 kHz
   mono as data_prep.audio does), labelled by the name of the first folder below the given root (CLASS/file);
 - text: .txt (one example per line, unlabelled) or .jsonl (``text`` field, label from ``--label-field``),
@@ -54,7 +54,7 @@ def load_backbone(source: str | Path, weights: str = "student", random_init: boo
     if source.is_dir() and (source / OUR_CONFIG).is_file():
         from pipeline.warm_start import read_hf_weights
         cfg = build_experiment(json.loads((source / OUR_CONFIG).read_text("utf-8")))
-        state = None if random_init else hf.from_hf(cfg, read_hf_weights(source), padded_vocab=padded(cfg))
+        state = None if random_init else hf.from_hf(cfg, read_hf_weights(source))
     else:
         exported = consolidated(source) if source.is_dir() else torch.load(source, map_location="cpu",
                                                                             weights_only=True)
@@ -69,14 +69,9 @@ def load_backbone(source: str | Path, weights: str = "student", random_init: boo
     if state is not None:
         if "embed.tokens.weight" in state:  # exports keep their run's TP padding rows; HF has none
             rows = model.embed.tokens.weight.shape[0]
-            real = state["embed.tokens.weight"][:cfg.model.vocab_size]
-            state["embed.tokens.weight"] = torch.cat([real, real.new_zeros(rows - real.shape[0], real.shape[1])])
+            state["embed.tokens.weight"] = hf.fit_vocab(state["embed.tokens.weight"], cfg.model.vocab_size, rows)
         model.load_state_dict(state, strict=True)
     return cfg, model.eval()
-
-
-def padded(cfg) -> int | None:
-    return cfg.model.padded_vocab(1) if cfg.modality == "text" else None
 
 
 @torch.no_grad()

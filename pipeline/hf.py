@@ -228,12 +228,15 @@ def from_hf(cfg, state: dict[str, torch.Tensor], padded_vocab: int | None = None
             if types.shape[0] != 1:
                 raise ValueError(f"{TEXT_TOKEN_TYPES} has {types.shape[0]} rows; only type_vocab_size=1 maps exactly")
             out["embed.positions.weight"] = out["embed.positions.weight"] + types[0]
-        tokens = out["embed.tokens.weight"][:cfg.model.vocab_size]
-        out["embed.tokens.weight"] = tokens
-        if padded_vocab is not None and padded_vocab > tokens.shape[0]:
-            pad = tokens.new_zeros(padded_vocab - tokens.shape[0], tokens.shape[1])
-            out["embed.tokens.weight"] = torch.cat([tokens, pad])
+        out["embed.tokens.weight"] = fit_vocab(out["embed.tokens.weight"], cfg.model.vocab_size, padded_vocab)
     return out
+
+
+def fit_vocab(tokens: torch.Tensor, vocab_size: int, rows: int | None = None) -> torch.Tensor:
+    """A token embedding cut to the real vocabulary's rows, then padded with zero rows up to ``rows`` (a run's
+    tensor-parallel padding; exports keep their own run's, HF has none)."""
+    real = tokens[:vocab_size]
+    return torch.cat([real, real.new_zeros(max((rows or 0) - real.shape[0], 0), real.shape[1])])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,15 +74,14 @@ def source_state(cfg, padded_vocab: int) -> dict[str, torch.Tensor]:
         state = read_hf_weights(path)
         backbone = hf.from_hf(cfg, state, padded_vocab=padded_vocab, strict=False)
         return {f"backbone.{k}": v for k, v in backbone.items()}
-    exported = torch.load(path, map_location="cpu", weights_only=True)
+    exported = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # every rank reads it: share pages
     if cfg.init.weights == "teacher":
         state = {f"backbone.{k}": v for k, v in exported["teacher"].items()}
     else:
         state = dict(exported["student"])
     tokens = "backbone.embed.tokens.weight"
     if tokens in state:  # the export keeps its own run's TP padding rows: re-pad for this run
-        real = state[tokens][:cfg.model.vocab_size]
-        state[tokens] = torch.cat([real, real.new_zeros(padded_vocab - real.shape[0], real.shape[1])])
+        state[tokens] = hf.fit_vocab(state[tokens], cfg.model.vocab_size, padded_vocab)
     return state
 
 

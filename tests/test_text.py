@@ -23,7 +23,7 @@ def test_bert_masking_statistics(mask_specials):
     cfg = TextConfig(vocab_size=1000, mask_specials=mask_specials)
     rng = random.Random(0)
     specials_changed = 0
-    selected = replaced = randomised = unchanged = total = 0
+    replaced = randomised = total = 0
     for _ in range(400):
         tokens = torch.randint(5, 1000, (128,))
         tokens[0], tokens[-1] = cfg.bos_id, cfg.eos_id
