@@ -1,17 +1,22 @@
 """Audio prep: LibriSpeech or a folder of audio files -> 16 kHz mono FLAC WebDataset shards.
 
     python -m data_prep.audio --input DIR --output OUT [--min-seconds 1] [--max-seconds 30 --split-long]
+                              [--layout classes]
 
 Inputs: .flac .wav .ogg files (any case; WAV of any PCM width or float, OGG/Vorbis), searched
 recursively. LibriSpeech's SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac names give speaker, chapter and
-utterance ids, and SPEAKER-CHAPTER.trans.txt ("UTTID TEXT" lines) the transcripts.
+utterance ids, and SPEAKER-CHAPTER.trans.txt ("UTTID TEXT" lines) the transcripts. With --layout classes
+(or auto, as for images), DIR/<class>/... is a class-folder tree: every sample of a file, each piece of a
+split one too, carries the file's class.
 
 Each good file (with --split-long, each piece of a long one) becomes one sample:
   __key__  "%09d" index of the file in the sorted list of candidate files; pieces add "_p00000", ...
   flac     16 kHz mono FLAC (PCM_16): channels averaged, resampled with torchaudio; the input bytes
            unchanged when the file already is a 16 kHz mono 16-bit FLAC and is not split
   json     {"path", "duration" (s), "samples" (at 16 kHz), "orig_sample_rate", "orig_channels",
-           "speaker", "chapter", "utterance", "transcript", "piece", "clipped"} (null where unknown)
+           "speaker", "chapter", "utterance", "transcript", "piece", "clipped"} (null where unknown),
+           and "label" (the class folder name) in the class layout only
+  cls      label index as ASCII text, in the manifest's sorted "classes" (class layout only)
 Bad files are listed in OUT/manifest.json "skipped" with a reason. Shard records and totals in the
 manifest carry "seconds" and "hours" of audio.
 """
@@ -29,6 +34,7 @@ import numpy as np
 import soundfile
 
 from data_prep import core
+from data_prep.core import ClassLabel
 
 SAMPLE_RATE = 16000
 EXTENSIONS = (".flac", ".wav", ".ogg")
@@ -71,22 +77,31 @@ class Discovery:
     files: list[tuple[Path, str, Utterance]]  # (path, relative posix path, ids), sorted by rel
     skipped: list[dict]  # {"path", "reason"} found while listing
     transcripts: int  # transcript lines read
+    labels: list[ClassLabel] | None = None  # one per file in the class layout; None unlabelled
+    classes: list[str] | None = None  # the sorted class names in the class layout
 
 
 # ----------------------------------------------------------------------------- item processor
 
 
-def process_audio(path: str, rel: str, utt: Utterance, opts: Options) -> list[dict]:
+def process_audio(path: str, rel: str, utt: Utterance, opts: Options, label: ClassLabel | None = None) -> list[dict]:
     """Worker entry point: read ``path`` and build its samples (see ``audio_samples``)."""
-    return audio_samples(core.read_input(path), rel, utt, opts)
+    return audio_samples(core.read_input(path), rel, utt, opts, label)
 
 
-def audio_samples(data: bytes, rel: str, utt: Utterance = Utterance(), opts: Options = Options()) -> list[dict]:
-    """Pure: encoded bytes in, one sample per piece out; raises ``core.SkipItem`` for bad input."""
+def audio_samples(data: bytes, rel: str, utt: Utterance = Utterance(), opts: Options = Options(),
+                  label: ClassLabel | None = None) -> list[dict]:
+    """Pure: encoded bytes in, one sample per piece out, each with the file's ``label`` (if any); raises
+    ``core.SkipItem`` for bad input."""
     decoded = decode_audio(data, opts.max_file_seconds)
     if _is_target_flac(decoded) and _pieces(len(decoded.samples), opts) == [(0, len(decoded.samples), None)]:
-        return [_sample(data, False, len(decoded.samples), None, decoded, rel, utt)]  # already right: copy
-    wav = to_mono_16k(decoded.samples, decoded.rate)
+        samples = [_sample(data, False, len(decoded.samples), None, decoded, rel, utt)]  # already right: copy
+    else:
+        samples = _encoded_pieces(to_mono_16k(decoded.samples, decoded.rate), opts, decoded, rel, utt)
+    return [core.labelled_sample(sample, label) for sample in samples]
+
+
+def _encoded_pieces(wav: np.ndarray, opts: Options, decoded: Decoded, rel: str, utt: Utterance) -> list[dict]:
     samples = []
     for start, stop, piece in _pieces(len(wav), opts):
         flac, clipped = encode_flac(wav[start:stop])
@@ -189,15 +204,18 @@ def _pieces(n: int, opts: Options) -> list[tuple[int, int, int | None]]:
 # ----------------------------------------------------------------------------- discovery
 
 
-def discover(input_dir: Path) -> Discovery:
-    """List candidate files under ``input_dir`` (sorted) with their ids and transcripts."""
+def discover(input_dir: Path, layout: str = "flat") -> Discovery:
+    """List candidate files under ``input_dir`` (sorted) with their ids and transcripts, and with their
+    classes in the class-folder ``layout`` (``core.label_by_folder``)."""
     root = core.input_root(input_dir)
     files, transcript_files, skipped = _walk(root)
     transcripts, bad_transcripts = _read_transcripts(transcript_files)
-    if not files:
+    found = core.label_by_folder(root, files, layout)
+    if not found.files:
         raise core.PrepError(f"no supported audio files ({' '.join(EXTENSIONS)}) found under {root}")
-    labeled = [(path, rel, _utterance(rel, transcripts)) for path, rel in files]
-    return Discovery(labeled, skipped + bad_transcripts, len(transcripts))
+    with_ids = [(path, rel, _utterance(rel, transcripts)) for path, rel, _ in found.files]
+    labels = None if found.classes is None else [label for _, _, label in found.files]
+    return Discovery(with_ids, skipped + bad_transcripts + found.skipped, len(transcripts), labels, found.classes)
 
 
 def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]], list[dict]]:
@@ -256,7 +274,7 @@ def _utterance(rel: str, transcripts: dict[tuple[str, str], str]) -> Utterance:
 
 def make_items(found: Discovery, opts: Options) -> list[core.WorkItem]:
     """One WorkItem per candidate file; the key is its index in the sorted list."""
-    return core.file_items(found.files, opts)
+    return core.file_items(found.files, opts, labels=found.labels)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -283,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "decoded whole in memory, about 0.23 GB per hour of mono audio) (default: %(default)s)")
     p.add_argument("--format", choices=("flac",), default="flac",
                    help="stored encoding: 16 kHz mono 16-bit FLAC under the 'flac' key (default: %(default)s)")
+    core.add_layout_arg(p, default="flat", note="; audio defaults to flat, as LibriSpeech's top-level SPEAKER "
+                                                "or subset folders would look like classes")
     core.add_task_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -313,19 +333,26 @@ def run(args: argparse.Namespace) -> core.PrepReport:
     """Discover, check, and hand the items to the shared shard writer."""
     core.check_task_args(args)
     opts = options(args)
-    found = discover(args.input)
+    found = discover(args.input, args.layout)
     out = core.check_output_outside(args.output, args.input)
     return core.write_task_shards(
         args, make_items(found, opts), process_audio, out, modality="audio", params=_params(args, found),
-        extra={"sample_rate": SAMPLE_RATE}, pre_skipped=found.skipped,
+        extra=_extra(found), pre_skipped=found.skipped,
     )
 
 
 def _params(args: argparse.Namespace, found: Discovery) -> dict:
-    return {"input": str(args.input.resolve()), "shard_size": args.shard_size, "format": args.format,
-            "min_seconds": args.min_seconds, "max_seconds": args.max_seconds,
-            "split_long": args.split_long, "max_file_seconds": args.max_file_seconds,
-            "transcripts": found.transcripts, "key_format": core.KEY_FORMAT}
+    params = {"input": str(args.input.resolve()), "shard_size": args.shard_size, "format": args.format,
+              "min_seconds": args.min_seconds, "max_seconds": args.max_seconds,
+              "split_long": args.split_long, "max_file_seconds": args.max_file_seconds,
+              "transcripts": found.transcripts, "key_format": core.KEY_FORMAT}
+    return params if found.classes is None else {**params, "layout": "classes"}
+
+
+def _extra(found: Discovery) -> dict:
+    """The manifest's own fields; "classes" in the class layout only (an unlabelled manifest is as before)."""
+    extra = {"sample_rate": SAMPLE_RATE}
+    return extra if found.classes is None else {**extra, "classes": found.classes}
 
 
 def main(argv: Sequence[str] | None = None) -> core.PrepReport:

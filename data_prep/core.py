@@ -36,7 +36,7 @@ import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from tqdm import tqdm
 
@@ -222,12 +222,16 @@ def check_output_outside(output: Path, input_dir: Path) -> Path:
     return out
 
 
-def file_items(files: Sequence[tuple[Path, str, Any]], *options: Any) -> list[WorkItem]:
+def file_items(files: Sequence[tuple[Path, str, Any]], *options: Any,
+               labels: Sequence[ClassLabel | None] | None = None) -> list[WorkItem]:
     """One WorkItem per ``(path, rel, meta)`` of the sorted ``files``: key = its index,
-    args = ``(str(path), rel, meta, *options)``, stamp = ``file_stamp(path)``."""
+    args = ``(str(path), rel, meta, *options)``, stamp = ``file_stamp(path)``. With ``labels`` (one per
+    file), a file's label is its last argument; without, the arguments (and so the shard fingerprints)
+    are those of unlabelled prep."""
+    tails = [()] * len(files) if labels is None else [(label,) for label in labels]
     return [
-        WorkItem(item_key(i), rel, (str(path), rel, meta, *options), file_stamp(path))
-        for i, (path, rel, meta) in enumerate(files)
+        WorkItem(item_key(i), rel, (str(path), rel, meta, *options, *tail), file_stamp(path))
+        for i, ((path, rel, meta), tail) in enumerate(zip(files, tails, strict=True))
     ]
 
 
@@ -250,6 +254,76 @@ def read_input(path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise SkipItem(f"unreadable: {exc.strerror or exc}") from None
+
+
+# ----------------------------------------------------------------------------- class folders
+
+
+LAYOUTS = ("auto", "classes", "flat")
+
+
+class ClassLabel(NamedTuple):
+    """A sample's class: ``index`` (its ``cls`` member) in the sorted class names, and ``name`` (json "label")."""
+
+    index: int
+    name: str
+
+
+@dataclass
+class Labelled:
+    """Input files with the labels their layout gives (see ``label_by_folder``)."""
+
+    files: list[tuple[Path, str, ClassLabel | None]]  # (path, relative posix path, label), in the given order
+    classes: list[str] | None  # the sorted class names; None for the flat layout
+    skipped: list[dict]  # {"path", "reason"}: files outside every class folder
+    layout: str  # "classes" or "flat"
+
+
+def label_by_folder(root: Path, files: Sequence[tuple[Path, str]], layout: str = "auto") -> Labelled:
+    """Label ``files`` (``(path, rel)`` below the resolved ``root``) by ``layout``: "classes" is the
+    DIR/<class>/<file> tree, labelled by the index of <class> in the sorted class folder names (a file
+    outside them is skipped); "flat" gives no labels; "auto" picks one (see ``choose_layout``)."""
+    layout = choose_layout(root, files, layout)
+    if layout == "flat":
+        return Labelled([(path, rel, None) for path, rel in files], None, [], layout)
+    classes = class_names(root)
+    labelled, skipped = _in_class_folders(files, classes)
+    return Labelled(labelled, classes, skipped, layout)
+
+
+def choose_layout(root: Path, files: Sequence[tuple[Path, str]], layout: str) -> str:
+    """auto: "classes" when the top level has folders and none of ``files`` of its own, else "flat"."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    if layout != "auto":
+        return layout
+    top_level_files = any("/" not in rel for _, rel in files)
+    return "classes" if class_names(root) and not top_level_files else "flat"
+
+
+def class_names(root: Path) -> list[str]:
+    """The class folders of ``root``: its directories that are not hidden, sorted."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def labelled_sample(sample: dict, label: ClassLabel | None) -> dict:
+    """``sample`` with its class, if it has one: ``cls`` (the index, as ASCII) and json "label" (the name)."""
+    if label is not None:
+        sample["cls"] = str(label.index)
+        sample["json"]["label"] = label.name
+    return sample
+
+
+def _in_class_folders(files: Sequence[tuple[Path, str]], classes: list[str]) -> tuple[list, list[dict]]:
+    index = {name: i for i, name in enumerate(classes)}
+    labelled, skipped = [], []
+    for path, rel in files:
+        top, sep, _ = rel.partition("/")
+        if not sep or top not in index:
+            skipped.append({"path": rel, "reason": "not inside a class folder"})
+        else:
+            labelled.append((path, rel, ClassLabel(index[top], top)))
+    return labelled, skipped
 
 
 # ----------------------------------------------------------------------------- SLURM arrays
@@ -765,6 +839,15 @@ def add_shard_args(p: argparse.ArgumentParser, shard_size_help: str, default: in
     p.add_argument("--allow-empty", action="store_true",
                    help="accept a run in which every input is skipped (by default that is an error, after the "
                         "manifest listing why each was skipped is written)")
+
+
+def add_layout_arg(p: argparse.ArgumentParser, default: str = "auto", note: str = "") -> None:
+    """--layout: how ``label_by_folder`` labels the input files."""
+    p.add_argument("--layout", choices=LAYOUTS, default=default,
+                   help="classes: DIR/<class>/<file>, each sample labelled by its class folder (a 'cls' member, "
+                        "the index of <class> in the sorted class folder names, and json 'label'; the manifest "
+                        "lists the 'classes'; files outside class folders are skipped); flat: no labels; auto: "
+                        f"classes if DIR holds only folders at its top level, else flat{note} (default: %(default)s)")
 
 
 def add_task_args(p: argparse.ArgumentParser) -> None:

@@ -15,31 +15,18 @@ from __future__ import annotations
 import argparse
 import io
 import struct
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from data_prep import core
+from data_prep.core import ClassLabel
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 # MPO is the multi-picture JPEG some cameras write: plain JPEG bytes for every decoder.
 FORMAT_KEYS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
-
-
-class ClassLabel(NamedTuple):
-    index: int
-    name: str
-
-
-@dataclass
-class Discovery:
-    files: list[tuple[Path, str, ClassLabel | None]]  # (path, relative posix path, label), sorted by rel
-    classes: list[str] | None  # None for the flat layout
-    skipped: list[dict]  # {"path", "reason"} found while listing
-    layout: str  # "classes" or "flat"
 
 
 # ----------------------------------------------------------------------------- item processor
@@ -64,12 +51,8 @@ def image_sample(data: bytes, rel: str, label: ClassLabel | None,
     else:
         img = _reencode_input(img, resize)
         ext, payload = "jpg", encode_jpeg(img, quality)
-    meta = {"path": rel, "label": label.name if label else None,
-            "width": img.width, "height": img.height, "mode": img.mode}
-    sample = {ext: payload, "json": meta}
-    if label is not None:
-        sample["cls"] = str(label.index)
-    return sample
+    meta = {"path": rel, "label": None, "width": img.width, "height": img.height, "mode": img.mode}
+    return core.labelled_sample({ext: payload, "json": meta}, label)
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -135,20 +118,14 @@ def encode_jpeg(img: Image.Image, quality: int) -> bytes:
 # ----------------------------------------------------------------------------- discovery
 
 
-def discover(input_dir: Path, layout: str = "auto") -> Discovery:
-    """List candidate files under ``input_dir`` (sorted) with labels, and what was skipped."""
+def discover(input_dir: Path, layout: str = "auto") -> core.Labelled:
+    """List candidate files under ``input_dir`` (sorted by relative path) with labels, and what was skipped."""
     root = core.input_root(input_dir)
     files, skipped = _walk(root)
-    layout = _choose_layout(root, files, layout)
-    if layout == "flat":
-        labeled, classes = [(p, rel, None) for p, rel in files], None
-    else:
-        classes = _class_names(root)
-        labeled, outside_classes = _label(files, classes)
-        skipped += outside_classes
-    if not labeled:
+    found = core.label_by_folder(root, files, layout)
+    if not found.files:
         raise core.PrepError(f"no supported image files ({' '.join(EXTENSIONS)}) found under {root}")
-    return Discovery(labeled, classes, skipped, layout)
+    return core.Labelled(found.files, found.classes, skipped + found.skipped, found.layout)
 
 
 def _walk(root: Path) -> tuple[list[tuple[Path, str]], list[dict]]:
@@ -172,31 +149,8 @@ def _file_problem(path: Path) -> str | None:
     return None
 
 
-def _choose_layout(root: Path, files: list[tuple[Path, str]], layout: str) -> str:
-    """auto: "classes" when the top level has folders and no images of its own, else "flat"."""
-    if layout != "auto":
-        return layout
-    top_level_images = any("/" not in rel for _, rel in files)
-    return "classes" if _class_names(root) and not top_level_images else "flat"
-
-
-def _class_names(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _label(files: list[tuple[Path, str]], classes: list[str]) -> tuple[list, list[dict]]:
-    index = {name: i for i, name in enumerate(classes)}
-    labeled, skipped = [], []
-    for path, rel in files:
-        top, sep, _ = rel.partition("/")
-        if not sep or top not in index:
-            skipped.append({"path": rel, "reason": "not inside a class folder"})
-        else:
-            labeled.append((path, rel, ClassLabel(index[top], top)))
-    return labeled, skipped
-
-
-def make_items(found: Discovery, resize: int | None, quality: int, max_pixels: int = MAX_PIXELS) -> list[core.WorkItem]:
+def make_items(found: core.Labelled, resize: int | None, quality: int,
+               max_pixels: int = MAX_PIXELS) -> list[core.WorkItem]:
     """One WorkItem per candidate file; the key is its index in the sorted list."""
     return core.file_items(found.files, resize, quality, max_pixels)
 
@@ -219,9 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip images of more than N pixels (read from the header, before decoding), or with "
                         "--resize store them shrunk; training refuses the same (model.max_pixels) "
                         "(default: %(default)s)")
-    p.add_argument("--layout", choices=("auto", "classes", "flat"), default="auto",
-                   help="auto: classes if DIR holds only folders at its top level, else flat "
-                        "(default: %(default)s)")
+    core.add_layout_arg(p)
     core.add_task_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -238,7 +190,7 @@ def run(args: argparse.Namespace) -> core.PrepReport:
     )
 
 
-def _params(args: argparse.Namespace, found: Discovery) -> dict:
+def _params(args: argparse.Namespace, found: core.Labelled) -> dict:
     return {"input": str(args.input.resolve()), "layout": found.layout, "shard_size": args.shard_size,
             "resize": args.resize, "quality": args.quality, "max_pixels": args.max_pixels,
             "key_format": core.KEY_FORMAT}

@@ -22,7 +22,8 @@ Either way every document is stored exactly once and <pad> only ends a block. A 
            start at token "offset" of the shard's document number "doc" (counting the shard's non-empty
            documents from 0; its ids and </s>), which begins at byte "byte" of file "path" (uncompressed
            bytes for .gz); "docs" documents have tokens in it (always 1 for complete_doc); "pad" <pad>
-           tokens end it
+           tokens end it; with --label-field also "label", the document's class
+  cls      with --label-field only: the label's index, as ASCII text, in the manifest's sorted "classes"
 OUT/spm.model is the sentencepiece model, with fixed special ids <pad>=0 <s>=1 </s>=2 <unk>=3
 <mask>=4; OUT/manifest.json has its sha256 and vocabulary size, the break mode, the dtype, the
 block size and counts per shard and in total: "tokens" are the stored tokens other than <pad>
@@ -63,7 +64,7 @@ from typing import Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from data_prep import core
+from data_prep import core, text_labels
 
 SPECIAL_IDS = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "<mask>": 4}
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".txt.gz": "txt", ".jsonl.gz": "jsonl"}
@@ -85,6 +86,7 @@ SAMPLE_WINDOW_BYTES = 16 << 10  # the training sample is read in evenly spaced w
 MAX_SAMPLE_WINDOWS = 1024
 ESTIMATE_BYTES = 1 << 20  # text encoded to estimate bytes per token (for --shard-size)
 ENCODE_BATCH_BYTES = 1 << 20
+SCAN_BYTES_PER_WORKER = 64 << 20  # --label-field reads the labels in parallel only above this per worker
 _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
 _TOO_SMALL = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -105,6 +107,7 @@ class Doc(NamedTuple):
     text: str
     rel: str
     byte: int  # offset of the document's first byte in the (uncompressed) file
+    label: str | None = None  # with --label-field: the document's class
 
 
 class ModelRef(NamedTuple):
@@ -204,17 +207,20 @@ class _Opener:
         self.close()
 
 
-def new_counts() -> dict[str, int]:
-    return dict.fromkeys(STAT_KEYS, 0)
+def new_counts(*extra: str) -> dict[str, int]:
+    """Zeroed STAT_KEYS, and the ``extra`` keys (with --label-field: text_labels.STAT)."""
+    return dict.fromkeys((*STAT_KEYS, *extra), 0)
 
 
 def iter_documents(segments: Iterable[Segment], doc_mode: str, jsonl_field: str, counts: dict,
-                   opener: _Opener) -> Iterator[Doc]:
+                   opener: _Opener, label_field: str | None = None, skipped: list | None = None) -> Iterator[Doc]:
     """The non-empty documents whose first byte lies in the segments, in order; the rest are counted.
 
     ``.txt``: one document per line (``doc_mode="line"``) or per run of non-blank lines
     (``"paragraph"``, lines joined with "\\n"); ``.jsonl``: the string ``jsonl_field`` of the JSON
-    object on each line. Invalid UTF-8 is replaced with U+FFFD and counted.
+    object on each line. Invalid UTF-8 is replaced with U+FFFD and counted. With ``label_field``, each
+    document's ``label`` is that field of its record; one without is left out, counted and listed in
+    ``skipped`` (see ``text_labels.labelled_doc``).
     """
     for seg in segments:
         f = opener.get(seg.path, seg.gz)
@@ -222,9 +228,14 @@ def iter_documents(segments: Iterable[Segment], doc_mode: str, jsonl_field: str,
         raw_docs = _paragraphs(f, seg.start, seg.end) if paragraphs else _lines(f, seg.start, seg.end)
         for byte, raw in raw_docs:
             counts["text_bytes"] += len(raw)
-            text = doc_text(raw, seg.fmt, jsonl_field, counts, at_file_start=byte == 0)
-            if text is not None:
-                yield Doc(text, seg.rel, byte)
+            found = read_doc(raw, seg.fmt, jsonl_field, counts, at_file_start=byte == 0)
+            if found is None:
+                continue
+            doc = Doc(found[0], seg.rel, byte)
+            if label_field is not None:
+                doc = text_labels.labelled_doc(doc, found[1], label_field, counts, skipped)
+            if doc is not None:
+                yield doc
 
 
 def _lines(f, start: int, end: int) -> Iterator[tuple[int, bytes]]:
@@ -298,18 +309,27 @@ def _paragraph_entry(f, start: int) -> tuple[int, bool]:
 
 def doc_text(raw: bytes, fmt: str, jsonl_field: str, counts: dict, at_file_start: bool = False) -> str | None:
     """Pure: one raw document -> its text, or None (counted) if it is empty or not a valid JSON record."""
-    text = _decode(raw, counts)
+    found = read_doc(raw, fmt, jsonl_field, counts, at_file_start)
+    return None if found is None else found[0]
+
+
+def read_doc(raw: bytes, fmt: str, jsonl_field: str, counts: dict,
+             at_file_start: bool = False) -> tuple[str, dict | None] | None:
+    """Pure: one raw document -> (its text, its JSON record or None for .txt), or None (counted) if it is
+    empty or not a valid JSON record."""
+    text, record = _decode(raw, counts), None
     if at_file_start and text.startswith("\ufeff"):
         text = text[1:]  # byte order mark
     if fmt == "jsonl" and text.strip():
-        text = _json_text(text, jsonl_field, counts)
-        if text is None:
+        found = _json_doc(text, jsonl_field, counts)
+        if found is None:
             counts["invalid_json_lines"] += 1
             return None
+        text, record = found
     if not text.strip():
         counts["empty_documents"] += 1
         return None
-    return text
+    return text, record
 
 
 def _decode(raw: bytes, counts: dict) -> str:
@@ -323,7 +343,8 @@ def _decode(raw: bytes, counts: dict) -> str:
         return text
 
 
-def _json_text(line: str, field: str, counts: dict) -> str | None:
+def _json_doc(line: str, field: str, counts: dict) -> tuple[str, dict] | None:
+    """(the string ``field``, the record) of a JSON object, or None."""
     try:
         record = json.loads(line)
     except ValueError:
@@ -335,7 +356,7 @@ def _json_text(line: str, field: str, counts: dict) -> str | None:
         text, n = _SURROGATE.subn("\ufffd", text)
         counts["invalid_utf8_documents"] += 1
         counts["invalid_utf8_bytes"] += n
-    return text
+    return text, record
 
 
 # ----------------------------------------------------------------------------- packing
@@ -470,28 +491,33 @@ def _load_model(model: ModelRef):
 
 
 def process_chunk(segments: tuple[Segment, ...], doc_mode: str, jsonl_field: str, model: ModelRef,
-                  block_size: int, field: str, break_mode: str = "full_sentences") -> list[dict]:
+                  block_size: int, field: str, break_mode: str = "full_sentences",
+                  labels: text_labels.LabelSpec | None = None) -> list[dict]:
     """Worker entry point: the documents of one byte range -> its blocks, then a stats-only dict."""
     sp = _load_model(model)
-    counts = new_counts()
+    label_field, classes = (None, None) if labels is None else labels
+    counts = new_counts() if labels is None else new_counts(text_labels.STAT)
     with _Opener() as opener:
-        docs = iter_documents(segments, doc_mode, jsonl_field, counts, opener)
-        samples = list(encode_blocks(sp, docs, block_size, field, counts, break_mode))
+        docs = iter_documents(segments, doc_mode, jsonl_field, counts, opener, label_field)
+        samples = list(encode_blocks(sp, docs, block_size, field, counts, break_mode, classes))
     return [*samples, {"__stats__": counts}]
 
 
 def encode_blocks(sp, docs: Iterable[Doc], block_size: int, field: str, counts: dict,
-                  break_mode: str = "full_sentences") -> Iterator[dict]:
-    """Pure (given the model): documents -> block samples; adds to counts' documents, tokens (not <pad>), pad_tokens."""
+                  break_mode: str = "full_sentences", classes: Sequence[str] | None = None) -> Iterator[dict]:
+    """Pure (given the model): documents -> block samples; adds to counts' documents, tokens (not <pad>), pad_tokens.
+    A labelled document's blocks carry its class among ``classes`` (``cls`` and json "label")."""
     packer = packer_for(break_mode, block_size, sp)
     dtype = TOKEN_DTYPES[field]
+    index = {name: i for i, name in enumerate(classes or ())}
     j = pad = 0
 
-    def samples(blocks):
+    def samples(blocks, label: str | None = None):
         nonlocal j, pad
         for block, meta in blocks:
             pad += meta["pad"]
-            yield {"__suffix__": f"_{j:09d}", field: block.astype(dtype).tobytes(), "json": meta}
+            sample = {"__suffix__": f"_{j:09d}", field: block.astype(dtype).tobytes(), "json": meta}
+            yield sample if label is None else core.labelled_sample(sample, text_labels.block_class(label, index))
             j += 1
 
     for batch in _batches(docs):
@@ -499,7 +525,7 @@ def encode_blocks(sp, docs: Iterable[Doc], block_size: int, field: str, counts: 
             if not ids:  # e.g. only characters that normalisation removes
                 counts["empty_documents"] += 1
                 continue
-            yield from samples(packer.add(ids, doc))
+            yield from samples(packer.add(ids, doc), doc.label)
     yield from samples(packer.finish())
     counts["documents"] += packer.documents
     counts["tokens"] += j * block_size - pad
@@ -624,6 +650,40 @@ def _gzip_size(path: str) -> tuple[int, str | None]:
     except (OSError, EOFError, zlib.error) as exc:
         return 0, f"corrupt gzip: {exc}"
     return n, None
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def scan_labels(args: argparse.Namespace, corpus: Corpus, workers: int,
+                log) -> tuple[text_labels.LabelSpec | None, list[dict]]:
+    """With --label-field, read every document once, in up to ``workers`` byte ranges: the classes, and a
+    skipped record per document without a label (see data_prep/text_labels.py). (None, []) without."""
+    if args.label_field is None:
+        return None, []
+    log(f"reading the label field {args.label_field!r} of every document")
+    n = max(1, min(workers, corpus.size // SCAN_BYTES_PER_WORKER))
+    bounds = [i * corpus.size // n for i in range(n + 1)]
+    jobs = [(corpus.segments(a, b), args.doc_mode, args.jsonl_field, args.label_field)
+            for a, b in zip(bounds, bounds[1:])]
+    if n > 1:
+        with multiprocessing.get_context("spawn").Pool(n) as pool:
+            found = pool.starmap(range_labels, jobs)
+    else:
+        found = [range_labels(*jobs[0])]
+    skipped = [s for _, part in found for s in part]
+    spec = text_labels.LabelSpec(args.label_field, tuple(sorted(set().union(*(names for names, _ in found)))))
+    text_labels.check_found(spec, skipped)
+    return spec, skipped
+
+
+def range_labels(segments: tuple[Segment, ...], doc_mode: str, jsonl_field: str,
+                 label_field: str) -> tuple[set[str], list[dict]]:
+    """Worker: the labels of the documents starting in ``segments``, and the documents without one."""
+    counts, skipped = new_counts(text_labels.STAT), []
+    with _Opener() as opener:
+        docs = iter_documents(segments, doc_mode, jsonl_field, counts, opener, label_field, skipped)
+        return {doc.label for doc in docs}, skipped
 
 
 # ----------------------------------------------------------------------------- sample and model
@@ -911,6 +971,14 @@ def build_parser() -> argparse.ArgumentParser:
                         ".jsonl files always hold one document per line")
     p.add_argument("--jsonl-field", default="text", metavar="KEY",
                    help="the string field of each JSON object that holds the text (default: %(default)s)")
+    p.add_argument("--label-field", default=None, metavar="KEY",
+                   help="label the blocks with this field of each .jsonl record (a string or an integer): json "
+                        "'label' and a 'cls' index into the manifest's sorted 'classes'. Needs --break-mode "
+                        "complete_doc (a block then holds one document) and .jsonl inputs only. A document "
+                        "without the field (missing, null, empty, or not a string or an integer) is skipped, "
+                        "counted and listed in the manifest's 'skipped'; no labelled document at all is an error. "
+                        "Every document is read once more, before tokenizing, to collect the classes "
+                        "(default: no labels)")
     core.add_shard_args(p, "about this many blocks per shard: the stream is cut every BLOCKS x --block-size x "
                            "(bytes per token measured on the sample) bytes of text; for complete_doc, every "
                            "BLOCKS x (bytes per block, from the sample's document lengths) (default: %(default)s)",
@@ -928,8 +996,10 @@ def _size_arg(value: str) -> int:
 
 def run(args: argparse.Namespace) -> tuple[core.PrepReport, Tokenizer]:
     """Discover and measure the inputs, make the model, cut the stream into shards, write them."""
+    text_labels.check_options(args)
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     found, skipped = discover(args.input)
+    text_labels.check_inputs(args.label_field, found)
     out = _check_output(args.output, args.input)
     workers = core.resolve_workers(args.workers)
     files, unreadable = measure(found, workers)
@@ -939,27 +1009,39 @@ def run(args: argparse.Namespace) -> tuple[core.PrepReport, Tokenizer]:
                              f"(supported: {', '.join(FORMATS)}; {len(skipped + unreadable)} files skipped)")
     if out.exists() and not out.is_dir():
         raise core.PrepError(f"output path exists and is not a directory: {out}")
+    labels, unlabelled = scan_labels(args, corpus, workers, log)
     tok = prepare_tokenizer(args, corpus, out, log)
     chunk = chunk_bytes(tok, args.shard_size, args.block_size, args.break_mode)
     field = token_field(tok.vocab_size)
+    report = core.write_shards(
+        _items(args, corpus, chunk, tok, field, labels), process_chunk, out, args.name, modality="text",
+        shard_size=1, workers=workers, params=_params(args, chunk), pre_skipped=skipped + unreadable + unlabelled,
+        progress=not args.quiet, allow_empty=args.allow_empty, extra=_extra(args, tok, field, labels),
+    )
+    return report, tok
+
+
+def _items(args: argparse.Namespace, corpus: Corpus, chunk: int, tok: Tokenizer, field: str,
+           labels: text_labels.LabelSpec | None) -> list[core.WorkItem]:
+    """One item per ``chunk`` bytes of the corpus."""
     model = ModelRef(tok.sha256, str(tok.path))
     # process_chunk's arguments, part of each shard's fingerprint: the default mode is left out, so shards
-    # written before --break-mode existed are still recognised as complete by a re-run
+    # written before --break-mode existed are still recognised as complete by a re-run (labels likewise)
     options = (args.block_size, field) + (() if args.break_mode == BREAK_MODES[0] else (args.break_mode,))
-    items = [
+    options += () if labels is None else (labels,)
+    return [
         core.WorkItem(core.item_key(k), f"text bytes {a}-{min(a + chunk, corpus.size)}",
                       (segs, args.doc_mode, args.jsonl_field, model, *options), corpus.stamps(segs))
         for k, a in enumerate(range(0, corpus.size, chunk))
         for segs in [corpus.segments(a, a + chunk)]
     ]
-    report = core.write_shards(
-        items, process_chunk, out, args.name, modality="text", shard_size=1, workers=workers,
-        params=_params(args, chunk), pre_skipped=skipped + unreadable, progress=not args.quiet,
-        allow_empty=args.allow_empty,
-        extra={"tokenizer": tok.record, "block_size": args.block_size, "break_mode": args.break_mode,
-               "field": field, "dtype": np.dtype(TOKEN_DTYPES[field]).name},
-    )
-    return report, tok
+
+
+def _extra(args: argparse.Namespace, tok: Tokenizer, field: str, labels: text_labels.LabelSpec | None) -> dict:
+    """The manifest's own fields; "classes" with --label-field only (an unlabelled manifest is as before)."""
+    extra = {"tokenizer": tok.record, "block_size": args.block_size, "break_mode": args.break_mode,
+             "field": field, "dtype": np.dtype(TOKEN_DTYPES[field]).name}
+    return extra if labels is None else {**extra, "classes": list(labels.classes)}
 
 
 def _check_output(output: Path, inputs: Sequence[Path]) -> Path:
@@ -979,7 +1061,8 @@ def _params(args: argparse.Namespace, chunk_bytes: int) -> dict:
             "byte_fallback": args.byte_fallback, "allow_smaller_vocab": args.allow_smaller_vocab,
             "spm_model": str(args.spm_model.resolve()) if args.spm_model else None,
             "sample_docs": args.sample_docs, "sample_bytes": args.sample_bytes,
-            "key_format": BLOCK_KEY_FORMAT, "packing": PACKING[args.break_mode]}
+            "key_format": BLOCK_KEY_FORMAT, "packing": PACKING[args.break_mode],
+            **({} if args.label_field is None else {"label_field": args.label_field})}
 
 
 def summary(report: core.PrepReport, tok: Tokenizer) -> str:
@@ -998,6 +1081,7 @@ def summary(report: core.PrepReport, tok: Tokenizer) -> str:
         f"  {t['empty_documents']:,} empty documents, {t['invalid_json_lines']:,} invalid JSON lines, "
         f"{t['invalid_utf8_documents']:,} documents with invalid UTF-8 ({t['invalid_utf8_bytes']:,} bytes replaced)",
         f"  model {tok.path}: {tok.vocab_size} pieces ({tok.record['model_type']}), sha256 {tok.sha256[:16]}...",
+        *text_labels.summary(m),
     ])
 
 

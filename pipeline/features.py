@@ -5,8 +5,10 @@ a ``--format hf`` directory (it carries our experiment config as data2vec_pipeli
 
 Inputs, each decoded by the modality's evaluation transform (``Modality.eval_inputs``: no augmentation, no
 crop, no mask):
-- a data_prep shard directory (its manifest.json): every sample, labelled by the class folder data_prep
-  recorded for images (audio and text shards carry no label yet: their examples are unlabelled);
+- a data_prep shard directory (its manifest.json): every sample, labelled by the class data_prep recorded
+  in its json "label": the class folder of images, of audio prepared with --layout classes (each piece of a
+  split recording too), the --label-field of text (each complete_doc block of a long document too);
+  samples without one (flat layouts, text without --label-field) are unlabelled examples;
 - a folder of raw files: images (.jpg .jpeg .png .webp) or audio (.flac .wav .ogg, any rate: made 16 kHz
   mono as data_prep.audio does), labelled by the name of the first folder below the given root (CLASS/file);
 - text: .txt (one example per line, unlabelled) or .jsonl (``text`` field, label from ``--label-field``),

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,3 +319,54 @@ def test_help_documents_every_option():
     for option in ("--input", "--output", "--name", "--shard-size", "--workers", "--min-seconds",
                    "--max-seconds", "--split-long", "--format", "--quiet"):
         assert option in done.stdout
+
+
+# ----------------------------------------------------------------------------- class-folder labels
+
+
+@pytest.fixture(scope="module")
+def class_tree(tmp_path_factory) -> Path:
+    """dog/ and cat/ folders of clips (cat/long.wav: 2.5 s, split into pieces) and a clip outside them."""
+    root = tmp_path_factory.mktemp("classes") / "in"
+    clips = {"dog/a.wav": (22050, 0.6), "dog/deeper/b.flac": (16000, 0.5), "cat/c.wav": (44100, 0.7),
+             "cat/long.wav": (16000, 2.5), "stray.wav": (16000, 0.5)}
+    for rel, (rate, seconds) in clips.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        fmt = "FLAC" if rel.endswith(".flac") else "WAV"
+        (root / rel).write_bytes(tone_file(((0.5, 440),), rate, seconds, fmt, "PCM_16")[0])
+    return root
+
+
+def test_class_folder_tree_gives_labelled_shards_and_pieces_keep_their_label(class_tree, tmp_path):
+    report, stdout = run_main(["--input", str(class_tree), "--output", str(tmp_path / "out"), "--layout", "classes",
+                               "--max-seconds", "1", "--split-long"])
+    manifest = core.read_manifest(tmp_path / "out")
+    assert manifest["classes"] == ["cat", "dog"] and manifest["params"]["layout"] == "classes"
+    assert {s["path"]: s["reason"] for s in manifest["skipped"]} == {"stray.wav": "not inside a class folder"}
+    samples = wds_samples(tmp_path / "out")
+    labels = {}
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert meta["label"] == meta["path"].split("/")[0] and set(meta) == META_KEYS | {"label"}
+        assert s["cls"].decode("ascii") == str(manifest["classes"].index(meta["label"]))
+        labels.setdefault(meta["path"], []).append(meta["label"])
+    assert labels == {"cat/c.wav": ["cat"], "cat/long.wav": ["cat"] * 3, "dog/a.wav": ["dog"],
+                      "dog/deeper/b.flac": ["dog"]}  # 2.5 s in 1 s pieces: 3 samples, each labelled
+    assert report.manifest["totals"]["samples"] == len(samples) == 6 and "1 skipped" in stdout
+
+
+def test_layout_auto_decides_as_for_images_and_flat_is_the_default(class_tree, tree, tmp_path):
+    assert audio.discover(class_tree, "auto").classes is None  # stray.wav at the top level: flat
+    only_folders = shutil.copytree(class_tree, tmp_path / "in", ignore=lambda d, names: ["stray.wav"])
+    found = audio.discover(only_folders, "auto")
+    assert found.classes == ["cat", "dog"] and [label.name for label in found.labels] == ["cat", "cat", "dog", "dog"]
+    default = audio.discover(tree.root)  # only folders at its top level, yet unlabelled: LibriSpeech looks alike
+    assert default.classes is None and default.labels is None
+    assert "--layout" in audio.build_parser().format_help()
+
+
+def test_unlabelled_shards_carry_no_label(prepared):
+    _, out, report, _, _ = prepared
+    assert "classes" not in report.manifest and "layout" not in report.manifest["params"]
+    for s in wds_samples(out):
+        assert "cls" not in s and set(json.loads(s["json"])) == META_KEYS

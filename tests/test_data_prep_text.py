@@ -14,6 +14,7 @@ import json
 import random
 import subprocess
 import sys
+import tarfile
 import unicodedata
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from data_prep import core, text
+from data_prep import core, text, text_labels
 
 try:  # tests/ is a plain directory (rootdir on sys.path) or a package
     from text_fixtures import TextCorpus, make_line_corpus, make_paragraph_corpus
@@ -568,3 +569,105 @@ def test_complete_doc_with_a_model_cached_before_document_lengths(corpus, prepar
     assert report.manifest == prepared_doc[1].manifest
     assert (out / "spm.model").read_bytes() == (prepared[1] / "spm.model").read_bytes()
     assert json.loads((out / ".spm.model.json").read_text())["doc_lengths"]
+
+
+# ----------------------------------------------------------------------------- --label-field
+
+
+NO_FIELD = "no label: field 'topic' is missing or null"
+TOPICS = [  # (record, its label, or why it has none)
+    ({"text": "Open the file, read its lines and close it again.", "topic": "files"}, "files", None),
+    ({"text": " ".join(f"The sum of {i} and {i + 1} is {2 * i + 1}." for i in range(12)), "topic": "math"}, "math",
+     None),  # several blocks of 16 tokens
+    ({"text": "An integer label is stored as its decimal text.", "topic": 7}, "7", None),
+    ({"text": "A record without the field."}, None, NO_FIELD),
+    ({"text": "A record whose label is null.", "topic": None}, None, NO_FIELD),
+    ({"text": "A record whose label is empty.", "topic": " "}, None, "label field 'topic' is empty"),
+    ({"text": "A record whose label is a list.", "topic": ["x"]}, None,
+     "label field 'topic' holds a list, not a string or an integer"),
+    ({"text": "A record whose label is a boolean.", "topic": True}, None,
+     "label field 'topic' holds a bool, not a string or an integer"),
+    ({"text": "Paths name files in folders.", "topic": "files"}, "files", None),
+]
+
+
+def write_topics(path: Path) -> list[tuple[int, str | None, str | None]]:
+    """TOPICS as a .jsonl file -> (byte offset, label, reason) per record."""
+    lines = [json.dumps(record).encode() + b"\n" for record, _, _ in TOPICS]
+    path.write_bytes(b"".join(lines))
+    offsets = np.cumsum([0] + [len(line) for line in lines[:-1]])
+    return [(int(byte), label, reason) for byte, (_, label, reason) in zip(offsets, TOPICS)]
+
+
+def tar_samples(path: Path) -> list[dict]:
+    """{field: bytes} per sample of one tar, read with tarfile."""
+    found: dict[str, dict] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, field = member.name.partition(".")
+            found.setdefault(key, {})[field] = tar.extractfile(member).read()
+    return list(found.values())
+
+
+def test_label_field_gives_labelled_complete_doc_blocks_and_lists_unlabelled_documents(prepared, tmp_path):
+    path = tmp_path / "topics.jsonl"
+    records = write_topics(path)
+    _, stdout = run_main(["--input", str(path), "--output", str(tmp_path / "out"), "--spm-model",
+                          str(prepared[1] / "spm.model"), "--block-size", "16", "--break-mode", "complete_doc",
+                          "--label-field", "topic", "--quiet"])
+    m = core.read_manifest(tmp_path / "out")
+    assert m["classes"] == ["7", "files", "math"] and m["params"]["label_field"] == "topic"
+    labels = {byte: label for byte, label, _ in records if label is not None}
+    samples = [s for shard in m["shards"] for s in tar_samples(Path(shard["path"]))]
+    blocks_of = {}
+    for s in samples:
+        meta = json.loads(s["json"])
+        assert meta["label"] == labels[meta["byte"]] and s["cls"] == str(m["classes"].index(meta["label"])).encode()
+        blocks_of[meta["byte"]] = blocks_of.get(meta["byte"], 0) + 1
+    assert set(blocks_of) == set(labels) and blocks_of[records[1][0]] > 1  # every block of "math" is labelled
+    assert m["skipped"] == [{"path": str(path), "reason": f"document at byte {byte}: {reason}"}
+                            for byte, _, reason in records if reason is not None]
+    t = m["totals"]
+    assert (t["documents"], t["unlabelled_documents"], t["skipped"], t["samples"]) == (4, 5, 5, len(samples))
+    assert "3 classes from --label-field topic; 5 documents without a label skipped" in stdout
+
+
+def test_label_scan_in_parallel_ranges_finds_the_same(tmp_path, monkeypatch):
+    """Every document is in exactly one of the workers' byte ranges: the same classes and skipped records."""
+    for i in range(3):
+        write_topics(tmp_path / f"topics{i}.jsonl")
+    args = text.build_parser().parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"),
+                                           "--label-field", "topic", "--break-mode", "complete_doc"])
+    corpus = text.Corpus(text.measure(text.discover(args.input)[0], 1)[0])
+    one = text.scan_labels(args, corpus, 1, print)
+    monkeypatch.setattr(text, "SCAN_BYTES_PER_WORKER", corpus.size // 5)  # ranges that cut files
+    assert text.scan_labels(args, corpus, 2, print) == one
+    assert one[0] == text_labels.LabelSpec("topic", ("7", "files", "math")) and len(one[1]) == 3 * 5
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--label-field", "topic"], "--label-field topic needs --break-mode complete_doc"),
+    (["--label-field", "topic", "--break-mode", "full_sentences"], "Add --break-mode complete_doc"),
+    (["--label-field", "text", "--break-mode", "complete_doc"], "is the text field (--jsonl-field)"),
+    (["--label-field", "nope", "--break-mode", "complete_doc"], "no document has a label in field 'nope'"),
+])
+def test_label_field_needs_complete_doc_and_a_present_field(tmp_path, options, message):
+    write_topics(tmp_path / "topics.jsonl")
+    error = error_of(["--input", str(tmp_path / "topics.jsonl"), "--output", str(tmp_path / "out"), *options])
+    assert error.startswith("error: ") and message in error
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_label_field_refuses_plain_text_inputs(corpus, tmp_path):
+    error = error_of(["--input", str(corpus.root), "--output", str(tmp_path / "out"), "--label-field", "topic",
+                      "--break-mode", "complete_doc"])
+    assert "hold plain text without labels: give only .jsonl (.jsonl.gz) inputs" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_unlabelled_blocks_carry_no_label(prepared_doc):
+    out, report, _ = prepared_doc
+    assert "classes" not in report.manifest and "label_field" not in report.manifest["params"]
+    assert "unlabelled_documents" not in report.manifest["totals"]
+    for tar in out.glob("*.tar"):
+        assert all("cls" not in s and "label" not in json.loads(s["json"]) for s in tar_samples(tar))

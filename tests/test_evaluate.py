@@ -6,7 +6,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from conftest import ROOT
@@ -86,17 +85,52 @@ def test_speech_evaluate_from_class_folders_at_any_rate(tmp_path, capsys):
     assert (result["n_train"], result["n_eval"], result["classes"]) == (12, 8, 4)  # speaker0..3, 16/22.05/44.1 kHz
 
 
+def topic_jsonl(path, n: int):
+    """``n`` jsonl records of two alternating topics (field "topic"); returns ``path``."""
+    with open(path, "w") as f:
+        for i in range(n):
+            topic = ("files and paths", "numbers and math")[i % 2]
+            f.write(json.dumps({"text": f"example {i} about {topic}", "topic": topic}) + "\n")
+    return path
+
+
 def test_text_evaluate_from_jsonl_labels(tmp_path, tiny_text_shards, capsys):
     from pipeline import evaluate
     ckpt = tiny_export(tmp_path, "text", [f"data.manifest={tiny_text_shards}"])  # spm.model found next to it
     for split, n in (("train", 20), ("eval", 10)):
-        with open(tmp_path / f"{split}.jsonl", "w") as f:
-            for i in range(n):
-                topic = ("files and paths", "numbers and math")[i % 2]
-                f.write(json.dumps({"text": f"example {i} about {topic}", "topic": topic}) + "\n")
+        topic_jsonl(tmp_path / f"{split}.jsonl", n)
     result = run(evaluate.main, [ckpt, "--train", str(tmp_path / "train.jsonl"), "--eval", str(tmp_path / "eval.jsonl"),
                                  "--label-field", "topic", "--json", "--quiet"], capsys)
     assert (result["n_train"], result["n_eval"], result["classes"]) == (20, 10, 2)
+
+
+def test_speech_evaluate_from_labelled_shards(tmp_path, capsys):
+    """data_prep.audio --layout classes shards: every clip labelled by its speaker folder."""
+    from data_prep import audio
+    from pipeline import evaluate
+    from pipeline.demo import make_clips
+    ckpt = tiny_export(tmp_path, "speech")
+    for split, count, seed in (("train", 12, 0), ("eval", 8, 1)):
+        raw = make_clips(tmp_path / split, count=count, seed=seed)
+        audio.main(["--input", str(raw), "--output", str(tmp_path / f"{split}_shards"), "--layout", "classes",
+                    "--quiet"])
+    result = run(evaluate.main, [ckpt, "--train", str(tmp_path / "train_shards"), "--eval",
+                                 str(tmp_path / "eval_shards"), "--json", "--quiet"], capsys)
+    assert (result["n_train"], result["n_eval"], result["classes"]) == (12, 8, 4)
+
+
+def test_text_evaluate_from_labelled_shards(tmp_path, tiny_text_shards, capsys):
+    """data_prep.text --label-field shards, tokenized with the run's own sentencepiece model."""
+    from data_prep import text
+    from pipeline import evaluate
+    ckpt = tiny_export(tmp_path, "text", [f"data.manifest={tiny_text_shards}"])
+    for split, n in (("train", 20), ("eval", 10)):
+        text.main(["--input", str(topic_jsonl(tmp_path / f"{split}.jsonl", n)), "--output", str(tmp_path / split),
+                   "--spm-model", str(tiny_text_shards / "spm.model"), "--block-size", "64", "--break-mode",
+                   "complete_doc", "--label-field", "topic", "--quiet"])
+    result = run(evaluate.main, [ckpt, "--train", str(tmp_path / "train"), "--eval", str(tmp_path / "eval"),
+                                 "--json", "--quiet"], capsys)
+    assert (result["n_train"], result["n_eval"], result["classes"]) == (20, 10, 2)  # one block per document
 
 
 def test_evaluate_says_what_is_missing(tmp_path, capsys):
