@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
 
 log = logging.getLogger("pipeline")
+AVERAGED = ("loss", "target_std", "prediction_std", "position_share")
 
 
 def drop_records_after(path: Path, step: int) -> None:
@@ -38,6 +40,8 @@ class MetricsLogger:
     def __init__(self, output: Path, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.extra: dict[str, float] = {}  # figures measured at the logged step (evaluation)
         self.current: dict[str, float] = {}
         self.count = 0
         self.samples = self.tokens = self.flops = 0.0
@@ -59,8 +63,11 @@ class MetricsLogger:
                             str(output), exc)
 
     def record(self, step: int, metrics: dict, samples: int, tokens: int, flops: float, devices: int) -> None:
-        for key in ("loss", "target_std", "prediction_std"):  # averaged over the interval
-            self.sums[key] = self.sums.get(key, 0.0) + float(metrics[key])
+        for key in AVERAGED:  # averaged over the interval (position_share: its steps with a value)
+            value = float(metrics[key])
+            if not math.isnan(value):
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
         self.current = {"lr": float(metrics["lr"]), "tau": float(metrics["tau"])}  # schedules: the logged step's
         self.count += 1
         self.samples += samples
@@ -73,24 +80,34 @@ class MetricsLogger:
         elapsed = max(now - self.last_time, 1e-9)
         if self.count == 0:
             return None
-        rec = {**{k: v / self.count for k, v in self.sums.items()}, **self.current}
+        rec = {**{k: self.sums[k] / self.counts[k] if k in self.sums else None for k in AVERAGED}, **self.current,
+               **self.extra}
         rec.update(step=step, samples_per_s=self.samples / elapsed, tokens_per_s=self.tokens / elapsed,
                    tflops=self.flops / elapsed / 1e12, tflops_per_device=self.flops / elapsed / 1e12 / self.devices)
-        self.sums, self.count, self.samples, self.tokens, self.flops = {}, 0, 0.0, 0.0, 0.0
+        self.sums, self.counts, self.extra, self.count, self.samples, self.tokens, self.flops = {}, {}, {}, 0, 0.0, 0.0, 0.0
         self.last_time = now
         if self.enabled:
-            log.info("step %d/%d | loss %.4f | lr %.3e | tau %.5f | target_std %.3f | pred_std %.3f | "
-                     "%.1f samples/s | %.0f tokens/s | %.3f TFLOP/s (%.3f per device)",
+            log.info("step %d/%d | loss %.4f | lr %.3e | tau %.5f | target_std %.3f | pred_std %.3f | pos_share %s | "
+                     "%.1f samples/s | %.0f tokens/s | %.3f TFLOP/s (%.3f per device)%s",
                      step, total_steps, rec["loss"], rec["lr"], rec["tau"], rec["target_std"], rec["prediction_std"],
-                     rec["samples_per_s"], rec["tokens_per_s"], rec["tflops"], rec["tflops_per_device"])
+                     "n/a" if rec["position_share"] is None else f"{rec['position_share']:.3f}",
+                     rec["samples_per_s"], rec["tokens_per_s"], rec["tflops"], rec["tflops_per_device"],
+                     "".join(f" | {k} {v:.4f}" for k, v in rec.items() if "/" in k))
             self.jsonl.write(json.dumps(rec) + "\n")
             self.jsonl.flush()
             if self.tb is not None:
                 for key, value in rec.items():
-                    if key != "step":
-                        self.tb.add_scalar(f"train/{key}", value, step)
+                    if key != "step" and value is not None:
+                        self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
                 self.tb.flush()
         return rec
+
+    def add(self, figures: dict[str, float], seconds: float = 0.0) -> None:
+        """Figures measured at the step about to be logged (``eval/knn_top1``, ...): they join its log line,
+        JSONL record and TensorBoard scalars under their own names. ``seconds`` spent measuring them are left
+        out of the interval's throughput."""
+        self.extra.update(figures)
+        self.last_time += seconds
 
     def close(self) -> None:
         if self.jsonl:

@@ -93,12 +93,58 @@ def std_from_stats(stats: torch.Tensor) -> float:
     return torch.sqrt(var.clamp_min(0) + 1e-6).mean().item()
 
 
+# Content collapse: how much of the targets' variance position alone explains. Targets are projected on a fixed
+# random basis of PROJECTED_DIMS directions (variance ratios survive a random projection) and only the first
+# POSITION_BINS positions are counted, so the statistic is a small fixed-size tensor that rides in the step's
+# one all-reduce whatever the model width or sequence length.
+PROJECTED_DIMS, POSITION_BINS = 16, 256
+
+
+def projection(dim: int, device) -> torch.Tensor:
+    """The fixed (D, PROJECTED_DIMS) random basis: the same on every rank and in every run."""
+    gen = torch.Generator().manual_seed(20220207)
+    return (torch.randn(dim, PROJECTED_DIMS, generator=gen) / math.sqrt(PROJECTED_DIMS)).to(device)
+
+
+def position_stats(targets: torch.Tensor, basis: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[count per position (BINS), projected sum per position (BINS x P), total sum of squares] of (B, T, D)
+    targets, ``valid`` (B, T) marking the positions to count (None: all); for an all-reduce."""
+    y = targets.detach().float()[:, :POSITION_BINS] @ basis  # (B, T', P)
+    keep = torch.ones(y.shape[:2], device=y.device) if valid is None else valid[:, :POSITION_BINS].float()
+    y = y * keep.unsqueeze(-1)
+    counts = torch.zeros(POSITION_BINS, device=y.device)
+    sums = torch.zeros(POSITION_BINS, basis.shape[1], device=y.device)
+    counts[:y.shape[1]] = keep.sum(0)
+    sums[:y.shape[1]] = y.sum(0)
+    return torch.cat([counts, sums.flatten(), y.pow(2).sum().view(1)])
+
+
+def position_share(stats: torch.Tensor) -> float:
+    """Share of the target variance explained by position (omega squared of a one-way ANOVA with positions as
+    groups, unbiased for the batch size): 0 = position says nothing, 1 = the targets are a function of
+    position alone (the collapse a lost position-embedding init once caused). NaN with < 2 rows per position."""
+    counts, rest = stats[:POSITION_BINS], stats[POSITION_BINS:]
+    sums, square = rest[:-1].view(POSITION_BINS, -1), rest[-1]
+    used = counts > 0
+    n, groups = counts.sum(), used.sum()
+    if n <= groups:
+        return float("nan")
+    total = sums[used].sum(0)
+    between = (sums[used].pow(2).sum(1) / counts[used]).sum() - total.pow(2).sum() / n
+    within = square - total.pow(2).sum() / n - between
+    mean_within = within / (n - groups)
+    share = (between - (groups - 1) * mean_within) / (square - total.pow(2).sum() / n + mean_within)
+    return share.clamp(0.0, 1.0).item()
+
+
 @dataclass
 class CollapseConfig:
     """Representation-collapse monitor (the reference aborts when targets or predictions go flat)."""
 
     min_target_std: float = doc("alarm when the all-reduced target std falls below this", 0.1)
     min_prediction_std: float = doc("alarm when the all-reduced prediction std falls below this", 0.01)
+    max_position_share: float = doc("alarm when position alone explains more than this share of the target variance "
+                                    "(content collapse: the targets no longer depend on the input; 1: off)", 0.95)
     after_steps: int = doc("start checking after this many steps", 5000)
     action: str = doc("on alarm: 'log' (warn), 'skip' (skip the update) or 'stop' (save and exit non-zero)", "log")
     max_skips: int = doc("with action=skip: stop (save, exit non-zero) after this many consecutive skipped steps", 100)
@@ -107,12 +153,17 @@ class CollapseConfig:
         one_of("collapse.action", self.action, ("log", "skip", "stop"))
         require(self.after_steps >= 0, "collapse.after_steps must be >= 0")
         require(self.max_skips >= 1, "collapse.max_skips must be >= 1")
+        require(0 < self.max_position_share <= 1, "collapse.max_position_share must be in (0, 1]")
 
 
-def collapse_alarm(step: int, target_std: float, prediction_std: float, cfg: CollapseConfig) -> str | None:
-    """A message when the representations look collapsed at this step, else None."""
+def collapse_alarm(step: int, target_std: float, prediction_std: float, cfg: CollapseConfig,
+                   share: float = float("nan")) -> str | None:
+    """A message when the representations look collapsed at this step, else None. ``share``: position_share."""
     if step < cfg.after_steps:
         return None
+    if share > cfg.max_position_share and cfg.max_position_share < 1:
+        return (f"position explains {share:.3f} of the target variance > {cfg.max_position_share} "
+                f"(collapse.max_position_share): the targets hardly depend on the input")
     if target_std < cfg.min_target_std:
         return f"target std {target_std:.4g} < {cfg.min_target_std} (collapse.min_target_std)"
     if prediction_std < cfg.min_prediction_std:

@@ -21,8 +21,10 @@ from pipeline.ema import ShardedEMA, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger
 from pipeline.model.data2vec import Backbone, Student, teacher_parameter_name
+from pipeline.monitor import FeatureMonitor
 from pipeline.model.transformer import layerdrop_choice, matmul_flops_per_token
-from pipeline.objective import collapse_alarm, moment_stats, regression_loss, std_from_stats, teacher_targets
+from pipeline.objective import (collapse_alarm, moment_stats, position_share, position_stats, projection, regression_loss,
+                                std_from_stats, teacher_targets)
 
 log = logging.getLogger("pipeline")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -116,6 +118,7 @@ class Trainer:
         self.data_seed = tcfg.seed  # seeds the data streams; changes when a resume changes the data layout
         self.stop_requested = False
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
+        self.monitor = FeatureMonitor(cfg, rt)  # eval.every
         self.build()
 
     # -- construction -------------------------------------------------------------------------
@@ -139,6 +142,7 @@ class Trainer:
         student_params = {teacher_parameter_name(n): p for n, p in student.named_parameters()}
         self.ema = ShardedEMA(teacher, student_params, cfg.ema)
         self.ema.copy_student()
+        self.basis = projection(cfg.encoder.dim, rt.device)  # for the content-collapse statistic
         self.seed_dropout(cfg.train.seed)
 
     def seed_dropout(self, seed: int) -> None:
@@ -180,25 +184,30 @@ class Trainer:
             self.clear_gradients()
         batch = to_device(batch, self.rt.device, self.rt.choice.dtype)
         mask = batch.pop("mask")
-        targets = self.teacher_targets(batch)[mask]  # (M, D)
+        all_targets = self.teacher_targets(batch)  # (B, T, D)
+        targets = all_targets[mask]  # (M, D)
         prediction = self.student_forward(batch, mask)  # (M, D)
         loss_sum = regression_loss(prediction, targets, self.cfg.objective)
-        # one all-reduce over data-parallel ranks: loss, target and prediction moments, the batch's samples and
-        # positions (they vary per rank with data.max_tokens), stop and requeue flags
+        # one all-reduce over data-parallel ranks: loss, target and prediction moments, the targets' per-position
+        # statistics (content collapse), the batch's samples and positions (they vary per rank with
+        # data.max_tokens), stop and requeue flags
         counts = [float(mask.shape[0]), float(mask.numel())]
         flags = [float(self.stop_requested), float(self.requeue_requested)]
-        stats = torch.cat([loss_sum.detach().float().view(1), moment_stats(targets), moment_stats(prediction),
-                           torch.tensor(counts + flags, device=loss_sum.device)])
+        parts = [loss_sum.detach().float().view(1), moment_stats(targets), moment_stats(prediction),
+                 position_stats(all_targets, self.basis, self.modality.valid_positions(batch)),
+                 torch.tensor(counts + flags, device=loss_sum.device)]
+        stats = torch.cat(parts)
         all_reduce_sum(stats, self.rt.dp_group)
-        stats[-2:] = agree_any(stats[-2:], self.rt)
-        dim = targets.shape[-1]
-        masked = stats[1].clamp_min(1.0)  # a batch may (rarely, for text) select no position at all
-        metrics = {"loss": (stats[0] / masked).item(), "masked": masked.item(), "tokens": mask.shape[1],
-                   "target_std": std_from_stats(stats[1:2 + 2 * dim]),
-                   "prediction_std": std_from_stats(stats[2 + 2 * dim:3 + 4 * dim]),
-                   "samples": stats[-4].item(), "positions": stats[-3].item(),
-                   "stop": stats[-2].item() > 0, "requeue": stats[-1].item() > 0}
-        alarm = collapse_alarm(self.step, metrics["target_std"], metrics["prediction_std"], self.cfg.collapse)
+        loss, target_stats, prediction_stats, position, extra = stats.split([p.numel() for p in parts])
+        extra[2:] = agree_any(extra[2:], self.rt)
+        masked = target_stats[0].clamp_min(1.0)  # a batch may (rarely, for text) select no position at all
+        metrics = {"loss": (loss[0] / masked).item(), "masked": masked.item(), "tokens": mask.shape[1],
+                   "target_std": std_from_stats(target_stats), "prediction_std": std_from_stats(prediction_stats),
+                   "position_share": position_share(position),
+                   "samples": extra[0].item(), "positions": extra[1].item(),
+                   "stop": extra[2].item() > 0, "requeue": extra[3].item() > 0}
+        alarm = collapse_alarm(self.step, metrics["target_std"], metrics["prediction_std"], self.cfg.collapse,
+                               metrics["position_share"])
         if alarm:
             self.handle_collapse(alarm)
             if self.cfg.collapse.action == "skip":
@@ -245,7 +254,8 @@ class Trainer:
         tau = tau_at(self.step + 1, self.cfg.ema)  # the EMA after update n (from 1) decays by tau(n), as fairseq
         self.ema.update(tau)
         self.step += 1
-        out = {k: sum(m[k] for m in metrics) / len(metrics) for k in ("loss", "target_std", "prediction_std", "tokens")}
+        out = {k: sum(m[k] for m in metrics) / len(metrics)
+               for k in ("loss", "target_std", "prediction_std", "position_share", "tokens")}
         out.update({k: sum(m[k] for m in metrics) for k in ("samples", "positions")})  # global, this step
         return {**out, "tau": tau, "stop": any(m["stop"] for m in metrics),
                 "requeue": any(m["requeue"] for m in metrics), "lr": lr}
@@ -310,6 +320,11 @@ class Trainer:
             log.info("started from init.from=%s%s", self.cfg.init.from_,
                      f"; kept their own initialisation: {', '.join(kept)}" if kept else "")
 
+    def load_eval_inputs(self) -> None:
+        """Read eval.train / eval.eval now (when eval.every is set), so that a problem shows before training."""
+        if self.cfg.eval.every:
+            self.monitor.load()
+
     def barrier(self) -> None:
         import torch.distributed as dist
         if dist.is_initialized():
@@ -363,7 +378,11 @@ class Trainer:
                     logger.record(self.step, metrics, samples=samples, tokens=positions,
                                   flops=samples * self.flops_per_sample(round(positions / samples)),
                                   devices=self.rt.world_size)
-                    if self.step % t.log_every == 0 or self.step == last:
+                    evaluate = self.monitor.due(self.step, t.steps) and not metrics["stop"]
+                    if evaluate:
+                        figures = self.monitor.run(self)
+                        logger.add(figures, figures["eval/seconds"])
+                    if self.step % t.log_every == 0 or self.step == last or evaluate:
                         logger.flush(self.step, t.steps)
                 if metrics["stop"]:
                     self.save()

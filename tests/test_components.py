@@ -10,7 +10,8 @@ import torch
 from pipeline import checkpoint
 from pipeline.config import TrainConfig
 from pipeline.ema import EMAConfig, ShardedEMA, tau_at
-from pipeline.objective import CollapseConfig, collapse_alarm, moment_stats, std_from_stats
+from pipeline.objective import (CollapseConfig, collapse_alarm, moment_stats, position_share, position_stats, projection,
+                                std_from_stats)
 from pipeline.trainer import lr_lambda
 
 
@@ -28,6 +29,49 @@ def test_collapse_alarm():
     assert "target std" in collapse_alarm(10, 0.05, 1.0, cfg)
     assert "prediction std" in collapse_alarm(11, 1.0, 0.001, cfg)
     assert collapse_alarm(12, 1.0, 1.0, cfg) is None
+
+
+def anova_share(x, valid):
+    """Omega squared of a one-way ANOVA, positions as groups, summed over every dimension (numpy, float64,
+    no projection): the textbook estimate of the variance share position explains."""
+    import numpy as np
+    x, valid = np.asarray(x, dtype=np.float64), np.asarray(valid)
+    rows = [(t, x[b, t]) for b in range(x.shape[0]) for t in range(x.shape[1]) if valid[b, t]]
+    data = np.stack([r for _, r in rows])
+    grand = data.mean(0)
+    groups = {}
+    for t, r in rows:
+        groups.setdefault(t, []).append(r)
+    ss_total = ((data - grand) ** 2).sum()
+    ss_between = sum(len(g) * ((np.mean(g, 0) - grand) ** 2).sum() for g in groups.values())
+    ms_within = (ss_total - ss_between) / (len(rows) - len(groups))
+    return (ss_between - (len(groups) - 1) * ms_within) / (ss_total + ms_within)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0, 3.0, 30.0])
+def test_position_share_matches_an_anova_of_the_full_targets(weight):
+    """The content-collapse statistic: from per-rank partial sums over a random projection, it agrees with the
+    textbook ANOVA on the whole batch in full width; padding is left out."""
+    gen = torch.Generator().manual_seed(0)
+    batch, length, dim = 12, 40, 256
+    by_position = torch.randn(length, dim, generator=gen)
+    x = weight * by_position + torch.randn(batch, length, dim, generator=gen)  # position explains w^2 / (w^2 + 1)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[::3, 30:] = False  # padded tails
+    x[~valid] = 5.0  # what padding would contribute if it were counted
+    basis = projection(dim, "cpu")
+    stats = sum(position_stats(x[i:i + 4], basis, valid[i:i + 4]) for i in (0, 4, 8))  # as if on three ranks
+    share, want = position_share(stats), anova_share(x, valid)
+    assert abs(want - weight ** 2 / (weight ** 2 + 1)) < 0.03
+    assert abs(share - want) < 0.06, (share, want)
+    alarm = collapse_alarm(1, 1.0, 1.0, CollapseConfig(after_steps=0), share)  # 0.95
+    assert (alarm is not None) == (weight >= 30), alarm
+
+
+def test_position_share_needs_two_rows_per_position():
+    basis = projection(8, "cpu")
+    assert torch.isnan(torch.tensor(position_share(position_stats(torch.randn(1, 10, 8), basis))))
+    assert collapse_alarm(1, 1.0, 1.0, CollapseConfig(after_steps=0), float("nan")) is None
 
 
 def test_tau_anneals_linearly_then_stays():

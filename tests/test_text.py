@@ -15,7 +15,7 @@ from pipeline.distributed import model_parallel_config
 from pipeline.experiment import load_experiment
 from pipeline.model.data2vec import Backbone, Student
 from pipeline.modalities.text import Text, TextConfig, corrupt
-from pipeline.objective import regression_loss, teacher_targets
+from pipeline.objective import position_share, position_stats, projection, regression_loss, teacher_targets
 
 
 @pytest.mark.parametrize("mask_specials", [False, True])
@@ -99,3 +99,26 @@ def test_example_decodes_uint16_blocks_and_rejects_foreign_vocab():
         modality.example({"u16": np.array([1, 5000], dtype="<u2").tobytes()}, random.Random(0))
     with pytest.raises(ValueError, match="max_positions"):
         modality.example({"i32": np.arange(20, dtype="<i4").tobytes()}, random.Random(0))
+
+
+def test_content_collapse_monitor_sees_the_lost_position_init(single_process_group, tiny_text_shards):
+    """The collapse a text run once suffered (zero.Init left PyTorch's N(0, 1) position embedding, ~57x the
+    token signal): the teacher's targets become a function of position, and the monitor's statistic says so
+    from the first step, on real text; with the presets' initialisation it stays far from the alarm."""
+    from pipeline.data import raw_samples, resolve_shards
+    cfg = load_experiment(str(ROOT / "configs/text_tiny.yaml"), [f"data.manifest={tiny_text_shards}"])
+    modality = cfg.make_modality()
+    blocks = [modality.decode(s) for _, s in zip(range(32), raw_samples(resolve_shards(str(tiny_text_shards),
+                                                                                      modality)))]
+    batch = {"tokens": torch.stack(blocks)}
+    shares = {}
+    for lost in (False, True):
+        torch.manual_seed(0)
+        teacher = Backbone(modality, cfg.encoder, model_parallel_config(1)).eval()
+        if lost:
+            torch.nn.init.normal_(teacher.embed.positions.weight)
+        with torch.no_grad():
+            targets = teacher_targets(teacher(batch, keep=cfg.objective.top_k), cfg.objective)
+        stats = position_stats(targets, projection(targets.shape[-1], "cpu"), modality.valid_positions(batch))
+        shares[lost] = position_share(stats)
+    assert shares[True] > cfg.collapse.max_position_share > 0.9 > 0.7 > shares[False], shares

@@ -49,6 +49,10 @@ class Modality(abc.ABC):
         and no mask: what feature extraction feeds the backbone, and what HF's preprocessor reproduces."""
         raise NotImplementedError(f"the {self.name} modality has no evaluation transform")
 
+    def valid_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, T) True where a position holds input rather than padding (None: every position does)."""
+        return None
+
     def check_manifest(self, manifest: dict) -> str | None:
         """What is wrong with training this model on a data_prep manifest's shards (None: nothing)."""
         kind = manifest.get("modality")

@@ -158,6 +158,9 @@ class Text(Modality):
     def eval_inputs(self, sample):
         return {"tokens": self.decode(sample).unsqueeze(0)}
 
+    def valid_positions(self, batch):
+        return batch["tokens"].ne(self.cfg.pad_id)
+
     def decode(self, sample) -> torch.Tensor:
         """The sample's token block as int64 ids, checked against the model's positions and vocabulary."""
         key = next((k for k in TOKEN_KEYS if k in sample), None)
