@@ -374,6 +374,28 @@ def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+def all_gather_rows(rows: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's (n_rank, ...) rows, concatenated in rank order; n_rank may differ between ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return rows
+    size = dist.get_world_size(group)
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(size)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[:rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
 def agree_any(flags: torch.Tensor, rt: "Runtime") -> torch.Tensor:
     """Flags already summed over this rank's data-parallel group, made world-wide: the MAX over its
     tensor-parallel group. With TP >= 2 there is one data-parallel group per TP rank, and a signal can reach

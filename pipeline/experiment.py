@@ -11,6 +11,7 @@ from pipeline.config import (ConfigError, DataConfig, EncoderConfig, ParallelCon
                              build_dataclass, config_dict, field_help, load_yaml, require)
 from pipeline.ema import EMAConfig
 from pipeline.modalities import MODALITIES
+from pipeline.monitor import EvalConfig
 from pipeline.objective import CollapseConfig, ObjectiveConfig
 from pipeline.warm_start import InitConfig
 
@@ -27,13 +28,15 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def make_modality(self):
         return MODALITIES[self.modality](self.model)
 
 
 SECTIONS = {"encoder": EncoderConfig, "objective": ObjectiveConfig, "ema": EMAConfig, "collapse": CollapseConfig,
-            "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig, "init": InitConfig}
+            "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig, "init": InitConfig,
+            "eval": EvalConfig}
 
 
 def build_experiment(raw: dict) -> ExperimentConfig:

@@ -14,10 +14,16 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
     """DINO's kNN monitor: cosine similarity to the k nearest training features, each neighbour voting for
     its class with weight exp(similarity / temperature); top-1 accuracy of the heaviest class."""
     classes = int(max(train_y.max(), test_y.max())) + 1
+    return (knn_predict(train_x, train_y, test_x, classes, k, temperature) == test_y).float().mean().item()
+
+
+def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int, k: int = 20,
+                temperature: float = 0.07) -> torch.Tensor:
+    """(N_test,) classes voted by each test feature's k nearest training features (see knn_top1)."""
     sims = F.normalize(test_x.float(), dim=1) @ F.normalize(train_x.float(), dim=1).T  # (N_test, N_train)
     top, index = sims.topk(min(k, train_x.shape[0]), dim=1)
-    votes = torch.zeros(test_x.shape[0], classes).scatter_add_(1, train_y[index], (top / temperature).exp())
-    return (votes.argmax(1) == test_y).float().mean().item()
+    votes = torch.zeros(test_x.shape[0], classes, device=sims.device)
+    return votes.scatter_add_(1, train_y[index], (top / temperature).exp()).argmax(1)
 
 
 def standardise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import ConfigError
+from pipeline.monitor import check_inputs
 from pipeline.warm_start import check_source
 
 
@@ -55,6 +56,7 @@ def prepare(args):
     check_shared_memory(cfg.data, modality.sample_bytes(), clips, env.local_world_size)
     check_resumable(args, cfg)
     check_source(cfg)
+    check_inputs(cfg)
     return cfg, choice, ds_base, shards, env
 
 
@@ -91,7 +93,6 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from pipeline import distributed
-    from pipeline.checkpoint import CheckpointError
     from pipeline.experiment import experiment_dict
     from pipeline.trainer import CollapseError, Trainer, catch_early_signals
 
@@ -102,23 +103,12 @@ def main(argv=None) -> int:
             log.info("layout: %s", " ".join(f"{k}={v}" for k, v in parallel_layout(cfg, rt).items()))
             log.info("config: %s", distributed_summary(cfg, rt, experiment_dict))
         trainer = Trainer(cfg, rt, ds_base, shards)
-        resumed = False
-        if not args.no_resume:
-            try:
-                resumed = trainer.resume(Path(args.resume) if args.resume else None)
-            except CheckpointError as exc:  # every rank reads the same files and stops here together
-                if rt.is_main:
-                    log.error("cannot resume: %s", exc)
-                return 2
-        if not resumed and cfg.init.from_:
-            try:
-                trainer.warm_start()
-            except (ConfigError, KeyError) as exc:  # every rank reads the same source and stops here together
-                if rt.is_main:
-                    log.error("cannot start from init.from: %s", exc)
-                return 2
-        elif resumed and cfg.init.from_ and rt.is_main:
-            log.info("init.from=%s is not used: the run resumed from its own checkpoint", cfg.init.from_)
+        try:
+            start(trainer, args, cfg, rt, log)
+        except StartError as exc:  # every rank reads the same files and stops here together
+            if rt.is_main:
+                log.error("%s", exc)
+            return 2
         status = trainer.train()
         if rt.is_main:
             log.info("%s at step %d; checkpoints in %s", status, trainer.step, trainer.ckpt_root)
@@ -136,6 +126,32 @@ def main(argv=None) -> int:
     if status == "requeue" and trainer.step < cfg.train.steps and rt.is_main:
         distributed.requeue_slurm_job()
     return 0
+
+
+class StartError(RuntimeError):
+    """A problem every rank finds alike while the trainer starts (the same files read): all stop with exit 2."""
+
+
+def start(trainer, args, cfg, rt, log) -> None:
+    """Resume (the default) or start from init.from, and read the eval.* inputs: before the first step."""
+    from pipeline.checkpoint import CheckpointError
+    resumed = False
+    if not args.no_resume:
+        try:
+            resumed = trainer.resume(Path(args.resume) if args.resume else None)
+        except CheckpointError as exc:
+            raise StartError(f"cannot resume: {exc}") from exc
+    if not resumed and cfg.init.from_:
+        try:
+            trainer.warm_start()
+        except (ConfigError, KeyError) as exc:
+            raise StartError(f"cannot start from init.from: {exc}") from exc
+    elif resumed and cfg.init.from_ and rt.is_main:
+        log.info("init.from=%s is not used: the run resumed from its own checkpoint", cfg.init.from_)
+    try:
+        trainer.load_eval_inputs()
+    except (ValueError, OSError) as exc:
+        raise StartError(f"cannot evaluate during training (eval.*): {exc}") from exc
 
 
 def fail_fast(code: int) -> None:

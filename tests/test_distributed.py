@@ -46,9 +46,26 @@ def test_speech_two_rank_zero3_with_sharded_teacher(tiny_audio_shards, tmp_path)
         assert part["dtype"] == "torch.float32" and part["ceil"] <= part["numel"] < part["ceil"] + 64, name
 
 
-def read_losses(run_dir):
+def read_losses(run_dir, key="loss"):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return {rec["step"]: rec["loss"] for rec in map(json.loads, lines)}
+    return {rec["step"]: rec[key] for rec in map(json.loads, lines) if key in rec}
+
+
+def monitored(tiny_shards, every=2, weights="student"):
+    """eval.* overrides: the kNN monitor fitted on the labelled shards, scored on their raw class folders."""
+    return [f"eval.every={every}", f"eval.train=[{tiny_shards}]", f"eval.eval=[{tiny_shards.parent / 'raw'}]",
+            f"eval.weights={weights}", "eval.batch_size=5"]
+
+
+def offline_knn(checkpoint, tiny_shards, weights) -> float:
+    """pipeline.evaluate's kNN top-1 of a saved checkpoint, in a process of its own."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", str(checkpoint), "--train", str(tiny_shards),
+                           "--eval", str(tiny_shards.parent / "raw"), "--probe", "knn", "--weights", weights, "--json",
+                           "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.splitlines()[-1])["knn_top1"]
 
 
 def train(tiny_shards, out, steps, extra=(), nproc=2):
@@ -62,25 +79,32 @@ def train(tiny_shards, out, steps, extra=(), nproc=2):
 
 
 def test_stop_and_resume_is_bit_identical(tiny_shards, tmp_path):
+    """With the kNN monitor on (eval.every): it logs in the step line and JSONL, changes nothing in training,
+    and equals pipeline.evaluate on the same checkpoint."""
     full = tmp_path / "full"
-    first = train(tiny_shards, full, 8)
+    first = train(tiny_shards, full, 8, monitored(tiny_shards, every=3))
     line = next(ln for ln in first.stdout.splitlines() if "step 8/8 |" in ln)
-    for field in ("loss", "lr", "tau", "target_std", "pred_std", "samples/s", "tokens/s", "TFLOP/s"):
+    for field in ("loss", "lr", "tau", "target_std", "pred_std", "pos_share", "samples/s", "tokens/s", "TFLOP/s",
+                  "eval/knn_top1"):
         assert field in line
     assert "checkpoint saved: " in first.stdout
     from pipeline.experiment import load_experiment
     peak = load_experiment(str(ROOT / "configs/vision_tiny.yaml"), []).train.lr
     records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in records[:2]] == [peak / 2, peak]  # the lr each step used (2 warmup steps)
+    knn = read_losses(full, "eval/knn_top1")
+    assert sorted(knn) == [3, 6, 8]  # every 3 steps and at the last
+    assert knn[8] == offline_knn(full / "checkpoints/step_00000008", tiny_shards, "student")
     split = tmp_path / "split"
-    train(tiny_shards, split, 8, ["train.stop_after=3"])
+    train(tiny_shards, split, 8, ["train.stop_after=3", *monitored(tiny_shards, every=3)])
     assert (split / "checkpoints/step_00000003/COMPLETE").is_file()
-    proc = train(tiny_shards, split, 8)  # resumes from the latest checkpoint by default
+    proc = train(tiny_shards, split, 8, monitored(tiny_shards, every=3))  # resumes from the latest checkpoint
     assert "resumed from" in proc.stdout and "step_00000003" in proc.stdout
     a, b = read_losses(full), read_losses(split)
     assert sorted(a) == list(range(1, 9))
     for step in range(4, 9):
         assert float(a[step]).hex() == float(b[step]).hex(), (step, a[step], b[step])
+    assert read_losses(split, "eval/knn_top1") == knn
     assert a[8] < a[1]  # it learns
     ckpts = sorted(p.name for p in (split / "checkpoints").glob("step_*"))
     assert ckpts == ["step_00000003", "step_00000006", "step_00000008"]
@@ -181,7 +205,7 @@ def test_text_two_rank_zero3_with_sharded_teacher(tiny_text_shards, tmp_path):
 
 def test_stop_and_resume_under_tp2_dp2_is_bit_identical(tiny_shards, tmp_path):
     """4 ranks, tensor parallel 2 x ZeRO-3 data parallel 2, dropout on: resume equals an uninterrupted run."""
-    layout = ["parallel.tp=2", "data.workers=1"]
+    layout = ["parallel.tp=2", "data.workers=1", *monitored(tiny_shards, every=2, weights="teacher")]
     full, split = tmp_path / "full", tmp_path / "split"
     train(tiny_shards, full, 5, layout, nproc=4)
     train(tiny_shards, split, 5, [*layout, "train.stop_after=3"], nproc=4)
@@ -190,6 +214,9 @@ def test_stop_and_resume_under_tp2_dp2_is_bit_identical(tiny_shards, tmp_path):
     a, b = read_losses(full), read_losses(split)
     for step in (4, 5):
         assert float(a[step]).hex() == float(b[step]).hex(), (step, a[step], b[step])
+    knn = read_losses(full, "eval/knn_top1")  # the teacher's features, split over 2 DP ranks of TP 2 pairs
+    assert sorted(knn) == [2, 4, 5] and read_losses(split, "eval/knn_top1") == knn
+    assert knn[5] == offline_knn(full / "checkpoints/step_00000005", tiny_shards, "teacher")
     marker = json.loads((split / "checkpoints/step_00000005/COMPLETE").read_text())
     assert (marker["tp"], marker["dp"], marker["world_size"]) == (2, 2, 4)
 

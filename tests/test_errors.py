@@ -42,6 +42,11 @@ def test_valid_setup_passes(monkeypatch, tiny_shards):
     (["train.precision=bf16"], 2, "needs a GPU"),
     (["train.ds_config=/no/such.json"], 2, "does not exist"),
     (["collapse.action=skip", "train.grad_accum=2"], 2, "collapse.action=skip skips whole optimizer steps"),
+    (["collapse.max_position_share=0"], 2, "collapse.max_position_share must be in (0, 1]"),
+    (["eval.every=100"], 2, "eval.every=100 needs labelled inputs: set eval.train"),
+    (["eval.every=100", "eval.train=[/no/such/dir]", "eval.eval=[/no/such/dir]"], 2,
+     "eval input /no/such/dir does not exist (eval.train / eval.eval)"),
+    (["eval.probe=svm"], 2, "eval.probe='svm' is not valid; choose one of 'knn', 'both'"),
 ])
 def test_bad_setup_is_rejected(monkeypatch, tiny_shards, overrides, world, message):
     overrides = [f"data.manifest={tiny_shards}", *overrides] if not overrides[0].startswith("data.manifest") else overrides
