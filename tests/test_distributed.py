@@ -57,15 +57,40 @@ def monitored(tiny_shards, every=2, weights="student"):
             f"eval.weights={weights}", "eval.batch_size=5"]
 
 
-def offline_knn(checkpoint, tiny_shards, weights) -> float:
+def offline_knn(checkpoint, train, test, weights, extra=()) -> float:
     """pipeline.evaluate's kNN top-1 of a saved checkpoint, in a process of its own."""
     import subprocess
     import sys
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", str(checkpoint), "--train", str(tiny_shards),
-                           "--eval", str(tiny_shards.parent / "raw"), "--probe", "knn", "--weights", weights, "--json",
-                           "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", str(checkpoint), "--train", str(train), "--eval",
+                           str(test), "--probe", "knn", "--weights", weights, "--json", "--quiet", *extra],
+                          capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])["knn_top1"]
+
+
+@pytest.mark.parametrize("modality", ["speech", "text"])
+def test_knn_monitor_for_speech_and_text(modality, tiny_audio_shards, tiny_text_shards, tmp_path):
+    """Clips of many lengths (one forward pass each; every rank makes as many passes as its busiest peer) and
+    padded token batches: the monitor's figure equals pipeline.evaluate's on the saved checkpoint."""
+    if modality == "speech":
+        shards = tiny_audio_shards
+        train_set = test_set = shards.parent / "raw"  # speaker folders at 16, 22.05 and 44.1 kHz
+        extra = []
+    else:
+        from test_evaluate import topic_jsonl
+        shards = tiny_text_shards
+        train_set, test_set = topic_jsonl(tmp_path / "train.jsonl", 20), topic_jsonl(tmp_path / "eval.jsonl", 9)
+        extra = ["--label-field", "topic"]
+    out = tmp_path / "run"
+    proc = torchrun(["-m", "pipeline.train", "--config", f"configs/{modality}_tiny.yaml", f"data.manifest={shards}",
+                     f"train.output_dir={out}", "train.steps=2", "train.micro_batch_size=4", "eval.every=2",
+                     f"eval.train=[{train_set}]", f"eval.eval=[{test_set}]", "eval.label_field=topic",
+                     "eval.batch_size=3", "eval.probe=both"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 <= record["eval/linear_top1"] <= 1
+    assert record["eval/knn_top1"] == offline_knn(out / "checkpoints/step_00000002", train_set, test_set, "student",
+                                                  extra)
 
 
 def train(tiny_shards, out, steps, extra=(), nproc=2):
@@ -94,7 +119,7 @@ def test_stop_and_resume_is_bit_identical(tiny_shards, tmp_path):
     assert [r["lr"] for r in records[:2]] == [peak / 2, peak]  # the lr each step used (2 warmup steps)
     knn = read_losses(full, "eval/knn_top1")
     assert sorted(knn) == [3, 6, 8]  # every 3 steps and at the last
-    assert knn[8] == offline_knn(full / "checkpoints/step_00000008", tiny_shards, "student")
+    assert knn[8] == offline_knn(full / "checkpoints/step_00000008", tiny_shards, tiny_shards.parent / "raw", "student")
     split = tmp_path / "split"
     train(tiny_shards, split, 8, ["train.stop_after=3", *monitored(tiny_shards, every=3)])
     assert (split / "checkpoints/step_00000003/COMPLETE").is_file()
@@ -216,7 +241,7 @@ def test_stop_and_resume_under_tp2_dp2_is_bit_identical(tiny_shards, tmp_path):
         assert float(a[step]).hex() == float(b[step]).hex(), (step, a[step], b[step])
     knn = read_losses(full, "eval/knn_top1")  # the teacher's features, split over 2 DP ranks of TP 2 pairs
     assert sorted(knn) == [2, 4, 5] and read_losses(split, "eval/knn_top1") == knn
-    assert knn[5] == offline_knn(full / "checkpoints/step_00000005", tiny_shards, "teacher")
+    assert knn[5] == offline_knn(full / "checkpoints/step_00000005", tiny_shards, tiny_shards.parent / "raw", "teacher")
     marker = json.loads((split / "checkpoints/step_00000005/COMPLETE").read_text())
     assert (marker["tp"], marker["dp"], marker["world_size"]) == (2, 2, 4)
 
