@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -37,8 +38,12 @@ OUR_CONFIG = "data2vec_pipeline.json"  # our experiment config, written next to 
 @dataclass
 class Example:
     key: str
-    sample: dict  # bytes per key, as in a shard
+    source: dict | Callable[[], dict]  # bytes per key, as in a shard, or how to read them (raw files: on demand)
     label: str | None
+
+    @property
+    def sample(self) -> dict:
+        return self.source() if callable(self.source) else self.source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +139,7 @@ def file_examples(root: Path, cfg) -> Iterator[Example]:
     suffixes = IMAGE_FILES if cfg.modality == "vision" else AUDIO_FILES
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
         rel = path.relative_to(root)
-        yield Example(rel.as_posix(), raw_sample(path, cfg), rel.parts[0] if len(rel.parts) > 1 else None)
+        yield Example(rel.as_posix(), partial(raw_sample, path, cfg), rel.parts[0] if len(rel.parts) > 1 else None)
 
 
 def raw_sample(path: Path, cfg) -> dict:
