@@ -82,7 +82,8 @@ def worker(args) -> None:
         trainer.resume(None)
         report["seconds"] = slowest(time.perf_counter() - start)
     trainer.batches = iter([next_global_batch_share(args.config, args.save_ranks, rt)])
-    report["next_loss"] = trainer.optimizer_step()["loss"]
+    from pipeline.metrics import summary_values
+    report["next_loss"] = summary_values(trainer.optimizer_step()["summary"])["loss"]
     if rt.rank == 0:
         Path(args.out).write_text(json.dumps(report))
     shutdown()

@@ -252,8 +252,9 @@ def main(argv=None) -> int:
           f"{peak_after['best_tflops']:.4f} after (medians {peak_before['median_tflops']:.4f}, "
           f"{peak_after['median_tflops']:.4f})")
     print(f"ours: Trainer built in {build.seconds:.1f}s (process group, megatron state, 2 ZeRO-3 engines)")
+    from pipeline.metrics import summary_values
     for name, (times, last) in results.items():
-        loss = last["loss"] if isinstance(last, dict) else last
+        loss = summary_values(last["summary"])["loss"] if isinstance(last, dict) else last
         print(f"{name}: step seconds {[round(x, 3) for x in times]}, last loss {loss:.4f}")
     b = cfg.train.micro_batch_size
     ours_r = rates(results["ours"][0], b, flops, peak)

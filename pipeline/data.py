@@ -320,17 +320,19 @@ def stream_count(cfg: DataConfig) -> int:
 
 
 def make_loader(shards: list[str], modality: Modality, cfg: DataConfig, batch_size: int, seed: int,
-                dp_rank: int, dp: int, start_batch: int = 0, positions: list[int] | None = None) -> DataLoader:
+                dp_rank: int, dp: int, start_batch: int = 0, positions: list[int] | None = None,
+                pin_memory: bool = False) -> DataLoader:
     """Batches of this data-parallel rank. To resume, pass the batches consumed so far and the stream
     positions (one int per worker stream, from the batches' ``STREAM_KEY`` entries: raw samples consumed,
-    with data.max_tokens packed with the batches taken from the current window; see ``pack_position``)."""
+    with data.max_tokens packed with the batches taken from the current window; see ``pack_position``).
+    ``pin_memory``: batches in page-locked memory (for a GPU: their copy to the device does not block)."""
     stream = ShardStream(shards, modality, cfg, batch_size, seed, dp_rank, dp, start_batch, positions)
     kwargs = {"prefetch_factor": cfg.prefetch, "persistent_workers": False} if cfg.workers else {}
     # Own generator: creating the loader must not draw from the global RNG that dropout uses, or a
     # resumed run (loader created after the RNG state is restored) would drift from an uninterrupted one.
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(stream, batch_size=None, num_workers=cfg.workers, generator=generator,
-                      worker_init_fn=init_worker, **kwargs)
+                      worker_init_fn=init_worker, pin_memory=pin_memory, **kwargs)
 
 
 def init_worker(_worker_id: int) -> None:
@@ -355,5 +357,7 @@ def die_with_parent() -> None:
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Move a batch; floating inputs take the compute dtype, masks and ids keep theirs."""
-    return {k: v.to(device, dtype if v.is_floating_point() else v.dtype, non_blocking=True) for k, v in batch.items()}
+    """Move a batch; floating inputs take the compute dtype, masks and ids keep theirs (non-tensor entries, such as a
+    text batch's ``pad_mask=None``, stay as they are)."""
+    return {k: v.to(device, dtype if v.is_floating_point() else v.dtype, non_blocking=True) if torch.is_tensor(v)
+            else v for k, v in batch.items()}

@@ -396,6 +396,34 @@ def all_gather_rows(rows: torch.Tensor, group=None) -> torch.Tensor:
     return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
+class LaggedRead:
+    """A small device tensor read on the host one step late, so the step never waits for the device: each
+    ``exchange`` queues a copy of this step's tensor into pinned host memory and returns the previous step's
+    (with its tag), whose copy landed long ago (an event wait, not a device-wide sync). On CPU: no copy."""
+
+    def __init__(self, device: torch.device):
+        from deepspeed.accelerator import get_accelerator
+        self.accel, self.on_host = get_accelerator(), device.type == "cpu"
+        self.pending = None
+
+    def exchange(self, tensor: torch.Tensor, tag=None) -> tuple[object, list[float]] | None:
+        previous = self.pending
+        if self.on_host:
+            self.pending = (tag, tensor.detach().clone(), None)
+        else:
+            host = self.accel.pin_memory(torch.empty(tensor.shape, dtype=tensor.dtype))
+            host.copy_(tensor.detach(), non_blocking=True)
+            event = self.accel.Event()
+            event.record()
+            self.pending = (tag, host, event)
+        if previous is None:
+            return None
+        tag, host, event = previous
+        if event is not None:
+            event.synchronize()
+        return tag, host.tolist()
+
+
 def agree_any(flags: torch.Tensor, rt: "Runtime") -> torch.Tensor:
     """Flags already summed over this rank's data-parallel group, made world-wide: the MAX over its
     tensor-parallel group. With TP >= 2 there is one data-parallel group per TP rank, and a signal can reach

@@ -66,6 +66,7 @@ class ShardedEMA:
         self.module = teacher
         self.student_state = student_state
         self.names, self.teacher_parts, self.student_params, self.copied = [], [], [], []
+        self.student_parts: list[torch.Tensor] | None = None  # cached views, once taken (see update)
         for name, t in teacher.named_parameters():
             require(name in student_params, f"teacher parameter {name} has no student counterpart")
             part = teacher_state(t)
@@ -78,12 +79,24 @@ class ShardedEMA:
     def state_numel(self) -> int:
         return sum(p.numel() for p in self.teacher_parts)
 
+    def sources(self) -> list[torch.Tensor]:
+        """The student partitions to read. ZeRO-3's fp32 masters are views into its flat partition buffers, updated
+        in place by every step, resume and warm start: taken once, they are read again without asking DeepSpeed,
+        whose accessor waits for its reduce stream (a host sync per parameter). A state that is a copy (an
+        offloaded optimizer's master moved to the device) is taken anew each time."""
+        if self.student_parts is not None:
+            return self.student_parts
+        parts = [self.student_state(s) for s in self.student_params]
+        again = [self.student_state(s) for s in self.student_params[:1]]
+        if not again or again[0].data_ptr() == parts[0].data_ptr():
+            self.student_parts = parts
+        return parts
+
     @torch.no_grad()
     def update(self, tau: float) -> None:
         """teacher <- tau * teacher + (1 - tau) * student for averaged params; copy for the others."""
         avg_t, avg_s = [], []
-        for t, s, copied in zip(self.teacher_parts, self.student_params, self.copied):
-            src = self.student_state(s)
+        for t, src, copied in zip(self.teacher_parts, self.sources(), self.copied):
             require(src.shape == t.shape, f"student/teacher partitions differ: {tuple(src.shape)} vs {tuple(t.shape)}")
             if copied:
                 t.copy_(src)

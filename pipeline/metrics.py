@@ -8,9 +8,27 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 log = logging.getLogger("pipeline")
-AVERAGED = ("loss", "target_std", "prediction_std", "position_share")
+# What a step reports, as one small device tensor (all ranks agree on it): read on the host only at log steps
+# (and one step late for the stop flags and the collapse alarm), so the step never waits for the device.
+SUMMARY = ("loss", "target_std", "prediction_std", "position_share", "samples", "positions", "stop", "requeue")
+AVERAGED = SUMMARY[:4]  # over micro-batches and over the log interval; samples and positions add up
+
+
+def summary_values(summary: torch.Tensor | list[float]) -> dict[str, float]:
+    """A SUMMARY as named floats (reading a device tensor waits for the device: at log steps, or in tests)."""
+    values = summary.tolist() if torch.is_tensor(summary) else summary
+    return dict(zip(SUMMARY, values))
+
+
+def step_summary(micro: list[torch.Tensor]) -> torch.Tensor:
+    """An optimizer step's SUMMARY from its micro-batches': means, sums, and any flag."""
+    stacked = torch.stack(micro)
+    return torch.cat([stacked[:, :4].mean(0), stacked[:, 4:6].sum(0), stacked[:, 6:].amax(0)])
 
 
 def drop_records_after(path: Path, step: int) -> None:
@@ -37,15 +55,15 @@ def drop_records_after(path: Path, step: int) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, output: Path, enabled: bool, start_step: int = 0):
-        self.enabled = enabled
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-        self.extra: dict[str, float] = {}  # figures measured at the logged step (evaluation)
+    """``flops(samples, positions)``: model FLOPs of a step that trained ``samples`` samples of ``positions``
+    positions in all; ``devices``: the ranks sharing them (TFLOP/s per device)."""
+
+    def __init__(self, output: Path, enabled: bool, start_step: int = 0,
+                 flops: Callable[[float, float], float] = lambda samples, positions: 0.0, devices: int = 1):
+        self.enabled, self.flops, self.devices = enabled, flops, devices
+        self.pending: list[torch.Tensor] = []  # the interval's step summaries, still on the device
         self.current: dict[str, float] = {}
-        self.count = 0
-        self.samples = self.tokens = self.flops = 0.0
-        self.devices = 1
+        self.extra: dict[str, float] = {}  # figures measured at the logged step (evaluation)
         self.last_time = time.perf_counter()
         self.jsonl = self.tb = None
         if enabled:
@@ -62,44 +80,40 @@ class MetricsLogger:
                             "metrics.jsonl still has every record; run with LANG=C.UTF-8 to get them",
                             str(output), exc)
 
-    def record(self, step: int, metrics: dict, samples: int, tokens: int, flops: float, devices: int) -> None:
-        for key in AVERAGED:  # averaged over the interval (position_share: its steps with a value)
-            value = float(metrics[key])
-            if not math.isnan(value):
-                self.sums[key] = self.sums.get(key, 0.0) + value
-                self.counts[key] = self.counts.get(key, 0) + 1
-        self.current = {"lr": float(metrics["lr"]), "tau": float(metrics["tau"])}  # schedules: the logged step's
-        self.count += 1
-        self.samples += samples
-        self.tokens += tokens
-        self.flops += flops
-        self.devices = devices
+    def record(self, summary: torch.Tensor, lr: float, tau: float) -> None:
+        """A step's SUMMARY (left on the device until flush) and its schedules."""
+        if self.enabled:
+            self.pending.append(summary)
+        self.current = {"lr": float(lr), "tau": float(tau)}  # schedules: the logged step's
 
     def flush(self, step: int, total_steps: int) -> dict | None:
+        """Read the interval's summaries (the one wait for the device in a log interval) and log them."""
         now = time.perf_counter()
         elapsed = max(now - self.last_time, 1e-9)
-        if self.count == 0:
-            return None
-        rec = {**{k: self.sums[k] / self.counts[k] if k in self.sums else None for k in AVERAGED}, **self.current,
-               **self.extra}
-        rec.update(step=step, samples_per_s=self.samples / elapsed, tokens_per_s=self.tokens / elapsed,
-                   tflops=self.flops / elapsed / 1e12, tflops_per_device=self.flops / elapsed / 1e12 / self.devices)
-        self.sums, self.counts, self.extra, self.count, self.samples, self.tokens, self.flops = {}, {}, {}, 0, 0.0, 0.0, 0.0
         self.last_time = now
-        if self.enabled:
-            log.info("step %d/%d | loss %.4f | lr %.3e | tau %.5f | target_std %.3f | pred_std %.3f | pos_share %s | "
-                     "%.1f samples/s | %.0f tokens/s | %.3f TFLOP/s (%.3f per device)%s",
-                     step, total_steps, rec["loss"], rec["lr"], rec["tau"], rec["target_std"], rec["prediction_std"],
-                     "n/a" if rec["position_share"] is None else f"{rec['position_share']:.3f}",
-                     rec["samples_per_s"], rec["tokens_per_s"], rec["tflops"], rec["tflops_per_device"],
-                     "".join(f" | {k} {v:.4f}" for k, v in rec.items() if "/" in k))
-            self.jsonl.write(json.dumps(rec) + "\n")
-            self.jsonl.flush()
-            if self.tb is not None:
-                for key, value in rec.items():
-                    if key != "step" and value is not None:
-                        self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
-                self.tb.flush()
+        rows, extra, self.pending, self.extra = self.pending, self.extra, [], {}
+        if not rows:
+            return None
+        steps = [summary_values(values) for values in torch.stack(rows).tolist()]
+        samples, positions = sum(r["samples"] for r in steps), sum(r["positions"] for r in steps)
+        flops = sum(self.flops(r["samples"], r["positions"]) for r in steps)
+        rec = {key: interval_mean([r[key] for r in steps]) for key in AVERAGED}
+        rec.update(self.current, **extra)
+        rec.update(step=step, samples_per_s=samples / elapsed, tokens_per_s=positions / elapsed,
+                   tflops=flops / elapsed / 1e12, tflops_per_device=flops / elapsed / 1e12 / self.devices)
+        log.info("step %d/%d | loss %s | lr %.3e | tau %.5f | target_std %s | pred_std %s | pos_share %s | "
+                 "%.1f samples/s | %.0f tokens/s | %.3f TFLOP/s (%.3f per device)%s",
+                 step, total_steps, shown(rec["loss"], 4), rec["lr"], rec["tau"], shown(rec["target_std"]),
+                 shown(rec["prediction_std"]), shown(rec["position_share"]),
+                 rec["samples_per_s"], rec["tokens_per_s"], rec["tflops"], rec["tflops_per_device"],
+                 "".join(f" | {k} {v:.4f}" for k, v in rec.items() if "/" in k))
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for key, value in rec.items():
+                if key != "step" and value is not None:
+                    self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+            self.tb.flush()
         return rec
 
     def add(self, figures: dict[str, float], seconds: float = 0.0) -> None:
@@ -114,3 +128,13 @@ class MetricsLogger:
             self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def interval_mean(values: list[float]) -> float | None:
+    """Mean of the finite values (position_share is NaN for a batch with fewer than 2 rows per position)."""
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def shown(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

@@ -79,18 +79,17 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor, cfg: Objecti
 def moment_stats(x: torch.Tensor) -> torch.Tensor:
     """[count, sum over rows (D), sum of squares over rows (D)] of (M, D) features, for an all-reduce."""
     x = x.detach().float().reshape(-1, x.shape[-1])
-    count = torch.tensor([float(x.shape[0])], device=x.device)
-    return torch.cat([count, x.sum(0), (x * x).sum(0)])
+    return torch.cat([x.new_full((1,), float(x.shape[0])), x.sum(0), (x * x).sum(0)])
 
 
-def std_from_stats(stats: torch.Tensor) -> float:
-    """Mean over dimensions of the per-dimension std across positions (fairseq's compute_var)."""
+def std_from_stats(stats: torch.Tensor) -> torch.Tensor:
+    """Mean over dimensions of the per-dimension std across positions (fairseq's compute_var), as a 0-d tensor on
+    the stats' device (NaN below 2 rows): nothing here waits for the device."""
     dim = (stats.numel() - 1) // 2
     n, s, ss = stats[0], stats[1:1 + dim], stats[1 + dim:]
-    if n < 2:
-        return float("nan")
-    var = ss / (n - 1) - s * s / (n * (n - 1))
-    return torch.sqrt(var.clamp_min(0) + 1e-6).mean().item()
+    var = ss / (n - 1).clamp_min(1) - s * s / (n * (n - 1)).clamp_min(1)
+    std = torch.sqrt(var.clamp_min(0) + 1e-6).mean()
+    return torch.where(n >= 2, std, torch.full_like(std, float("nan")))
 
 
 # Content collapse: how much of the targets' variance position alone explains. Targets are projected on a fixed
@@ -119,22 +118,19 @@ def position_stats(targets: torch.Tensor, basis: torch.Tensor, valid: torch.Tens
     return torch.cat([counts, sums.flatten(), y.pow(2).sum().view(1)])
 
 
-def position_share(stats: torch.Tensor) -> float:
+def position_share(stats: torch.Tensor) -> torch.Tensor:
     """Share of the target variance explained by position (omega squared of a one-way ANOVA with positions as
     groups, unbiased for the batch size): 0 = position says nothing, 1 = the targets are a function of
-    position alone (the collapse a lost position-embedding init once caused). NaN with < 2 rows per position."""
+    position alone (the collapse a lost position-embedding init once caused). A 0-d tensor on the stats' device;
+    NaN with fewer than 2 rows per position."""
     counts, rest = stats[:POSITION_BINS], stats[POSITION_BINS:]
-    sums, square = rest[:-1].view(POSITION_BINS, -1), rest[-1]
-    used = counts > 0
-    n, groups = counts.sum(), used.sum()
-    if n <= groups:
-        return float("nan")
-    total = sums[used].sum(0)
-    between = (sums[used].pow(2).sum(1) / counts[used]).sum() - total.pow(2).sum() / n
-    within = square - total.pow(2).sum() / n - between
-    mean_within = within / (n - groups)
-    share = (between - (groups - 1) * mean_within) / (square - total.pow(2).sum() / n + mean_within)
-    return share.clamp(0.0, 1.0).item()
+    sums, square = rest[:-1].view(POSITION_BINS, -1), rest[-1]  # positions never seen hold zeros
+    n, groups = counts.sum(), (counts > 0).sum()
+    total = sums.sum(0).pow(2).sum() / n.clamp_min(1)
+    between = (sums.pow(2).sum(1) / counts.clamp_min(1)).sum() - total
+    mean_within = (square - total - between) / (n - groups).clamp_min(1)
+    share = ((between - (groups - 1) * mean_within) / (square - total + mean_within)).clamp(0.0, 1.0)
+    return torch.where(n > groups, share, torch.full_like(share, float("nan")))
 
 
 @dataclass

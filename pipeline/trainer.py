@@ -15,11 +15,11 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
-from pipeline.distributed import (Runtime, agree_any, all_reduce_sum, build_sharded, model_parallel_config,
+from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_sum, build_sharded, model_parallel_config,
                                   student_ds_config, teacher_ds_config)
 from pipeline.ema import ShardedEMA, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
-from pipeline.metrics import MetricsLogger
+from pipeline.metrics import MetricsLogger, step_summary, summary_values
 from pipeline.model.data2vec import Backbone, Student, teacher_parameter_name
 from pipeline.monitor import FeatureMonitor
 from pipeline.model.transformer import layerdrop_choice, matmul_flops_per_token
@@ -158,7 +158,7 @@ class Trainer:
         input -> (B, T, D) fp32 targets."""
         autocast = self.teacher_autocast()
         if self.rt.choice.autocast and not autocast:  # fp32 compute: the batch's floating inputs came in bf16
-            inputs = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+            inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
         with torch.autocast(self.rt.choice.device_type, dtype=self.rt.choice.dtype, enabled=autocast):
             taps = self.teacher(inputs, keep=self.cfg.objective.top_k)  # only the K layers the targets use
         return teacher_targets(taps, self.cfg.objective)
@@ -170,8 +170,8 @@ class Trainer:
         rule = self.modality.teacher_precision if rule == "reference" else rule
         return self.rt.choice.autocast and rule == "autocast"
 
-    def student_forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        return self.engine(inputs, mask, self.layers_to_drop())  # (M, D) predictions at masked positions
+    def student_forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return self.engine(inputs, mask, self.layers_to_drop(), index)  # (M, D) predictions at masked positions
 
     def layers_to_drop(self) -> tuple[int, ...]:
         """Layerdrop: the same blocks on every rank, drawn from (seed, step, micro-batch) so a resumed
@@ -179,44 +179,53 @@ class Trainer:
         seed = self.cfg.train.seed * 1000003 + self.step * self.cfg.train.grad_accum + self.micro
         return layerdrop_choice(self.cfg.encoder.layerdrop, self.cfg.encoder.depth, seed)
 
-    def micro_step(self, batch: dict[str, torch.Tensor]) -> dict:
+    def on_host(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Work on the CPU batch before it goes to the device, so that nothing in the step waits for the device:
+        the masked positions as a flat index (row-major, as ``mask``'s True entries) and the modality's own."""
+        batch["masked_index"] = batch["mask"].flatten().nonzero().squeeze(1)
+        return self.modality.on_host(batch)
+
+    def micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """Targets, predictions, loss, backward. -> (the micro-batch's SUMMARY on the device, all ranks agreeing on
+        it; whether collapse.action=skip skipped it). Nothing here waits for the device (tests/test_host_syncs.py)
+        except the alarm check of collapse.action=skip, whose update depends on it."""
         if self.micro == 0 and self.cfg.encoder.layerdrop > 0:
             self.clear_gradients()
-        batch = to_device(batch, self.rt.device, self.rt.choice.dtype)
-        mask = batch.pop("mask")
+        batch = to_device(self.on_host(batch), self.rt.device, self.rt.choice.dtype)
+        mask, index = batch.pop("mask"), batch.pop("masked_index")
         all_targets = self.teacher_targets(batch)  # (B, T, D)
-        targets = all_targets[mask]  # (M, D)
-        prediction = self.student_forward(batch, mask)  # (M, D)
+        targets = all_targets.flatten(0, 1).index_select(0, index)  # (M, D)
+        prediction = self.student_forward(batch, mask, index)  # (M, D)
         loss_sum = regression_loss(prediction, targets, self.cfg.objective)
         # one all-reduce over data-parallel ranks: loss, target and prediction moments, the targets' per-position
         # statistics (content collapse), the batch's samples and positions (they vary per rank with
         # data.max_tokens), stop and requeue flags
-        counts = [float(mask.shape[0]), float(mask.numel())]
-        flags = [float(self.stop_requested), float(self.requeue_requested)]
+        counts = torch.tensor([mask.shape[0], mask.numel(), self.stop_requested, self.requeue_requested],
+                              dtype=torch.float32).to(loss_sum.device, non_blocking=True)
         parts = [loss_sum.detach().float().view(1), moment_stats(targets), moment_stats(prediction),
-                 position_stats(all_targets, self.basis, self.modality.valid_positions(batch)),
-                 torch.tensor(counts + flags, device=loss_sum.device)]
+                 position_stats(all_targets, self.basis, self.modality.valid_positions(batch)), counts]
         stats = torch.cat(parts)
         all_reduce_sum(stats, self.rt.dp_group)
         loss, target_stats, prediction_stats, position, extra = stats.split([p.numel() for p in parts])
-        extra[2:] = agree_any(extra[2:], self.rt)
+        flags = agree_any(extra[2:], self.rt)
         masked = target_stats[0].clamp_min(1.0)  # a batch may (rarely, for text) select no position at all
-        metrics = {"loss": (loss[0] / masked).item(), "masked": masked.item(), "tokens": mask.shape[1],
-                   "target_std": std_from_stats(target_stats), "prediction_std": std_from_stats(prediction_stats),
-                   "position_share": position_share(position),
-                   "samples": extra[0].item(), "positions": extra[1].item(),
-                   "stop": extra[2].item() > 0, "requeue": extra[3].item() > 0}
-        alarm = collapse_alarm(self.step, metrics["target_std"], metrics["prediction_std"], self.cfg.collapse,
-                               metrics["position_share"])
-        if alarm:
-            self.handle_collapse(alarm)
-            if self.cfg.collapse.action == "skip":
-                metrics["skipped"] = True
-                return metrics
+        summary = torch.stack([loss[0] / masked, std_from_stats(target_stats), std_from_stats(prediction_stats),
+                               position_share(position), extra[0], extra[1], flags[0], flags[1]])
+        if self.cfg.collapse.action == "skip" and self.collapse_check(self.step, summary.tolist()):
+            return summary, True
         # The loss is normalised by the global masked count; DeepSpeed averages gradients over the
         # data-parallel ranks, so scale by dp to get the gradient of the global loss.
         self.engine.backward(loss_sum * (self.rt.dp / masked))
-        return metrics
+        return summary, False
+
+    def collapse_check(self, step: int, summary: list[float]) -> bool:
+        """Whether a step's summary raises the collapse alarm (then handled by collapse.action)."""
+        values = summary_values(summary)
+        alarm = collapse_alarm(step, values["target_std"], values["prediction_std"], self.cfg.collapse,
+                               values["position_share"])
+        if alarm:
+            self.handle_collapse(alarm, step)
+        return bool(alarm)
 
     def clear_gradients(self) -> None:
         """ZeRO-3 overwrites a parameter's gradient partition at the first micro-step of an optimizer step
@@ -229,38 +238,62 @@ class Trainer:
         for p in params:
             safe_set_local_grad(p, zeros[:p.ds_tensor.numel()])
 
-    def handle_collapse(self, alarm: str) -> None:
+    def handle_collapse(self, alarm: str, step: int) -> None:
         action = self.cfg.collapse.action
-        log.warning("step %d: representation collapse alarm: %s (collapse.action=%s)", self.step, alarm, action)
+        log.warning("step %d: representation collapse alarm: %s (collapse.action=%s)", step, alarm, action)
         if action == "stop":
             raise CollapseError(alarm)
 
     def optimizer_step(self) -> dict:
-        """grad_accum micro-steps, one optimizer step, then the EMA update of the teacher partitions."""
-        metrics = []
+        """grad_accum micro-steps, one optimizer step, then the EMA update of the teacher partitions.
+        -> {"summary": the step's SUMMARY (device), "lr", "tau", "skipped"}."""
+        summaries, skipped = [], False
         lr = self.scheduler.get_last_lr()[0]  # what this step uses; the engine's step advances the schedule
+        tau = tau_at(self.step + 1, self.cfg.ema)  # the EMA after update n (from 1) decays by tau(n), as fairseq
         for self.micro in range(self.cfg.train.grad_accum):
             batch = next(self.batches)
             self.batches_consumed += 1
             if STREAM_KEY in batch:
                 stream, position = batch.pop(STREAM_KEY).tolist()
                 self.stream_positions[stream] = position
-            m = self.micro_step(batch)
-            metrics.append(m)
-            if not m.get("skipped"):
+            summary, skipped = self.micro_step(batch)
+            summaries.append(summary)
+            if not skipped:
                 self.engine.step()
-        if any(m.get("skipped") for m in metrics):
-            return {**metrics[-1], "skipped": True}
-        tau = tau_at(self.step + 1, self.cfg.ema)  # the EMA after update n (from 1) decays by tau(n), as fairseq
-        self.ema.update(tau)
-        self.step += 1
-        out = {k: sum(m[k] for m in metrics) / len(metrics)
-               for k in ("loss", "target_std", "prediction_std", "position_share", "tokens")}
-        out.update({k: sum(m[k] for m in metrics) for k in ("samples", "positions")})  # global, this step
-        return {**out, "tau": tau, "stop": any(m["stop"] for m in metrics),
-                "requeue": any(m["requeue"] for m in metrics), "lr": lr}
+        if not skipped:
+            self.ema.update(tau)
+            self.step += 1
+        return {"summary": step_summary(summaries), "lr": lr, "tau": tau, "skipped": skipped}
 
     # -- the loop -----------------------------------------------------------------------------
+    def train_step(self, logger: MetricsLogger, lagged: "LaggedRead") -> tuple[dict, bool, bool]:
+        """One optimizer step as the loop runs it between log steps: the step, the previous step's summary read
+        (stop / requeue flags, collapse alarm), this one's recorded. Waits for the device nowhere."""
+        metrics = self.optimizer_step()
+        stop, requeue = self.read_previous(lagged, metrics)
+        if not metrics["skipped"]:
+            logger.record(metrics["summary"], metrics["lr"], metrics["tau"])
+        return metrics, stop, requeue
+
+    def read_previous(self, lagged: "LaggedRead", metrics: dict) -> tuple[bool, bool]:
+        """The previous step's summary, now on the host: its stop / requeue flags (every rank reads the same
+        all-reduced values, so all stop at the same step, one step after the signal was agreed on) and, unless
+        collapse.action=skip checked it already, its collapse alarm."""
+        step = self.step if metrics["skipped"] else self.step - 1  # the step this summary belongs to (from 0)
+        seen = lagged.exchange(metrics["summary"], step)
+        if seen is None:
+            return False, False
+        seen_step, summary = seen
+        values = summary_values(summary)
+        if self.cfg.collapse.action != "skip":
+            self.collapse_check(seen_step, summary)
+        return values["stop"] > 0, values["requeue"] > 0
+
+    def batch_flops(self, samples: float, positions: float) -> float:
+        """Model FLOPs of a step of ``samples`` samples holding ``positions`` positions in all (data.max_tokens
+        batches vary in clips and length): FLOPs per sample at the step's mean length."""
+        return samples * self.flops_per_sample(round(positions / max(samples, 1.0)))
+
     def flops_per_sample(self, tokens: int | None = None) -> float:
         """Model FLOPs of the full data2vec step per sample of ``tokens`` positions (default: the
         modality's nominal length): student forward + backward (3x forward), teacher forward (1x)."""
@@ -359,34 +392,31 @@ class Trainer:
         t = self.cfg.train
         self.install_signal_handlers()  # takes over the signals train.main caught during start-up
         loader = make_loader(self.shards, self.modality, self.cfg.data, t.micro_batch_size, self.data_seed,
-                             self.rt.dp_rank, self.rt.dp, self.batches_consumed, self.stream_positions)
+                             self.rt.dp_rank, self.rt.dp, self.batches_consumed, self.stream_positions,
+                             pin_memory=self.rt.device.type != "cpu")
         self.batches = iter(loader)
-        logger = MetricsLogger(self.output, self.rt.is_main, start_step=self.step)
+        logger = MetricsLogger(self.output, self.rt.is_main, start_step=self.step, flops=self.batch_flops,
+                               devices=self.rt.world_size)
+        lagged = LaggedRead(self.rt.device)  # each step's summary reaches the host one step later, without a wait
         status = "done"
         last = min(t.steps, t.stop_after) if t.stop_after else t.steps
         skips = 0
         try:
             while self.step < last:
-                metrics = self.optimizer_step()
-                skips = skips + 1 if metrics.get("skipped") else 0
+                metrics, stop, requeue = self.train_step(logger, lagged)
+                skips = skips + 1 if metrics["skipped"] else 0
                 if skips >= self.cfg.collapse.max_skips:
                     raise CollapseError(f"{skips} consecutive steps skipped (collapse.max_skips)")
-                if not metrics.get("skipped"):
-                    # samples and positions as counted (data.max_tokens batches vary in clips and length);
-                    # FLOPs at the step's mean positions per sample
-                    samples, positions = metrics["samples"], metrics["positions"]
-                    logger.record(self.step, metrics, samples=samples, tokens=positions,
-                                  flops=samples * self.flops_per_sample(round(positions / samples)),
-                                  devices=self.rt.world_size)
-                    evaluate = self.monitor.due(self.step, t.steps) and not metrics["stop"]
+                if not metrics["skipped"]:
+                    evaluate = self.monitor.due(self.step, t.steps) and not stop
                     if evaluate:
                         figures = self.monitor.run(self)
                         logger.add(figures, figures["eval/seconds"])
                     if self.step % t.log_every == 0 or self.step == last or evaluate:
                         logger.flush(self.step, t.steps)
-                if metrics["stop"]:
+                if stop:
                     self.save()
-                    status = "requeue" if metrics["requeue"] else "preempted"
+                    status = "requeue" if requeue else "preempted"
                     break
                 if not skips and t.save_every and self.step % t.save_every == 0 and self.step < last:
                     self.save()

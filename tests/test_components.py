@@ -70,7 +70,7 @@ def test_position_share_matches_an_anova_of_the_full_targets(weight):
 
 def test_position_share_needs_two_rows_per_position():
     basis = projection(8, "cpu")
-    assert torch.isnan(torch.tensor(position_share(position_stats(torch.randn(1, 10, 8), basis))))
+    assert torch.isnan(position_share(position_stats(torch.randn(1, 10, 8), basis)))
     assert collapse_alarm(1, 1.0, 1.0, CollapseConfig(after_steps=0), float("nan")) is None
 
 

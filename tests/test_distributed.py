@@ -246,12 +246,14 @@ def test_stop_and_resume_under_tp2_dp2_is_bit_identical(tiny_shards, tmp_path):
     assert (marker["tp"], marker["dp"], marker["world_size"]) == (2, 2, 4)
 
 
-@pytest.mark.parametrize("action, message", [
-    ("stop", "representation collapse: target std"),
-    ("skip", "representation collapse: 3 consecutive steps skipped (collapse.max_skips)"),
+@pytest.mark.parametrize("action, message, saved", [
+    ("stop", "representation collapse: target std", 4),
+    ("skip", "representation collapse: 3 consecutive steps skipped (collapse.max_skips)", 2),
 ])
-def test_collapse_action_stops_with_a_checkpoint(tiny_shards, tmp_path, action, message):
-    """An impossible threshold trips the monitor: 'stop' saves and exits 3; 'skip' skips updates, then stops."""
+def test_collapse_action_stops_with_a_checkpoint(tiny_shards, tmp_path, action, message, saved):
+    """An impossible threshold trips the monitor: 'stop' saves and exits 3 (the alarm of step index 2 is read one
+    step late, after step index 3 is queued, without a host sync: checkpoint at step 4); 'skip' checks before the
+    update, skips, then stops."""
     args = ["-m", "pipeline.train", "--config", "configs/vision_tiny.yaml", f"data.manifest={tiny_shards}",
             f"train.output_dir={tmp_path}", "train.steps=20", "train.micro_batch_size=4", "collapse.after_steps=2",
             "collapse.min_target_std=100", f"collapse.action={action}", "collapse.max_skips=3"]
@@ -259,4 +261,5 @@ def test_collapse_action_stops_with_a_checkpoint(tiny_shards, tmp_path, action, 
     assert proc.returncode != 0
     assert message in proc.stdout, proc.stdout[-3000:]
     assert "collapse alarm" in proc.stdout
-    assert (tmp_path / "checkpoints/step_00000002/COMPLETE").is_file()  # steps 0 and 1 ran; step 2 alarmed
+    assert "step 2: representation collapse alarm" in proc.stdout
+    assert (tmp_path / f"checkpoints/step_{saved:08d}/COMPLETE").is_file()

@@ -49,6 +49,11 @@ class Modality(abc.ABC):
         and no mask: what feature extraction feeds the backbone, and what HF's preprocessor reproduces."""
         raise NotImplementedError(f"the {self.name} modality has no evaluation transform")
 
+    def on_host(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The trainer's CPU batch, just before it goes to the device: add what the model would otherwise have to
+        read back from the device (nothing for most modalities)."""
+        return batch
+
     def valid_positions(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """(B, T) True where a position holds input rather than padding (None: every position does)."""
         return None

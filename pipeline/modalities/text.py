@@ -125,11 +125,13 @@ class TextEmbedder(nn.Module):
         not_pad = tokens.ne(self.pad_id)
         positions = torch.cumsum(not_pad, 1) * not_pad + self.pad_id  # RoBERTa numbering
         x = self.dropout(self.norm(self.tokens(tokens) + self.positions(positions)))
-        attn_bias = None
-        if not bool(not_pad.all()):  # full_sentences blocks have none; complete_doc blocks do: pads leave attention
-            attn_bias = torch.zeros(tokens.shape, dtype=x.dtype, device=x.device).masked_fill(~not_pad, float("-inf"))
-            attn_bias = attn_bias[:, None, None, :]  # (B, 1, 1, T)
-        return x, attn_bias
+        # full_sentences blocks have no <pad>; complete_doc blocks do, and pads leave attention. The trainer decides
+        # on the CPU (Text.on_host: pad_mask); other callers let the embedder look, which reads the device once.
+        pads = batch["pad_mask"] if "pad_mask" in batch else (~not_pad if not bool(not_pad.all()) else None)
+        if pads is None:
+            return x, None
+        attn_bias = torch.zeros(tokens.shape, dtype=x.dtype, device=x.device).masked_fill(pads, float("-inf"))
+        return x, attn_bias[:, None, None, :]  # (B, 1, 1, T)
 
 
 class TwoLayerHead(nn.Module):
@@ -160,6 +162,12 @@ class Text(Modality):
 
     def valid_positions(self, batch):
         return batch["tokens"].ne(self.cfg.pad_id)
+
+    def on_host(self, batch):
+        """Whether the block has padding, decided on the CPU: ``pad_mask`` (B, T) True at <pad>, or None."""
+        pads = batch["tokens"].eq(self.cfg.pad_id)
+        batch["pad_mask"] = pads if bool(pads.any()) else None
+        return batch
 
     def decode(self, sample) -> torch.Tensor:
         """The sample's token block as int64 ids, checked against the model's positions and vocabulary."""

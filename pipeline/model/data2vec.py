@@ -40,11 +40,15 @@ class Student(nn.Module):
         self.backbone = Backbone(modality, enc, mp)
         self.head = modality.build_head(enc, mp)
 
-    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor, skip: tuple[int, ...] = ()) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor, skip: tuple[int, ...] = (),
+                index: torch.Tensor | None = None) -> torch.Tensor:
         """Predictions at the masked positions, (M, D) in row-major (batch, time) order, with the blocks
-        in ``skip`` left out (layerdrop)."""
+        in ``skip`` left out (layerdrop). ``index``: those positions as flat indices into (B * T), made on the host
+        so that selecting them does not wait for the device (default: from ``mask``)."""
         final, _ = self.backbone.encode(batch, mask, keep=0, skip=skip)
-        return self.head(final[mask])
+        if index is None:
+            return self.head(final[mask])
+        return self.head(final.flatten(0, 1).index_select(0, index))
 
 
 def teacher_parameter_name(student_name: str) -> str | None:

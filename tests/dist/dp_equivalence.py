@@ -20,6 +20,7 @@ import torch
 
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
+from pipeline.metrics import summary_values
 from pipeline.modalities.vision import block_mask
 from pipeline.trainer import Trainer
 
@@ -67,7 +68,7 @@ def main() -> None:
     trainer.batches = ({"image": images[lo:lo + micro], "mask": masks[lo:lo + micro]} for images, masks in batches)
     losses = []
     while trainer.step < args.steps:
-        losses.append(trainer.optimizer_step()["loss"])
+        losses.append(summary_values(trainer.optimizer_step()["summary"])["loss"])
         losses.append(float(trainer.engine.get_global_grad_norm()))  # sensitive to the gradient scale
         if trainer.step == args.save_at:
             trainer.ckpt_root = Path(args.ckpt)

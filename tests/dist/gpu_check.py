@@ -8,6 +8,7 @@ import sys
 from pipeline.data import make_loader, resolve_shards
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
+from pipeline.metrics import summary_values
 from pipeline.trainer import Trainer
 
 
@@ -20,7 +21,7 @@ def main() -> None:
     trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), resolve_shards(manifest))
     trainer.batches = iter(make_loader(trainer.shards, trainer.modality, cfg.data, 8, 0, rt.dp_rank, rt.dp))
     start = {n: p.ds_tensor.detach().clone() for n, p in trainer.teacher.module.named_parameters()}
-    losses = [trainer.optimizer_step()["loss"] for _ in range(30)]
+    losses = [summary_values(trainer.optimizer_step()["summary"])["loss"] for _ in range(30)]
     moved = max((p.ds_tensor - start[n]).abs().max().item() for n, p in trainer.teacher.module.named_parameters())
     if rt.rank == 0:
         student_dtype = str(next(trainer.engine.module.parameters()).dtype)
