@@ -21,8 +21,8 @@ from pipeline.ema import ShardedEMA, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger, step_summary, summary_values
 from pipeline.model.data2vec import Backbone, Student, teacher_parameter_name
-from pipeline.monitor import FeatureMonitor
 from pipeline.model.transformer import layerdrop_choice, matmul_flops_per_token
+from pipeline.monitor import FeatureMonitor
 from pipeline.objective import (collapse_alarm, moment_stats, position_share, position_stats, projection, regression_loss,
                                 std_from_stats, teacher_targets)
 
@@ -211,7 +211,8 @@ class Trainer:
         masked = target_stats[0].clamp_min(1.0)  # a batch may (rarely, for text) select no position at all
         summary = torch.stack([loss[0] / masked, std_from_stats(target_stats), std_from_stats(prediction_stats),
                                position_share(position), extra[0], extra[1], flags[0], flags[1]])
-        if self.cfg.collapse.action == "skip" and self.collapse_check(self.step, summary.tolist()):
+        skip_rule = self.cfg.collapse.action == "skip" and self.step >= self.cfg.collapse.after_steps
+        if skip_rule and self.collapse_check(self.step, summary.tolist()):
             return summary, True
         # The loss is normalised by the global masked count; DeepSpeed averages gradients over the
         # data-parallel ranks, so scale by dp to get the gradient of the global loss.
