@@ -171,6 +171,10 @@ class TrainConfig:
                                  "and text), 'fp32' (outside autocast, like BEiT's teacher for data2vec vision; "
                                  "slower) or 'reference' (the modality's release: fp32 for vision, autocast for "
                                  "speech and text)", "reference")
+    activation_checkpointing: bool = doc("keep only each block's input for the student's backward and recompute the "
+                                         "block then (torch.utils.checkpoint, dropout masks replayed): the block "
+                                         "activations shrink to one block's plus an (s, b, D) tensor per block, for "
+                                         "about one more student forward of compute. pipeline.plan counts it", False)
     ds_config: str = doc("DeepSpeed JSON (ZeRO-3); batch keys must agree with this section", "ds_configs/zero3.json")
     output_dir: str = doc("checkpoints, logs and TensorBoard events go here", "runs/default")
     log_every: int = doc("steps between log lines", 10)

@@ -27,7 +27,9 @@ Everything else is analytic; the rules (bytes per GPU):
   the teacher gathers its whole fp32 model during its forward. tests/test_plan.py checks the replay
   against DeepSpeed on CPU ranks. The nominal ZeRO-3 working set, 2 x the largest block (one in
   use, one prefetched), is printed for reference.
-* Student activations per micro-batch, stored for backward, no recomputation, no sequence parallelism
+* Student activations per micro-batch, stored for backward, no sequence parallelism (with
+  ``train.activation_checkpointing``: ``depth x a*s*b*D`` block inputs + one block's activations below, recomputed
+  in the backward; without: every block's)
   (Korthikanti et al. 2022, generalised to the FFN width f and our block). With a = activation bytes
   (2 for bf16), s = sequence, b = micro batch, D = width, h = heads, t = TP, per block:
   ``a*s*b*D*(4 + 2*layer_scale) + s*b*D*2*[dropout>0] + (4*a*s*b*D + 2*a*s*b*f)/t + attention``
@@ -540,7 +542,11 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     masked = max(1, round(masked_fraction(cfg) * (s - cfg.make_modality().prefix_tokens))) * b
     head = masked * enc.dim * a * (3 if cfg.modality == "text" else 1)  # head input (text: + 2D hidden)
     loss = masked * enc.dim * 4 * 3  # fp32 prediction copy, targets, loss elements
-    student_act = (enc.depth * block_act + embed_activation_bytes(cfg, s, b, a)
+    # train.activation_checkpointing: each block's (s, b, D) input is kept, and one block's activations live again
+    # while the backward recomputes it
+    blocks_act = (enc.depth * a * s * b * enc.dim + block_act) if cfg.train.activation_checkpointing \
+        else enc.depth * block_act
+    student_act = (blocks_act + embed_activation_bytes(cfg, s, b, a)
                    + (a * s * b * enc.dim if enc.norm_first else 0) + a * masked * enc.dim + head + loss)
     sbd = s * b * enc.dim
     teacher_taps = cfg.objective.top_k * sbd * 4
@@ -561,7 +567,8 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
         "student forward/backward": {
             f"gathered student parameters (peak; nominal 2 x largest block: {in_flight * cb / GiB:.3f})":
                 student_sim.peak * cb,
-            f"activations (attention scores {scores * enc.depth / GiB:.3f} of it"
+            f"activations{' (activation checkpointing)' if cfg.train.activation_checkpointing else ''} (attention "
+            f"scores {scores * (1 if cfg.train.activation_checkpointing else enc.depth) / GiB:.3f} of it"
             f"{'' if fused_attention else '; ~0 with --fused-attention'})": student_act},
         "teacher forward": {
             "gathered fp32 teacher parameters (peak)": teacher_sim.peak * 4,

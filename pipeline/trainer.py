@@ -129,6 +129,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         # dtypes come from the DeepSpeed configs: the student's bf16 section (on GPU), the teacher's fp32
         student = build_sharded(lambda: Student(self.modality, cfg.encoder, mp), self.ds_student, rt)
+        student.backbone.encoder.recompute = cfg.train.activation_checkpointing
         teacher = build_sharded(lambda: Backbone(self.modality, cfg.encoder, mp), self.ds_teacher, rt)
         teacher.requires_grad_(False)
         t = cfg.train

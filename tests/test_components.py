@@ -197,3 +197,29 @@ def test_only_complete_checkpoints_are_resumed(tmp_path):
     (tmp_path / checkpoint.LATEST).write_text("../../etc")  # a pointer may not leave the directory
     assert checkpoint.find_latest(tmp_path).name == "step_00000002"
     assert checkpoint.find_latest(tmp_path / "nothing") is None
+
+
+def test_activation_checkpointing_recomputes_each_block_once_with_equal_gradients(single_process_group):
+    """Encoder.recompute (train.activation_checkpointing): every block runs again in the backward, and the
+    gradients equal a plain backward's, dropout included (its masks are replayed)."""
+    from pipeline.config import EncoderConfig
+    from pipeline.distributed import model_parallel_config
+    from pipeline.model.transformer import Encoder
+    cfg = EncoderConfig(dim=32, depth=3, heads=4, ffn_dim=64, dropout=0.2, attn_dropout=0.2, drop_path=0.2)
+    grads, calls = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        encoder = Encoder(cfg, model_parallel_config(1))
+        encoder.recompute = recompute
+        # the attention's hook: the recomputation stops once the saved tensors are back, before a block returns
+        hooks = [b.attn.register_forward_hook(lambda *_: calls.append(recompute)) for b in encoder.blocks]
+        x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(2)
+        final, taps = encoder(x)
+        (final.pow(2).sum() + sum(t.sum() for t in taps)).backward()
+        grads.append([x.grad] + [p.grad for p in encoder.parameters()])
+        for h in hooks:
+            h.remove()
+    assert calls.count(False) == 3 and calls.count(True) == 6  # forward, then the backward's recomputation
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

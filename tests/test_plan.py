@@ -84,6 +84,21 @@ def test_activation_formula_is_korthikanti_for_a_4d_ffn():
         assert scores == pytest.approx(5 * s * s * b * h / tp)
 
 
+def test_activation_checkpointing_keeps_block_inputs_and_one_block(single_process_group):
+    """train.activation_checkpointing: depth (s, b, D) block inputs + one block's activations replace every block's."""
+    cfg = load_experiment(ROOT / "configs/vision_large.yaml")
+    key = next(k for k in plan(cfg, 64, 1, suggest=False).phases["student forward/backward"] if k.startswith("activ"))
+    full = plan(cfg, 64, 1, suggest=False).phases["student forward/backward"][key]
+    cfg.train.activation_checkpointing = True
+    saved = plan(cfg, 64, 1, suggest=False)
+    key = next(k for k in saved.phases["student forward/backward"] if k.startswith("activ"))
+    enc, s, b = cfg.encoder, saved.seq, saved.micro
+    block, _ = block_activation_bytes(enc, s, b, 1, 2, fused=False)
+    assert full - saved.phases["student forward/backward"][key] == pytest.approx(
+        (enc.depth - 1) * block - enc.depth * 2 * s * b * enc.dim)
+    assert "activation checkpointing" in key
+
+
 @pytest.mark.parametrize("args, message", [
     (["--gpus-per-node", "6", "--tp", "3"], "encoder.heads=4 is not divisible by --tp 3: use a TP that divides"),
     (["--gpus-per-node", "6", "--tp", "4"],

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import EncoderConfig
 
@@ -175,6 +176,7 @@ class Encoder(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, mp, i + 1, rates[i]) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
+        self.recompute = False  # activation checkpointing (train.activation_checkpointing: the trainer sets it)
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, keep: int | None = None,
                 skip: tuple[int, ...] = ()):
@@ -185,7 +187,10 @@ class Encoder(nn.Module):
         for i, block in enumerate(self.blocks):
             if i in skip:
                 continue
-            x, ffn = block(x, attn_bias)
+            if self.recompute and torch.is_grad_enabled():  # backward recomputes the block from its input
+                x, ffn = checkpoint(block, x, attn_bias, use_reentrant=False)
+            else:
+                x, ffn = block(x, attn_bias)
             if i >= first:
                 taps.append(x if self.tap == "block" else ffn)
         return self.final_norm(x), taps
