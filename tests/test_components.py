@@ -223,3 +223,24 @@ def test_activation_checkpointing_recomputes_each_block_once_with_equal_gradient
     assert calls.count(False) == 3 and calls.count(True) == 6  # forward, then the backward's recomputation
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_attention_dropout_has_a_stream_per_tensor_parallel_rank(single_process_group):
+    """TP peers keep their global RNG in step; the attention dropout of each TP rank (different heads of the model)
+    draws its own masks, replays them from the same global state, and leaves the global RNG where its peers'
+    is."""
+    from pipeline.config import EncoderConfig
+    from pipeline.distributed import model_parallel_config
+    from pipeline.model.transformer import Attention
+    attention = Attention(EncoderConfig(dim=16, depth=1, heads=2, ffn_dim=32, attn_dropout=0.5),
+                          model_parallel_config(1), 0.02).train()
+    x = torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(0))
+    outputs, after = {}, {}
+    for rank in (0, 1, 1):
+        attention.tp_size, attention.tp_rank = 2, rank
+        torch.manual_seed(0)
+        out = attention(x, None)
+        assert rank not in outputs or torch.equal(out, outputs[rank])  # replayed from the same global state
+        outputs[rank], after[rank] = out, torch.rand(3)
+    assert not torch.equal(outputs[0], outputs[1])
+    assert torch.equal(after[0], after[1])

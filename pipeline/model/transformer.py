@@ -8,6 +8,7 @@ taps, so the objective never reaches into the block.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -90,6 +91,29 @@ class DropPath(nn.Module):
         return x * keep.bernoulli_(1 - self.p) / (1 - self.p)
 
 
+def tensor_parallel_rank() -> int:
+    from megatron.core import parallel_state
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+@contextlib.contextmanager
+def own_dropout_stream(tp_rank: int, enabled: bool, device: torch.device):
+    """Random numbers of this tensor-parallel rank's own inside the block (megatron's RNG-tracker idea): TP peers
+    keep their global RNG in step (their other dropout must agree), so without this the attention dropout of
+    head j on every TP rank (different heads of the model) would draw the same mask. One draw from the CPU
+    generator (no device read) seeds a stream offset by the TP rank; the global RNG is restored afterwards and so
+    advances alike on every peer, and activation checkpointing, which restores it before recomputing, replays
+    the same masks."""
+    if not enabled:
+        yield
+        return
+    seed = int(torch.randint(2 ** 62, (1,)))
+    devices = [device.index or 0] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed + 1000003 * (tp_rank + 1))
+        yield
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; under tensor parallelism this rank holds heads/tp of the heads. A
     per-head ``attn_bias`` (..., heads/tp, T, T) must hold this rank's heads; (..., 1, T, T) broadcasts."""
@@ -100,6 +124,7 @@ class Attention(nn.Module):
         self.local_heads = cfg.heads // tp
         self.head_dim = cfg.dim // cfg.heads
         self.attn_dropout = cfg.attn_dropout
+        self.tp_size, self.tp_rank = tp, tensor_parallel_rank() if tp > 1 else 0
         init = weight_init(cfg.init)
         self.query = column(cfg.dim, cfg.dim, mp, init)
         self.key = column(cfg.dim, cfg.dim, mp, init, bias=cfg.key_bias)
@@ -114,8 +139,9 @@ class Attention(nn.Module):
         q, k, v = (self.split_heads(proj(x)[0]) for proj in (self.query, self.key, self.value))
         if attn_bias is not None:
             attn_bias = attn_bias.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        p = self.attn_dropout if self.training else 0.0
+        with own_dropout_stream(self.tp_rank, p > 0 and self.tp_size > 1, q.device):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=p)
         b, _, t, _ = y.shape
         return self.out(y.transpose(1, 2).reshape(b, t, -1))[0]  # (B, T, D)
 
