@@ -47,16 +47,31 @@ Everything else is analytic; the rules (bytes per GPU):
   peak + activations), optimizer step (per ``sub_group_size`` group of the partition: DeepSpeed's flat
   copy of the gradients and its fp32 cast, plus one fp32 AdamW temporary).
 
-Communication per GPU (bytes sent; ring algorithms), per micro-batch, x grad_accum per step:
-all-gather / reduce-scatter over DP: ``size * (DP-1)/DP``; all-reduce over TP: ``2 * size * (TP-1)/TP``.
-Student parameters all-gathered in forward and again in backward (nominally 2x; the replay above
-gives what is really gathered: persistent parameters never, parameters still gathered after the
-forward not again in the backward), gradients reduce-scattered every micro-batch (1x,
-compute dtype), the teacher's fp32 parameters all-gathered for its forward (1x). TP all-reduces of
-(s, b, D) activations in the compute dtype: per block 2 in the student forward (attention and FFN
-row-parallel outputs), 4 in its backward (the q, k, v and fc1 column-parallel input gradients: q, k, v
-are separate layers), 2 in the teacher forward; text adds the vocab-parallel embedding (1 each
-forward; fp32 in the teacher). The EMA update: 0 bytes (shard-local).
+Communication per GPU (bytes sent; ring algorithms), per micro-batch, x grad_accum per step: all-gather /
+reduce-scatter of a whole tensor of ``size`` bytes over DP: ``size * (DP-1)/DP``; all-reduce over n ranks:
+``2 * size * (n-1)/n``. Student parameters all-gathered in forward and again in backward (nominally 2x; the
+replay above gives what is really gathered: persistent parameters never, parameters still gathered after the
+forward not again in the backward), gradients reduce-scattered every micro-batch (1x, compute dtype), the
+teacher's fp32 parameters all-gathered for its forward (1x). TP all-reduces of (s, b, D) activations: per block
+2 in the student forward (attention and FFN row-parallel outputs), 4 in its backward (the q, k, v and fc1
+column-parallel input gradients: q, k, v are separate layers; with ``train.activation_checkpointing`` + the 2 of
+the forward it runs again), 2 in the teacher forward; text adds the vocab-parallel embedding (1 each forward).
+The student's are in the compute dtype, the teacher's in the dtype it computes in (``teacher_activation_bytes``:
+fp32 for vision's reference teacher, the compute dtype under autocast; its embedding output is always fp32).
+Each micro-step all-reduces its fp32 statistics over DP (loss, moments, per-position statistics:
+``statistics_floats``) and two stop / requeue flags over TP. The EMA update: 0 bytes (shard-local). Not
+counted: DeepSpeed's gradient-norm scalars (tens of bytes per step) and its one-off trace check (broadcasts,
+second step). tests/test_plan.py checks every category against the bytes measured on CPU ranks
+(tests/dist/comm_bytes.py, fp32 and bf16, TP 1 and 2). Not modelled: the gathers of activation checkpointing's
+recompute when the window releases parameters before the backward (the default JSON keeps them gathered up to
+1e9 elements; with a 2e4-element window the student gathers of vision_tiny measure 11% above the replay).
+
+Inter-node vs intra-node (``Plan.comm_bytes_per_step``, ``--json``: ``comm_bytes_per_step``): megatron puts TP
+peers on consecutive ranks, so with TP dividing the G GPUs per node (a layout check on more than one node) TP
+all-reduces stay inside a node. A DP group (one per TP rank) has DP ranks, G/TP on each of the N nodes; a ring
+over it in rank order has DP equally loaded links of which N cross nodes (none on one node), so a share N/DP of
+every DP collective's bytes is inter-node (``ring_inter_node_share``): per node, what leaves it per DP group
+equals what one of its ranks sends, as with NCCL's rings. Trees and NCCL's topology tuning are not modelled.
 """
 
 from __future__ import annotations
@@ -224,6 +239,7 @@ class Plan:
     gpu_memory_gb: float = 80.0
     fits: bool = False
     comm: dict = field(default_factory=dict)  # bytes per GPU per micro-batch
+    comm_inter_node: dict = field(default_factory=dict)  # the part of comm that crosses node boundaries
     suggestions: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
@@ -233,6 +249,11 @@ class Plan:
 
     def comm_per_step(self) -> dict:
         return {k: v * self.accum for k, v in self.comm.items()}
+
+    def comm_bytes_per_step(self) -> dict:
+        """Bytes one GPU sends per optimizer step across node boundaries and inside its node."""
+        inter = sum(self.comm_inter_node.values()) * self.accum
+        return {"inter_node": inter, "intra_node": sum(self.comm.values()) * self.accum - inter}
 
 
 def _divisors(n: int) -> list[int]:
@@ -265,6 +286,13 @@ def layout_checks(cfg, world: int, tp: int, micro: int, accum: int, global_batch
     checks.append((ok, f"world {world} divisible by TP {tp}: DP = {world // tp}" if ok else
                    f"world size {world} ({nodes} node(s) x {gpus} GPUs) is not divisible by --tp {tp}: use --tp in "
                    f"{{{', '.join(map(str, fit_tp))}}} or a world size that is a multiple of {tp}"))
+    if nodes > 1:  # megatron puts TP peers on consecutive ranks: inside a node when TP divides its GPUs
+        ok = gpus % tp == 0
+        in_node = [d for d in good_tp if gpus % d == 0]
+        checks.append((ok, f"TP {tp} divides the {gpus} GPUs per node: tensor-parallel groups stay inside a node" if ok
+                       else f"--tp {tp} does not divide the {gpus} GPUs per node: tensor-parallel groups would span "
+                            f"nodes (their all-reduces over the inter-node network); use --tp in "
+                            f"{{{', '.join(map(str, in_node))}}}"))
     if cfg.modality == "text":
         m = cfg.model
         padded = m.padded_vocab(tp) if tp >= 1 else m.vocab_size
@@ -550,8 +578,8 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
                    + (a * s * b * enc.dim if enc.norm_first else 0) + a * masked * enc.dim + head + loss)
     sbd = s * b * enc.dim
     teacher_taps = cfg.objective.top_k * sbd * 4
-    teacher_phase = (teacher_taps + 3 * sbd * 4 + block_activation_bytes(enc, s, b, tp, 2, fused_attention)[0]
-                     + teacher_sim.peak * 4)
+    teacher_block = block_activation_bytes(enc, s, b, tp, teacher_activation_bytes(cfg, dtype), fused_attention)[0]
+    teacher_phase = teacher_taps + 3 * sbd * 4 + teacher_block + teacher_sim.peak * 4
     step_phase = largest_sub * (cb + 4 + 4)  # flat gradient copy, its fp32 cast, one AdamW temporary
 
     p.memory = {
@@ -581,29 +609,66 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     p.peak = int(sum(p.memory.values()) + totals[p.peak_phase])
     p.fits = p.peak <= gpu_memory_gb * GiB
 
-    # communication per GPU per micro-batch (bytes sent)
-    dp_frac = (dp - 1) / dp
-    tp_frac = 2 * (tp - 1) / tp
-    act = sbd * cb * tp_frac
-    text_embed = 1 if cfg.modality == "text" else 0
-    p.comm = {
-        "student all-gather, forward": student_sim.gathered_forward * cb * dp_frac,
-        "student all-gather, backward": student_sim.gathered_backward * cb * dp_frac,
-        "gradient reduce-scatter": p.student_tp_numel * cb * dp_frac,
-        "teacher all-gather (fp32)": teacher_sim.gathered_forward * 4 * dp_frac,
-        "TP all-reduce, student forward": (2 * enc.depth + text_embed) * act,
-        "TP all-reduce, student backward": 4 * enc.depth * act,
-        "TP all-reduce, teacher forward": 2 * enc.depth * act + text_embed * sbd * 4 * tp_frac,
-        "EMA update": 0,
-    }
+    p.comm, p.comm_inter_node = communication(cfg, p, student_sim, teacher_sim, sbd, dtype)
     p.notes.append(f"nominal ZeRO-3 student all-gather (2 x parameters) would be "
-                   f"{2 * p.student_tp_numel * cb * dp_frac / GiB:.3f} GiB per micro-batch; persistent parameters "
-                   f"and those still gathered after the forward are not gathered again (DeepSpeed JSON: "
+                   f"{2 * p.student_tp_numel * cb * (dp - 1) / dp / GiB:.3f} GiB per micro-batch; persistent "
+                   f"parameters and those still gathered after the forward are not gathered again (DeepSpeed JSON: "
                    f"prefetch bucket {prefetch:.0e}, max live {max_live:.0e}, max reuse distance {reuse:.0e} elements)")
     if suggest and not p.fits:
         p.suggestions = suggestions(cfg, p, gpu_memory_gb=gpu_memory_gb, dtype=dtype, fused_attention=fused_attention,
                                     overhead_gb=overhead_gb, ds=ds)
     return p
+
+
+def teacher_activation_bytes(cfg, dtype: str) -> int:
+    """Bytes per element of the teacher's activations, as the Trainer runs it: the student's compute dtype under
+    its autocast (``train.teacher_precision=autocast``; ``reference``: the modality's release, autocast for
+    speech and text, fp32 for vision), else fp32."""
+    rule = cfg.train.teacher_precision
+    rule = cfg.make_modality().teacher_precision if rule == "reference" else rule
+    return DTYPE_BYTES[dtype] if rule == "autocast" else 4
+
+
+def statistics_floats(cfg) -> int:
+    """fp32 values in the micro-step's data-parallel all-reduce (``Trainer.micro_step``): the loss sum, the
+    targets' and the predictions' moments (count, per-dimension sums and sums of squares), the targets'
+    per-position statistics (``pipeline.objective.position_stats``) and four counts / flags."""
+    from pipeline.objective import POSITION_BINS, PROJECTED_DIMS
+    return 1 + 2 * (1 + 2 * cfg.encoder.dim) + POSITION_BINS * (1 + PROJECTED_DIMS) + 1 + 4
+
+
+def ring_inter_node_share(ranks: int, nodes: int) -> float:
+    """Of what a ring collective over ``ranks`` ranks laid out in rank order over ``nodes`` nodes sends, the share
+    that crosses node boundaries: ``nodes`` of its ``ranks`` equally loaded links (none on one node)."""
+    return nodes / ranks if nodes > 1 else 0.0
+
+
+def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, sbd: int,
+                  dtype: str) -> tuple[dict, dict]:
+    """Bytes one GPU sends per micro-batch, per category, and the inter-node part of each (module docstring)."""
+    enc, dp, tp, cb = cfg.encoder, p.dp, p.tp, DTYPE_BYTES[dtype]
+    gather = (dp - 1) / dp  # all-gather / reduce-scatter, per byte of the whole tensor
+    reduce = 2 * (tp - 1) / tp  # all-reduce over TP, per byte
+    embed = 1 if cfg.modality == "text" else 0  # vocab-parallel embedding: one all-reduce per forward
+    recompute = 2 if cfg.train.activation_checkpointing else 0  # the backward runs each block's forward again
+    over_dp = {
+        "student all-gather, forward": student_sim.gathered_forward * cb * gather,
+        "student all-gather, backward": student_sim.gathered_backward * cb * gather,
+        "gradient reduce-scatter": p.student_tp_numel * cb * gather,
+        "teacher all-gather (fp32)": teacher_sim.gathered_forward * 4 * gather,
+        "statistics all-reduce": statistics_floats(cfg) * 4 * 2 * gather,
+    }
+    over_tp = {
+        "TP all-reduce, student forward": (2 * enc.depth + embed) * sbd * cb * reduce,
+        "TP all-reduce, student backward": (4 + recompute) * enc.depth * sbd * cb * reduce,
+        "TP all-reduce, teacher forward":  # its embedding's output stays fp32 (no autocast op)
+            (2 * enc.depth * teacher_activation_bytes(cfg, dtype) + embed * 4) * sbd * reduce,
+        "statistics all-reduce": 2 * 4 * reduce,  # the stop / requeue flags agreed over TP (agree_any)
+        "EMA update": 0,
+    }
+    comm = {k: over_dp.get(k, 0) + over_tp.get(k, 0) for k in {**over_dp, **over_tp}}
+    share = ring_inter_node_share(dp, p.nodes)  # TP groups stay inside a node
+    return comm, {k: over_dp.get(k, 0) * share for k in comm}
 
 
 def suggestions(cfg, p: Plan, **kw) -> list[str]:
@@ -621,7 +686,9 @@ def suggestions(cfg, p: Plan, **kw) -> list[str]:
             out.append("lower the micro batch (--micro-batch 1 fits; raise --grad-accum to keep the global batch)")
     enc = cfg.encoder
     for t in _divisors(enc.heads):
-        if t > p.tp and enc.ffn_dim % t == 0 and p.world % t == 0 and rerun(p.world, t, p.micro, p.accum).fits:
+        valid = t > p.tp and enc.ffn_dim % t == 0 and p.world % t == 0
+        in_node = p.nodes == 1 or p.gpus_per_node % t == 0  # the layout check on TP groups across nodes
+        if valid and in_node and rerun(p.world, t, p.micro, p.accum).fits:
             dp2 = p.world // t
             keep = (f"; --grad-accum {p.global_batch // (p.micro * dp2)} keeps the global batch {p.global_batch}"
                     if p.global_batch % (p.micro * dp2) == 0 else "")
@@ -678,14 +745,19 @@ def report(p: Plan, cfg) -> str:
                  f"({(p.gpu_memory_gb * GiB - p.peak) / GiB:+.2f} GiB headroom)")
     for s in p.suggestions:
         lines.append(f"  -> {s}")
-    lines.append(f"communication per GPU (GiB sent; per micro-batch, and per step = x {p.accum} accumulation):")
+    lines.append(f"communication per GPU (GiB sent; per micro-batch, per step = x {p.accum} accumulation, and the "
+                 f"step's inter-node / intra-node parts: rings over {p.nodes} node(s) of {p.gpus_per_node} GPUs):")
+    lines.append(f"  {'micro':>8}  {'step':>8}  {'inter':>8}  {'intra':>8}")
     for k, v in p.comm.items():
-        lines.append(f"  {gib(v)}  {gib(v * p.accum)}  {k}")
-    total = sum(p.comm.values())
-    lines.append(f"  {gib(total)}  {gib(total * p.accum)}  total")
+        inter = p.comm_inter_node[k] * p.accum
+        lines.append(f"  {gib(v)}  {gib(v * p.accum)}  {gib(inter)}  {gib(v * p.accum - inter)}  {k}")
+    total, split = sum(p.comm.values()), p.comm_bytes_per_step()
+    inter, intra = gib(split["inter_node"]), gib(split["intra_node"])
+    lines.append(f"  {gib(total)}  {gib(total * p.accum)}  {inter}  {intra}  total")
     per_rank = checkpoint_bytes(p)
     lines.append(f"checkpoint: {gib(per_rank).strip()} GiB per GPU, {per_rank * p.world / GiB:.1f} GiB per checkpoint "
-                 f"(fp32 student, Adam m and v, teacher: 16 bytes per parameter per TP rank; any DP size can resume it)")
+                 f"(fp32 student, Adam m and v, teacher: 16 bytes per parameter per TP rank; any DP size can resume "
+                 f"it)")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
 
@@ -698,7 +770,7 @@ def checkpoint_bytes(p: Plan) -> int:
 
 def plan_dict(p: Plan) -> dict:
     d = dataclasses.asdict(p)
-    d["ok"], d["comm_per_step"] = p.ok, p.comm_per_step()
+    d["ok"], d["comm_per_step"], d["comm_bytes_per_step"] = p.ok, p.comm_per_step(), p.comm_bytes_per_step()
     return d
 
 
@@ -724,7 +796,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="assume fused SDPA kernels (flash / memory-efficient): no stored attention scores")
     parser.add_argument("--overhead-gb", type=float, default=2.0,
                         help="fixed allowance for CUDA context, NCCL buffers and allocator fragmentation (GiB)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the plan as one JSON object (comm_per_step: bytes per GPU per optimizer step "
+                             "per category; comm_bytes_per_step: their inter_node / intra_node split)")
     parser.add_argument("overrides", nargs="*",
                         help="config overrides such as encoder.depth=32 train.micro_batch_size=16")
     return parser.parse_args(argv)

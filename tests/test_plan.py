@@ -1,5 +1,6 @@
 """The capacity planner (pipeline.plan): its per-rank element counts equal what ZeRO-3 really holds on
-CPU ranks (tests/dist/memory_check.py under torchrun), its layout checks say what to change, the CLI runs."""
+CPU ranks (tests/dist/memory_check.py under torchrun), its communication equals the bytes the collectives
+really send (tests/dist/comm_bytes.py), its layout checks say what to change, the CLI runs."""
 
 from __future__ import annotations
 
@@ -62,6 +63,82 @@ def test_planned_counts_equal_measured_zero3_state(single_process_group, tmp_pat
         assert p.student_tp_numel < 0.6 * (p.student_numel)  # TP 2 halves the split parameters
 
 
+# One torchrun of 4 CPU ranks measures these layouts in turn (tests/dist/comm_bytes.py).
+COMM_RUNS = {
+    # fp32, TP 1 x DP 4, the student gathered whole in the forward and kept to the backward; 2 micro-batches a step
+    "vision-tp1-dp4-fp32-accum2": {"preset": str(TINY), "tp": 1, "accum": 2,
+                                   "zero": {"stage3_param_persistence_threshold": 0}},
+    # bf16 student as on a GPU, TP 2 x DP 2, the window releases and re-gathers in the backward; vision's
+    # reference teacher computes in fp32, so its TP all-reduces are fp32
+    "vision-tp2-dp2-bf16-window": {"preset": str(TINY), "tp": 2, "precision": "bf16", "zero": WINDOW},
+    # text: vocab-parallel embedding (fp32 in the teacher), autocast teacher, activation checkpointing's recompute
+    "text-tp2-dp2-bf16-checkpointing": {"preset": str(ROOT / "configs/text_tiny.yaml"), "tp": 2, "precision": "bf16",
+                                        "zero": {"stage3_param_persistence_threshold": 0},
+                                        "overrides": ["train.activation_checkpointing=true"]},
+}
+GRAD_NORM = "gradient norm all-reduce (DeepSpeed, unplanned)"
+
+
+@pytest.fixture(scope="module")
+def measured_comm(tmp_path_factory) -> dict:
+    report = tmp_path_factory.mktemp("comm") / "comm.json"
+    proc = torchrun([str(ROOT / "tests/dist/comm_bytes.py"), str(report), json.dumps(list(COMM_RUNS.values()))],
+                    nproc=4, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return dict(zip(COMM_RUNS, json.loads(report.read_text())["runs"]))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", list(COMM_RUNS))
+def test_planned_communication_equals_measured_bytes(single_process_group, measured_comm, name):
+    """Bytes each rank sends per optimizer step, per category and in all: planned (pipeline.plan, ring
+    convention) vs measured by wrapping the torch.distributed collectives during a step after warm-up. The bar
+    is the issue's 5%; today every planned category matches to the byte. (DeepSpeed gathers and reduce-scatters
+    ceil(n / DP) elements per rank and parameter where the planner counts n / DP: up to DP - 1 padding elements
+    per parameter, none for the tiny models' shapes at DP 2 and 4.) Unplanned, and allowed: DeepSpeed's
+    gradient-norm all-reduces, a few fp32 scalars per step (grad_clip > 0)."""
+    run = measured_comm[name]
+    cfg = load_experiment(run["preset"], run.get("overrides", []))
+    ds = resolve_ds_config(cfg)
+    ds["zero_optimization"].update(run["zero"])
+    p = plan(cfg, 4, run["tp"], run["micro"], run.get("accum", 1), dtype=run.get("precision", "fp32"), ds=ds,
+             suggest=False)
+    planned = p.comm_per_step()
+    for rank in run["ranks"]:
+        measured, calls = dict(rank["sent"]), rank["calls"]
+        assert measured.pop(GRAD_NORM, 0) < 100, calls.get(GRAD_NORM)
+        assert set(measured) <= set(planned), (set(measured) - set(planned), calls)
+        for category, want in planned.items():
+            assert measured.get(category, 0) == pytest.approx(want, rel=0.05), (category, calls.get(category))
+        assert sum(measured.values()) == pytest.approx(sum(planned.values()), rel=0.05)
+        callers = rank["callers"]
+        assert all(c.startswith("megatron/core/tensor_parallel/") for k in callers if k.startswith("TP ")
+                   for c in callers[k]), callers
+        assert {c.split(":")[0] for c in callers["statistics all-reduce"]} == {"pipeline/distributed.py"}
+    assert planned["gradient reduce-scatter"] > 0 and planned["teacher all-gather (fp32)"] > 0
+    if run["tp"] > 1:
+        assert planned["TP all-reduce, student backward"] > 0
+    if run["zero"] == WINDOW:
+        assert planned["student all-gather, backward"] > 0  # the window re-gathers in the backward
+
+
+def test_json_splits_communication_into_inter_and_intra_node(single_process_group, capsys):
+    """--json: comm_bytes_per_step per GPU. One node: all intra-node. N nodes: TP all-reduces stay inside a node,
+    a ring over a DP group of DP ranks crosses nodes on N of its DP links."""
+    def plan_json(*args: str) -> dict:
+        assert main(["--config", str(ROOT / "configs/vision_large.yaml"), "--json", *args]) in (0, 1)
+        return json.loads(capsys.readouterr().out)
+
+    one = plan_json("--nodes", "1", "--gpus-per-node", "8")
+    assert one["comm_bytes_per_step"] == {"inter_node": 0, "intra_node": sum(one["comm_per_step"].values())}
+    four = plan_json("--nodes", "4", "--gpus-per-node", "8", "--tp", "2", "--grad-accum", "2")
+    per_step, split = four["comm_per_step"], four["comm_bytes_per_step"]
+    over_tp = sum(v for k, v in per_step.items() if k.startswith("TP "))
+    assert over_tp > 0 and four["dp"] == 16 and four["accum"] == 2
+    assert split["inter_node"] + split["intra_node"] == pytest.approx(sum(per_step.values()))
+    assert split["inter_node"] == pytest.approx((sum(per_step.values()) - over_tp) * 4 / 16, rel=1e-6)
+
+
 def test_text_tp_split_matches_the_padded_vocabulary(single_process_group):
     """TP-local shapes x TP over split parameters + replicated ones = the TP-shaped model (vocab padded to 128 x TP)."""
     from pipeline.plan import param_infos
@@ -105,6 +182,8 @@ def test_activation_checkpointing_keeps_block_inputs_and_one_block(single_proces
      "world size 6 (1 node(s) x 6 GPUs) is not divisible by --tp 4: use --tp in {1, 2}"),
     (["--gpus-per-node", "8", "--tp", "2", "--global-batch", "100"],
      "not the requested 100: use --micro-batch 5 --grad-accum 5"),
+    (["--nodes", "2", "--gpus-per-node", "6", "--tp", "4"],
+     "--tp 4 does not divide the 6 GPUs per node: tensor-parallel groups would span nodes"),
     (["--gpus-per-node", "6", "--tp", "2", "--global-batch", "128"],
      "128 is not a multiple of DP 3: change the world size"),
     (["--gpus-per-node", "8", "train.grad_accum=2", "--global-batch", "128"],
@@ -148,3 +227,4 @@ def test_cli_help_and_vision_large_on_8_gpus():
     assert "world 8; TP 1, DP 8; global batch = micro 64 x accumulation 1 x DP 8 = 512" in out
     assert "student 304.2M" in out and "fits in 80 GiB" in out
     assert "EMA update" in out and "teacher all-gather (fp32)" in out
+    assert "inter-node / intra-node parts: rings over 1 node(s) of 8 GPUs" in out
