@@ -50,6 +50,13 @@ def full_shape(p: torch.nn.Parameter) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are empty outside a gather
 
 
+def shares_local_encoder(modality, ema: ShardedEMA) -> bool:
+    """Whether the teacher can take the student's local-encoder output: the modality has one to share and every
+    teacher parameter of it is copied from the student each step (ema.copy), so both hold the same weights."""
+    shared = [copied for name, copied in zip(ema.names, ema.copied) if name.startswith(modality.shared_prefixes)]
+    return bool(modality.shared_prefixes) and bool(shared) and all(shared)
+
+
 def decay_rule(cfg: ExperimentConfig) -> str:
     """train.decay_exempt with 'reference' resolved to the modality's released recipe."""
     rule = cfg.train.decay_exempt
@@ -143,6 +150,7 @@ class Trainer:
         student_params = {teacher_parameter_name(n): p for n, p in student.named_parameters()}
         self.ema = ShardedEMA(teacher, student_params, cfg.ema)
         self.ema.copy_student()
+        self.share_features = shares_local_encoder(self.modality, self.ema)
         self.basis = projection(cfg.encoder.dim, rt.device)  # for the content-collapse statistic
         self.seed_dropout(cfg.train.seed)
 
@@ -194,9 +202,10 @@ class Trainer:
             self.clear_gradients()
         batch = to_device(self.on_host(batch), self.rt.device, self.rt.choice.dtype)
         mask, index = batch.pop("mask"), batch.pop("masked_index")
-        all_targets = self.teacher_targets(batch)  # (B, T, D)
+        student_batch, teacher_batch = self.shared_inputs(batch)
+        all_targets = self.teacher_targets(teacher_batch)  # (B, T, D)
         targets = all_targets.flatten(0, 1).index_select(0, index)  # (M, D)
-        prediction = self.student_forward(batch, mask, index)  # (M, D)
+        prediction = self.student_forward(student_batch, mask, index)  # (M, D)
         loss_sum = regression_loss(prediction, targets, self.cfg.objective)
         # one all-reduce over data-parallel ranks: loss, target and prediction moments, the targets' per-position
         # statistics (content collapse), the batch's samples and positions (they vary per rank with
@@ -219,6 +228,14 @@ class Trainer:
         # data-parallel ranks, so scale by dp to get the gradient of the global loss.
         self.engine.backward(loss_sum * (self.rt.dp / masked))
         return summary, False
+
+    def shared_inputs(self, batch: dict) -> tuple[dict, dict]:
+        """(student batch, teacher batch). With a shared local encoder (speech: fairseq computes the conv features
+        once and gives the teacher a copy), the student's runs once and the teacher takes its detached output."""
+        if not self.share_features:
+            return batch, batch
+        features = self.engine.module.backbone.embed.features(batch)
+        return {**batch, "features": features}, {**batch, "features": features.detach()}
 
     def collapse_check(self, step: int, summary: list[float]) -> bool:
         """Whether a step's summary raises the collapse alarm (then handled by collapse.action)."""
@@ -303,7 +320,7 @@ class Trainer:
         tokens = tokens or mod.tokens_per_sample()
         seq = tokens + mod.prefix_tokens
         forward = mod.embed_flops_per_sample(enc, tokens) + seq * matmul_flops_per_token(enc, seq)
-        return 4 * forward
+        return 4 * forward - (mod.shared_flops_per_sample(enc, tokens) if self.share_features else 0.0)
 
     def resume(self, path: Path | None) -> bool:
         """Load ``path`` or the latest complete checkpoint of this run; False when there is none."""

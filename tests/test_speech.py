@@ -109,3 +109,21 @@ def test_examples_are_normalised_cropped_and_batches_cut_to_the_shortest(single_
         for i in range(3):
             alone = backbone({"audio": batch["audio"][i:i + 1]})[-1]
             torch.testing.assert_close(together[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_teacher_shares_the_students_conv_features(tmp_path):
+    """The conv feature encoder, its LayerNorm and projection are copied to the teacher every step (ema.copy, as
+    fairseq's ema_transformer_only): the teacher takes the student's output instead of computing it again, with
+    the same losses, target stds and gradient norms, and one conv pass fewer in the FLOPs counted."""
+    import json
+
+    from conftest import torchrun
+    out = tmp_path / "shared.json"
+    proc = torchrun([str(ROOT / "tests/dist/shared_features.py"), str(out)], nproc=1)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["shared"]["shared_by_default"]
+    assert r["shared"]["steps"] == r["own"]["steps"]  # fp32: equal, though the shared run's teacher copy was spoiled
+    assert r["own_spoiled"]["steps"][0] != r["own"]["steps"][0]  # which a teacher using its own copy does show
+    assert r["shared"]["steps"][0][0] != r["shared"]["steps"][-1][0]
+    assert r["shared"]["flops"] < r["own"]["flops"]

@@ -30,6 +30,9 @@ class Modality(abc.ABC):
     fixed_shape_keys: ClassVar[tuple[str, ...]] = ()
     decay_exempt: ClassVar[str] = "none"  # train.decay_exempt=reference means this (the released recipe's rule)
     teacher_precision: ClassVar[str] = "autocast"  # train.teacher_precision=reference: fairseq's fp16 teacher
+    # teacher parameters of a local encoder the teacher can share with the student when they are copied, not
+    # averaged (the embedder's ``features(batch)`` gives its output; ``batch["features"]`` takes it back)
+    shared_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -86,4 +89,8 @@ class Modality(abc.ABC):
 
     def embed_flops_per_sample(self, enc: EncoderConfig, tokens: int | None = None) -> float:
         """Forward FLOPs of the local encoder per sample giving ``tokens`` positions (default: nominal)."""
+        return 0.0
+
+    def shared_flops_per_sample(self, enc: EncoderConfig, tokens: int | None = None) -> float:
+        """The part of ``embed_flops_per_sample`` that ``shared_prefixes`` compute (saved when shared)."""
         return 0.0

@@ -178,9 +178,13 @@ class SpeechEmbedder(nn.Module):
         self.encoder_norm = nn.LayerNorm(enc.dim, eps=enc.layer_norm_eps)
         self.dropout = nn.Dropout(enc.dropout)  # fairseq TransformerEncoder.extract_features, HF Data2VecAudioEncoder
 
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The local encoder: conv feature encoder, LayerNorm, projection -> (B, T, D)."""
+        return self.projection(self.feature_norm(self.feature_extractor(batch["audio"]).transpose(1, 2)))
+
     def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
-        feats = self.feature_extractor(batch["audio"]).transpose(1, 2)  # (B, T, C)
-        x = self.projection(self.feature_norm(feats))  # (B, T, D)
+        # ``features`` given: the student's local encoder output, which the teacher shares (Trainer.shared_inputs)
+        x = batch["features"] if "features" in batch else self.features(batch)  # (B, T, D)
         if mask is not None:
             x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
         x = self.dropout(self.encoder_norm(x + self.pos_conv(x)))
@@ -191,6 +195,9 @@ class Speech(Modality):
     name = "speech"
     data_kind = "audio"
     Config = SpeechConfig
+    # the local encoder SpeechEmbedder.features runs: when the teacher's copy of it is copied from the student
+    # (ema.copy, as the presets and fairseq's ema_transformer_only), the teacher takes the student's output
+    shared_prefixes = ("embed.feature_extractor.", "embed.feature_norm.", "embed.projection.")
 
     def example(self, sample, rng):
         wav = self.decode(sample)
@@ -251,15 +258,18 @@ class Speech(Modality):
     def embed_flops_per_sample(self, enc, tokens=None):
         """Conv feature encoder + projection + positional convs for a clip giving ``tokens`` frames."""
         tokens = tokens or self.tokens_per_sample()
-        samples = self.samples_for_frames(tokens)
-        flops, length, in_ch = 0.0, samples, 1
+        pos_conv = self.cfg.pos_conv_layers * 2.0 * tokens * self.cfg.pos_conv_kernel * enc.dim ** 2
+        return self.shared_flops_per_sample(enc, tokens) + pos_conv / self.cfg.pos_conv_groups
+
+    def shared_flops_per_sample(self, enc, tokens=None):
+        """The conv feature encoder and projection (``SpeechEmbedder.features``), run once for student and teacher."""
+        tokens = tokens or self.tokens_per_sample()
+        flops, length, in_ch = 0.0, self.samples_for_frames(tokens), 1
         for ch, kernel, stride in self.cfg.conv_layers:
             length = (length - kernel) // stride + 1
             flops += 2.0 * length * kernel * in_ch * ch
             in_ch = ch
-        flops += 2.0 * tokens * in_ch * enc.dim
-        flops += self.cfg.pos_conv_layers * 2.0 * tokens * self.cfg.pos_conv_kernel * enc.dim ** 2 / self.cfg.pos_conv_groups
-        return flops
+        return flops + 2.0 * tokens * in_ch * enc.dim
 
     def samples_for_frames(self, frames: int) -> int:
         stride = 1
