@@ -92,8 +92,6 @@ def planner_table(gpus_list: list[int], memory_gb: float) -> str:
     from pipeline.experiment import load_experiment
     from pipeline.plan import plan
     rows = []
-    dp_keys = ("student all-gather, forward", "student all-gather, backward", "gradient reduce-scatter",
-               "teacher all-gather (fp32)")
     for name, tp in PRESETS:
         cfg = load_experiment(REPO_ROOT / f"configs/{name}.yaml")
         for gpus in gpus_list:
@@ -104,15 +102,16 @@ def planner_table(gpus_list: list[int], memory_gb: float) -> str:
             student = p.phases["student forward/backward"]
             gathered, act = list(student.values())
             per_step = p.comm_per_step()
-            dp_traffic = sum(per_step[k] for k in dp_keys)
             tp_traffic = sum(v for k, v in per_step.items() if k.startswith("TP"))
+            dp_traffic = sum(per_step.values()) - tp_traffic  # gathers, reduce-scatter, statistics
+            nodes = p.comm_bytes_per_step()
             rows.append([name, gpus, f"{tp} x {p.dp}", f"{micro} x {accum} = {global_batch}{mark}",
                          f"{p.student_numel / 1e9:.2f}B", fmt(states / GiB), fmt(gathered / GiB), fmt(act / GiB),
                          p.peak_phase.split()[0], fmt(p.peak / GiB), "yes" if p.fits else "NO",
-                         fmt(dp_traffic / GiB), fmt(tp_traffic / GiB)])
+                         fmt(dp_traffic / GiB), fmt(tp_traffic / GiB), fmt(nodes["inter_node"] / GiB)])
     return table(["preset", "GPUs", "TP x DP", "micro x accum = global", "params", "states GiB",
                   "gathered GiB", "activations GiB", "peak phase", "peak GiB", f"fits {memory_gb:g}",
-                  "DP traffic GiB/step", "TP traffic GiB/step"], rows)
+                  "DP traffic GiB/step", "TP traffic GiB/step", "inter-node GiB/step"], rows)
 
 
 def main(argv=None) -> int:
