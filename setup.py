@@ -28,6 +28,9 @@ setup(
         # transformers: export to / start from HF Data2Vec directories (python -m pipeline.export --format hf,
         # init.from=DIR); safetensors comes with it
         "hf": ["transformers>=4.40"],
+        # scikit-learn: the handwritten digits bench/bench_probe.py probes vision on (sklearn.datasets.load_digits,
+        # shipped inside the wheel); the speech bench also needs Debian's espeak-ng (apt-get install espeak-ng)
+        "bench": ["scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["d2v-train=pipeline.train:main", "d2v-prep-images=data_prep.images:main"]},
 )

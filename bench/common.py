@@ -228,3 +228,26 @@ def time_prep(main: Callable, argv: Sequence[str], out: Path, quiet_stdout: bool
     with Stopwatch() as sw, stdout:
         report = main([*argv, "--output", str(out), "--quiet"])
     return sw.seconds, report.manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the public entry points (bench/bench_probe.py)
+# ---------------------------------------------------------------------------------------------
+
+def run_logged(cmd: Sequence[str], torchrun: int = 0, capture: bool = False) -> tuple[float, str]:
+    """Run ``cmd`` from the repository root, printing it first (as ``+ python ...``); with ``torchrun=N`` the
+    arguments (``-m module ...``) run under torchrun on N CPU ranks of this machine. Fails on a non-zero exit.
+    -> (seconds, its stdout if ``capture``, else "": the output then goes to the terminal)."""
+    import subprocess
+    if torchrun:
+        from pipeline.distributed import local_launch_command
+        cmd = local_launch_command(torchrun, list(cmd))
+    shown = ["python" if c == sys.executable else c for c in cmd]
+    print("+", " ".join(shlex.quote(str(c)) for c in shown), flush=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with Stopwatch() as sw:
+        proc = subprocess.run([str(c) for c in cmd], cwd=REPO_ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE if capture else None)
+    if proc.returncode:
+        raise SystemExit(f"failed (exit {proc.returncode}): {' '.join(map(str, shown))}")
+    return sw.seconds, proc.stdout or ""
