@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.distributed import free_port, local_launch_command  # noqa: E402
+from pipeline.distributed import local_launch_command  # noqa: E402
 
 
 def randomise(module, seed: int, scale: float = 0.2) -> dict:
@@ -28,12 +28,8 @@ def randomise(module, seed: int, scale: float = 0.2) -> dict:
 @pytest.fixture(scope="session")
 def single_process_group():
     """torch.distributed + megatron-core parallel state for one process, so parallel layers can be built."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    from pipeline.distributed import single_process_parallel_state
+    single_process_parallel_state()
     yield
 
 
