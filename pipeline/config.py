@@ -155,11 +155,12 @@ class TrainConfig:
     hold_steps: int = doc("tri_stage: steps at the peak lr after the warmup", 0)
     init_lr_scale: float = doc("tri_stage: the warmup starts at lr x this", 0.01)
     weight_decay: float = doc("AdamW weight decay (which parameters it spares: train.decay_exempt)", 0.05)
-    decay_exempt: str = doc("parameters weight decay spares: 'reference' (the modality's released recipe: 'beit' for "
-                            "vision, 'none' for speech and text), 'beit' (1-D parameters, biases and cls_token; "
-                            "mask_token and the relative position table decay), 'none' (every parameter decays, as "
-                            "fairseq data2vec v1 audio and text) or '1d' (1-D parameters, biases, cls/mask tokens "
-                            "and the relative position table)", "reference")
+    decay_exempt: str = doc("parameters weight decay spares: 'reference' (the released recipe: with data2vec v1 'beit' "
+                            "for vision, 'none' for speech and text; with data2vec 2.0 'bias'), 'beit' (1-D "
+                            "parameters, biases and cls_token; mask_token and the relative position table decay), "
+                            "'none' (every parameter decays, as fairseq data2vec v1 audio and text), '1d' (1-D "
+                            "parameters, biases, cls/mask tokens and the relative position table) or 'bias' (1-D "
+                            "parameters and biases: fairseq data2vec 2.0)", "reference")
     betas: list = doc("AdamW betas", [0.9, 0.999])
     eps: float = doc("AdamW epsilon", 1e-8)
     grad_clip: float = doc("clip the global gradient norm to this (0: no clipping); written into the DeepSpeed "
@@ -169,8 +170,8 @@ class TrainConfig:
     teacher_precision: str = doc("how the teacher computes when the student runs bf16 (its weights and EMA stay "
                                  "fp32): 'autocast' (bf16 matmuls, like fairseq's fp16 teacher for data2vec speech "
                                  "and text), 'fp32' (outside autocast, like BEiT's teacher for data2vec vision; "
-                                 "slower) or 'reference' (the modality's release: fp32 for vision, autocast for "
-                                 "speech and text)", "reference")
+                                 "slower) or 'reference' (the release: with data2vec v1 fp32 for vision, autocast "
+                                 "for speech and text; with data2vec 2.0 autocast)", "reference")
     activation_checkpointing: bool = doc("keep only each block's input for the student's backward and recompute the "
                                          "block then (torch.utils.checkpoint, dropout masks replayed): the block "
                                          "activations shrink to one block's plus an (s, b, D) tensor per block, for "
@@ -206,7 +207,7 @@ class TrainConfig:
         require(self.output_dir.strip() != "", "train.output_dir must not be empty: checkpoints and logs go there")
         one_of("train.precision", self.precision, ("auto", "bf16", "fp32"))
         one_of("train.teacher_precision", self.teacher_precision, ("reference", "autocast", "fp32"))
-        one_of("train.decay_exempt", self.decay_exempt, ("reference", "beit", "none", "1d"))
+        one_of("train.decay_exempt", self.decay_exempt, ("reference", "beit", "none", "1d", "bias"))
         one_of("train.resume_damaged", self.resume_damaged, ("error", "previous"))
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                 f"train.betas={self.betas} must be two numbers in [0, 1)")

@@ -194,7 +194,7 @@ class ShardStream(IterableDataset):
         """Collate stacks the modality's fixed-shape keys: an example whose shapes differ from this stream's
         first good example (e.g. a text block a token short) is a bad sample, skipped and counted here
         rather than a crash in collate."""
-        shapes = {key: tuple(example[key].shape) for key in self.modality.fixed_shape_keys}
+        shapes = {key: tuple(example[key].shape) for key in self.modality.fixed_shape_keys if key in example}
         if self.shapes is None:
             self.shapes = shapes
         if shapes == self.shapes:

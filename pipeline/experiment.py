@@ -10,7 +10,9 @@ from typing import Any
 from pipeline.config import (ConfigError, DataConfig, EncoderConfig, ParallelConfig, TrainConfig, apply_overrides,
                              build_dataclass, config_dict, field_help, load_yaml, require)
 from pipeline.ema import EMAConfig
+from pipeline.methods import METHODS
 from pipeline.modalities import MODALITIES
+from pipeline.model.decoder import DecoderConfig
 from pipeline.monitor import EvalConfig
 from pipeline.objective import CollapseConfig, ObjectiveConfig
 from pipeline.warm_start import InitConfig
@@ -20,6 +22,7 @@ from pipeline.warm_start import InitConfig
 class ExperimentConfig:
     modality: str
     model: Any  # the modality's own config dataclass
+    method: str = "data2vec"  # 'data2vec' (v1) or 'data2vec2' (data2vec 2.0)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -29,25 +32,33 @@ class ExperimentConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     init: InitConfig = field(default_factory=InitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
     def make_modality(self):
-        return MODALITIES[self.modality](self.model)
+        return MODALITIES[self.modality](self.model, visible_only=METHODS[self.method].visible_only)
+
+    def make_method(self, modality=None):
+        return METHODS[self.method](self, modality or self.make_modality())
 
 
 SECTIONS = {"encoder": EncoderConfig, "objective": ObjectiveConfig, "ema": EMAConfig, "collapse": CollapseConfig,
             "data": DataConfig, "train": TrainConfig, "parallel": ParallelConfig, "init": InitConfig,
-            "eval": EvalConfig}
+            "eval": EvalConfig, "decoder": DecoderConfig}
 
 
 def build_experiment(raw: dict) -> ExperimentConfig:
     raw = dict(raw)
     name = raw.pop("modality", None)
     require(name in MODALITIES, f"'modality' must be one of {sorted(MODALITIES)}, got {name!r}")
+    method = raw.pop("method", "data2vec")
+    require(method in METHODS, f"'method' must be one of {sorted(METHODS)} (data2vec: v1; data2vec2: data2vec 2.0), "
+                               f"got {method!r}")
     model = build_dataclass(MODALITIES[name].Config, raw.pop("model", {}), "model")
     unknown = set(raw) - set(SECTIONS)
-    require(not unknown, f"unknown config section(s) {sorted(unknown)}; valid: modality, model, {', '.join(SECTIONS)}")
+    require(not unknown, f"unknown config section(s) {sorted(unknown)}; valid: modality, method, model, "
+                         f"{', '.join(SECTIONS)}")
     sections = {key: build_dataclass(cls, raw.get(key, {}), key) for key, cls in SECTIONS.items()}
-    cfg = ExperimentConfig(modality=name, model=model, **sections)
+    cfg = ExperimentConfig(modality=name, model=model, method=method, **sections)
     check_consistency(cfg)
     return cfg
 
@@ -55,6 +66,8 @@ def build_experiment(raw: dict) -> ExperimentConfig:
 def check_consistency(cfg: ExperimentConfig) -> None:
     """Cross-component rules (each component validated its own fields already)."""
     enc = cfg.encoder
+    problems = METHODS[cfg.method].problems(cfg)
+    require(not problems, f"method: {cfg.method}: " + "; ".join(problems))
     require(cfg.objective.top_k <= enc.depth,
             f"objective.top_k={cfg.objective.top_k} exceeds encoder.depth={enc.depth}")
     require(enc.heads % cfg.parallel.tp == 0,
@@ -82,7 +95,9 @@ def experiment_dict(cfg: ExperimentConfig) -> dict:
 
 def config_help() -> str:
     """Every config key with its default and help text, per section (for --help)."""
-    lines = ["config keys (set in the YAML preset or override as key.sub=value):"]
+    lines = ["config keys (set in the YAML preset or override as key.sub=value):",
+             f"  method (default \"data2vec\"): the pretraining method, one of {', '.join(sorted(METHODS))} "
+             f"(data2vec2: data2vec 2.0, with the [decoder] section)"]
     for modality in MODALITIES.values():
         lines.append(f"  [model] for modality={modality.name}")
         lines += [f"    {k} (default {json.dumps(d)}): {h}" for k, d, h in field_help(modality.Config, "model")]

@@ -27,6 +27,11 @@ class ObjectiveConfig:
     beta: float = doc("Smooth L1 beta", 2.0)
     reduce_dim: str = doc("per masked position: 'sum' or 'mean' over the D target dimensions", "mean")
     scale: str = doc("per-position loss scale: 'none' or 'inv_sqrt_dim' (1/sqrt(D))", "none")
+    cls_loss: float = doc("data2vec 2.0 images: weight of the CLS loss, the regression of each clone's CLS output on "
+                          "the mean of its sample's targets (same per-position loss), averaged over the clones of the "
+                          "global batch and added to the masked-position mean. fairseq's cls_loss 0.01 weights a per-GPU "
+                          "sum, i.e. 0.01 x clones per GPU here (0.01 x 16 images x 16 clones = 2.56 for ViT-B); this "
+                          "form does not change with the number of GPUs. 0: off", 0.0)
 
     def __post_init__(self):
         require(self.top_k >= 1, "objective.top_k must be >= 1")
@@ -36,6 +41,7 @@ class ObjectiveConfig:
         require(self.beta > 0, "objective.beta must be > 0 (use objective.loss=l2 for a squared loss)")
         one_of("objective.reduce_dim", self.reduce_dim, ("sum", "mean"))
         one_of("objective.scale", self.scale, ("none", "inv_sqrt_dim"))
+        require(self.cls_loss >= 0, "objective.cls_loss must be >= 0")
 
 
 def normalise(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -74,6 +80,12 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor, cfg: Objecti
     if cfg.scale == "inv_sqrt_dim":
         per_position = per_position / math.sqrt(prediction.shape[-1])
     return per_position.sum()
+
+
+def class_targets(targets: torch.Tensor, clones: int) -> torch.Tensor:
+    """data2vec 2.0's CLS target: the mean over positions of each sample's (B, T, D) targets, one row per clone
+    (B x M, D)."""
+    return targets.mean(1).repeat_interleave(clones, 0)
 
 
 def moment_stats(x: torch.Tensor) -> torch.Tensor:

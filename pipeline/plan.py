@@ -162,22 +162,22 @@ def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, list[int
     Built once per (model, tp) on the meta device with a TP=1 layer config; split parameters are
     divided by ``tp`` along megatron's ``partition_dim`` (which must divide evenly).
     """
-    key = json.dumps([cfg.modality, dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.encoder), tp],
-                     sort_keys=True, default=str)
+    key = json.dumps([cfg.modality, cfg.method, dataclasses.asdict(cfg.model), dataclasses.asdict(cfg.encoder),
+                      dataclasses.asdict(cfg.decoder), tp], sort_keys=True, default=str)
     if key in _SHAPES:
         return _SHAPES[key]
     import torch
 
     from pipeline.distributed import model_parallel_config
-    from pipeline.model.data2vec import Student, teacher_parameter_name
+    from pipeline.model.data2vec import teacher_parameter_name
 
     _ensure_parallel_state()
     model_cfg = cfg.model
     if hasattr(model_cfg, "vocab_multiple"):  # build the vocabulary padded as at TP=tp (a multiple of 128 x tp)
         model_cfg = dataclasses.replace(model_cfg, vocab_multiple=model_cfg.vocab_multiple * tp)
-    modality = type(cfg.make_modality())(model_cfg)
+    modality = type(cfg.make_modality())(model_cfg, cfg.make_modality().visible_only)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        student = Student(modality, cfg.encoder, model_parallel_config(1))
+        student = cfg.make_method(modality).build_student(model_parallel_config(1))
     infos, tree, index = [], [], {}
     for mod_name, module in student.named_modules():
         index[id(module)] = len(tree)
@@ -338,15 +338,7 @@ def sequence_length(cfg) -> int:
 
 
 def masked_fraction(cfg) -> float:
-    m = cfg.model
-    if cfg.modality == "vision":
-        return m.num_masked / m.grid ** 2
-    if cfg.modality == "speech":
-        return 1.0 - math.exp(-m.mask_prob)  # overlapping spans: ~48% of frames at 0.65
-    if cfg.modality == "text":
-        keep = 1.0 - m.random_token_prob - m.leave_unmasked_prob
-        return m.mask_prob * (keep if m.loss_on == "mask_token" else 1.0)
-    return 1.0
+    return cfg.make_modality().masked_share()
 
 
 def block_activation_bytes(enc, s: int, b: int, tp: int, a: int, fused: bool) -> tuple[float, float]:

@@ -20,11 +20,11 @@ from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_sum
 from pipeline.ema import ShardedEMA, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger, step_summary, summary_values
-from pipeline.model.data2vec import Backbone, Student, teacher_parameter_name
-from pipeline.model.transformer import layerdrop_choice, matmul_flops_per_token
+from pipeline.model.data2vec import Backbone, teacher_parameter_name
+from pipeline.model.transformer import layerdrop_choice
 from pipeline.monitor import FeatureMonitor
-from pipeline.objective import (collapse_alarm, moment_stats, position_share, position_stats, projection, regression_loss,
-                                std_from_stats, teacher_targets)
+from pipeline.objective import (class_targets, collapse_alarm, moment_stats, position_share, position_stats, projection,
+                                regression_loss, std_from_stats, teacher_targets)
 
 log = logging.getLogger("pipeline")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -39,7 +39,8 @@ def catch_early_signals() -> None:
 
 # train.decay_exempt -> the parameters AdamW's weight decay leaves alone
 EXEMPT_SUFFIXES = {"beit": (".bias", "cls_token"),  # + every 1-D parameter (BEiT optim_factory.get_parameter_groups)
-                   "1d": ("bias", "cls_token", "mask_token", "rel_pos_bias.table")}  # + every 1-D parameter
+                   "1d": ("bias", "cls_token", "mask_token", "rel_pos_bias.table"),  # + every 1-D parameter
+                   "bias": (".bias",)}  # + every 1-D parameter (fairseq data2vec2.py)
 
 
 class CollapseError(RuntimeError):
@@ -58,9 +59,9 @@ def shares_local_encoder(modality, ema: ShardedEMA) -> bool:
 
 
 def decay_rule(cfg: ExperimentConfig) -> str:
-    """train.decay_exempt with 'reference' resolved to the modality's released recipe."""
+    """train.decay_exempt with 'reference' resolved to the released recipe (the method's, for the modality)."""
     rule = cfg.train.decay_exempt
-    return cfg.make_modality().decay_exempt if rule == "reference" else rule
+    return cfg.make_method().decay_exempt() if rule == "reference" else rule
 
 
 def decays(name: str, ndim: int, rule: str) -> bool:
@@ -112,6 +113,7 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, rt: Runtime, ds_base: dict, shards: list[str]):
         self.cfg, self.rt, self.shards = cfg, rt, shards
         self.modality = cfg.make_modality()
+        self.method = cfg.make_method(self.modality)
         tcfg = cfg.train
         self.ds_student = student_ds_config(ds_base, tcfg.micro_batch_size, tcfg.grad_accum, rt.dp, rt.choice.dtype,
                                             tcfg.grad_clip)
@@ -135,7 +137,7 @@ class Trainer:
         mp = model_parallel_config(rt.tp)
         torch.manual_seed(cfg.train.seed)
         # dtypes come from the DeepSpeed configs: the student's bf16 section (on GPU), the teacher's fp32
-        student = build_sharded(lambda: Student(self.modality, cfg.encoder, mp), self.ds_student, rt)
+        student = build_sharded(lambda: self.method.build_student(mp), self.ds_student, rt)
         student.backbone.encoder.recompute = cfg.train.activation_checkpointing
         teacher = build_sharded(lambda: Backbone(self.modality, cfg.encoder, mp), self.ds_teacher, rt)
         teacher.requires_grad_(False)
@@ -176,11 +178,12 @@ class Trainer:
         """Whether the teacher computes under the student's autocast (train.teacher_precision, 'reference':
         the modality's release)."""
         rule = self.cfg.train.teacher_precision
-        rule = self.modality.teacher_precision if rule == "reference" else rule
+        rule = self.method.teacher_precision() if rule == "reference" else rule
         return self.rt.choice.autocast and rule == "autocast"
 
-    def student_forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return self.engine(inputs, mask, self.layers_to_drop(), index)  # (M, D) predictions at masked positions
+    def student_forward(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor, index: torch.Tensor):
+        """-> Predictions: (N, D) at the scored positions (and the CLS outputs, for objective.cls_loss)."""
+        return self.method.predict(self.engine, inputs, mask, self.layers_to_drop(), index)
 
     def layers_to_drop(self) -> tuple[int, ...]:
         """Layerdrop: the same blocks on every rank, drawn from (seed, step, micro-batch) so a resumed
@@ -190,9 +193,9 @@ class Trainer:
 
     def on_host(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Work on the CPU batch before it goes to the device, so that nothing in the step waits for the device:
-        the masked positions as a flat index (row-major, as ``mask``'s True entries) and the modality's own."""
-        batch["masked_index"] = batch["mask"].flatten().nonzero().squeeze(1)
-        return self.modality.on_host(batch)
+        the modality's own (text: where the padding is), then the method's (the scored positions as flat indices
+        into the student's and the teacher's rows; data2vec 2.0: each clone's visible positions)."""
+        return self.method.on_host(self.modality.on_host(batch))
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, bool]:
         """Targets, predictions, loss, backward. -> (the micro-batch's SUMMARY on the device, all ranks agreeing on
@@ -201,32 +204,42 @@ class Trainer:
         if self.micro == 0 and self.cfg.encoder.layerdrop > 0:
             self.clear_gradients()
         batch = to_device(self.on_host(batch), self.rt.device, self.rt.choice.dtype)
-        mask, index = batch.pop("mask"), batch.pop("masked_index")
+        mask, index, target_index = batch.pop("mask"), batch.pop("masked_index"), batch.pop("target_index")
         student_batch, teacher_batch = self.shared_inputs(batch)
         all_targets = self.teacher_targets(teacher_batch)  # (B, T, D)
-        targets = all_targets.flatten(0, 1).index_select(0, index)  # (M, D)
-        prediction = self.student_forward(student_batch, mask, index)  # (M, D)
-        loss_sum = regression_loss(prediction, targets, self.cfg.objective)
-        # one all-reduce over data-parallel ranks: loss, target and prediction moments, the targets' per-position
+        targets = all_targets.flatten(0, 1).index_select(0, target_index)  # (N, D)
+        predictions = self.student_forward(student_batch, mask, index)
+        obj, clones = self.cfg.objective, self.modality.clones
+        losses = [regression_loss(predictions.masked, targets, obj)]
+        if predictions.cls is not None and obj.cls_loss > 0:
+            losses.append(regression_loss(predictions.cls, class_targets(all_targets, clones), obj))
+        # one all-reduce over data-parallel ranks: loss sums, target and prediction moments, the targets' per-position
         # statistics (content collapse), the batch's samples and positions (they vary per rank with
         # data.max_tokens), stop and requeue flags
-        counts = torch.tensor([mask.shape[0], mask.numel(), self.stop_requested, self.requeue_requested],
-                              dtype=torch.float32).to(loss_sum.device, non_blocking=True)
-        parts = [loss_sum.detach().float().view(1), moment_stats(targets), moment_stats(prediction),
+        samples = mask.shape[0] // clones
+        counts = torch.tensor([samples, samples * mask.shape[1], self.stop_requested, self.requeue_requested],
+                              dtype=torch.float32).to(targets.device, non_blocking=True)
+        parts = [torch.stack(losses + [losses[0] * 0] * (2 - len(losses))).detach().float(), moment_stats(targets),
+                 moment_stats(predictions.masked),
                  position_stats(all_targets, self.basis, self.modality.valid_positions(batch)), counts]
         stats = torch.cat(parts)
         all_reduce_sum(stats, self.rt.dp_group)
         loss, target_stats, prediction_stats, position, extra = stats.split([p.numel() for p in parts])
         flags = agree_any(extra[2:], self.rt)
         masked = target_stats[0].clamp_min(1.0)  # a batch may (rarely, for text) select no position at all
-        summary = torch.stack([loss[0] / masked, std_from_stats(target_stats), std_from_stats(prediction_stats),
-                               position_share(position), extra[0], extra[1], flags[0], flags[1]])
+        rows = extra[0] * clones  # the global batch's clone rows (the CLS loss averages over them)
+        summary = torch.stack([loss[0] / masked + obj.cls_loss * loss[1] / rows, std_from_stats(target_stats),
+                               std_from_stats(prediction_stats), position_share(position), extra[0], extra[1], flags[0],
+                               flags[1]])
         skip_rule = self.cfg.collapse.action == "skip" and self.step >= self.cfg.collapse.after_steps
         if skip_rule and self.collapse_check(self.step, summary.tolist()):
             return summary, True
-        # The loss is normalised by the global masked count; DeepSpeed averages gradients over the
-        # data-parallel ranks, so scale by dp to get the gradient of the global loss.
-        self.engine.backward(loss_sum * (self.rt.dp / masked))
+        # The loss is normalised by the global masked count (and the CLS loss by the global row count); DeepSpeed
+        # averages gradients over the data-parallel ranks, so scale by dp to get the gradient of the global loss.
+        total = losses[0] * (self.rt.dp / masked)
+        if len(losses) > 1:
+            total = total + losses[1] * (obj.cls_loss * self.rt.dp / rows)
+        self.engine.backward(total)
         return summary, False
 
     def shared_inputs(self, batch: dict) -> tuple[dict, dict]:
@@ -314,13 +327,10 @@ class Trainer:
         return samples * self.flops_per_sample(round(positions / max(samples, 1.0)))
 
     def flops_per_sample(self, tokens: int | None = None) -> float:
-        """Model FLOPs of the full data2vec step per sample of ``tokens`` positions (default: the
-        modality's nominal length): student forward + backward (3x forward), teacher forward (1x)."""
-        enc, mod = self.cfg.encoder, self.modality
-        tokens = tokens or mod.tokens_per_sample()
-        seq = tokens + mod.prefix_tokens
-        forward = mod.embed_flops_per_sample(enc, tokens) + seq * matmul_flops_per_token(enc, seq)
-        return 4 * forward - (mod.shared_flops_per_sample(enc, tokens) if self.share_features else 0.0)
+        """Model FLOPs of the full training step per sample of ``tokens`` positions (default: the modality's
+        nominal length): the method's teacher forward, student forward + backward and decoder (if any)."""
+        return sum(self.method.flops_per_sample(tokens or self.modality.tokens_per_sample(),
+                                                self.share_features).values())
 
     def resume(self, path: Path | None) -> bool:
         """Load ``path`` or the latest complete checkpoint of this run; False when there is none."""

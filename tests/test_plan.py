@@ -142,10 +142,10 @@ def test_json_splits_communication_into_inter_and_intra_node(single_process_grou
 def test_text_tp_split_matches_the_padded_vocabulary(single_process_group):
     """TP-local shapes x TP over split parameters + replicated ones = the TP-shaped model (vocab padded to 128 x TP)."""
     from pipeline.plan import param_infos
-    from test_configs import expected_text_params
+    from test_configs import expected_student_extra, expected_text_params
     cfg = load_experiment(ROOT / "configs/text_tiny.yaml", ["parallel.tp=2"])
     infos, _ = param_infos(cfg, 2)
-    assert sum(i.numel * (2 if i.split else 1) for i in infos) == expected_text_params(cfg)
+    assert sum(i.numel * (2 if i.split else 1) for i in infos) == expected_text_params(cfg) + expected_student_extra(cfg)
     tokens = next(i for i in infos if i.name.endswith("embed.tokens.weight"))
     assert tokens.split and tokens.numel == cfg.model.padded_vocab(2) // 2 * cfg.encoder.dim
     assert {i.name.rsplit(".", 2)[-2] for i in infos if i.split} >= {"query", "key", "value", "out", "fc1", "fc2"}

@@ -18,6 +18,7 @@ import torch.nn as nn
 from megatron.core.model_parallel_config import ModelParallelConfig
 
 from pipeline.config import EncoderConfig
+from pipeline.model.decoder import ConvDecoder, DecoderConfig
 
 
 class Modality(abc.ABC):
@@ -33,9 +34,18 @@ class Modality(abc.ABC):
     # teacher parameters of a local encoder the teacher can share with the student when they are copied, not
     # averaged (the embedder's ``features(batch)`` gives its output; ``batch["features"]`` takes it back)
     shared_prefixes: ClassVar[tuple[str, ...]] = ()
+    decoder_dims: ClassVar[int] = 1  # data2vec 2.0's decoder convolves over time (1) or the patch grid (2)
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, visible_only: bool = False):
         self.cfg = cfg
+        # the method's student encodes only the visible positions (data2vec 2.0): examples mark the positions it
+        # leaves out (same count in every row) instead of corrupting the input for a mask embedding
+        self.visible_only = visible_only
+
+    @property
+    def clones(self) -> int:
+        """Masked clones of each sample that share one teacher pass (``model.clone_batch``)."""
+        return getattr(self.cfg, "clone_batch", 1)
 
     # -- data side (DataLoader workers) -------------------------------------------------------
     @abc.abstractmethod
@@ -44,8 +54,13 @@ class Modality(abc.ABC):
         ``rng`` is seeded per sample, so decoding is reproducible for exact resume."""
 
     def collate(self, examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Examples -> a batch holding the model inputs and a bool ``mask`` (B, T), True = masked."""
-        return {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]}
+        """Examples -> a batch holding the model inputs and a bool ``mask`` (B x M, T), True = masked: the M
+        clones of sample b are rows b*M .. b*M+M-1 (an example's (M, T) masks are stacked row by row)."""
+        batch = {key: torch.stack([ex[key] for ex in examples]) for key in examples[0]}
+        for key in CLONED_KEYS:
+            if key in batch and batch[key].dim() == 3:  # (B, M, T) -> (B x M, T)
+                batch[key] = batch[key].flatten(0, 1)
+        return batch
 
     def eval_inputs(self, sample: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Raw shard sample -> one example's model inputs (batch of 1), decoded with no augmentation, no crop
@@ -71,14 +86,24 @@ class Modality(abc.ABC):
     # -- model side ---------------------------------------------------------------------------
     @abc.abstractmethod
     def build_embedder(self, enc: EncoderConfig, mp: ModelParallelConfig) -> nn.Module:
-        """Module: ``forward(batch, mask) -> (tokens (B, prefix+T, D), attn_bias or None)``; masked
-        positions (mask (B, T) True) are replaced by the learned mask embedding when mask is given."""
+        """Module: ``forward(batch, mask=None, visible=None) -> (tokens (R, prefix+T', D), attn_bias or None)``.
+        Teacher: neither given, R = B, all T positions. v1 student: masked positions (mask (B, T) True) replaced
+        by the learned mask embedding. data2vec 2.0 student: ``visible`` (B x M, K) holds the positions each
+        clone keeps (``mask`` its complement): R = B x M rows of those K positions only (``visible_rows``)."""
+
+    def build_decoder(self, enc: EncoderConfig, dec: DecoderConfig) -> nn.Module:
+        """data2vec 2.0's decoder over (R, T, D) sequences (1-D convolutions over time by default)."""
+        return ConvDecoder(dec, enc.dim)
 
     def build_head(self, enc: EncoderConfig, mp: ModelParallelConfig) -> nn.Module:
         """Student regression head (v1 audio/vision: Linear(D, D))."""
         return nn.Linear(enc.dim, enc.dim)
 
     # -- accounting ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def masked_share(self) -> float:
+        """Nominal share of a sample's positions that carry loss (the planner's and the FLOP counts' figure)."""
+
     @abc.abstractmethod
     def tokens_per_sample(self) -> int:
         """Nominal positions the encoder sees per sample (excluding prefix tokens)."""
@@ -94,3 +119,20 @@ class Modality(abc.ABC):
     def shared_flops_per_sample(self, enc: EncoderConfig, tokens: int | None = None) -> float:
         """The part of ``embed_flops_per_sample`` that ``shared_prefixes`` compute (saved when shared)."""
         return 0.0
+
+    def clone_flops_per_sample(self, enc: EncoderConfig, tokens: int | None = None) -> float:
+        """The part of ``embed_flops_per_sample`` a data2vec 2.0 student computes once per clone rather than once
+        per sample (speech: the positional convolutions over each clone's masked sequence)."""
+        return 0.0
+
+
+CLONED_KEYS = ("mask", "student_tokens")  # example keys holding one row per masked clone
+
+
+def visible_rows(x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) per-sample values -> (B x M, K, ...): row r (clone r % M of sample r // M) keeps the positions
+    ``visible[r]`` (B x M, K). Indices are formed on the device from ``visible``: nothing waits for it."""
+    rows, kept = visible.shape
+    owner = torch.arange(rows, device=visible.device) // (rows // x.shape[0]) * x.shape[1]  # first flat row of r's sample
+    flat = (visible + owner[:, None]).flatten()
+    return x.flatten(0, 1).index_select(0, flat).view(rows, kept, *x.shape[2:])

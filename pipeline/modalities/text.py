@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from pipeline.config import EncoderConfig, doc, one_of, require
-from pipeline.modalities.base import Modality
+from pipeline.modalities.base import Modality, visible_rows
 from pipeline.model.transformer import InitEmbedding, InitLinear, weight_init
 
 TOKEN_KEYS = {"u16": np.uint16, "i32": np.int32}
@@ -41,21 +41,25 @@ class TextConfig:
     mask_id: int = doc("<mask> id", 4)
     max_positions: int = doc("learned positions", 512)
     vocab_multiple: int = doc("pad the embedding rows to a multiple of this x parallel.tp", 128)
-    masking: str = doc("'bert' (independent tokens) or 'span' (spans of span_length, overlaps merge: fairseq "
-                       "mask_multiple_length)", "bert")
+    masking: str = doc("'bert' (independent tokens), 'span' (spans of span_length, overlaps merge: fairseq "
+                       "mask_multiple_length) or 'random' (exactly int(mask_prob x n) tokens; data2vec 2.0 removes "
+                       "L - int(L x (1 - mask_prob)) of the block's L positions from every clone, <pad> included, and "
+                       "scores the non-pad ones)", "bert")
     mask_prob: float = doc("span starts are int(mask_prob x tokens / span length + u): BERT 0.15; data2vec's "
                            "released text recipe 0.35 with spans of 4, which masks about 30.7% at 512 tokens", 0.15)
     span_length: int = doc("span length for masking='span'", 4)
     random_token_prob: float = doc("of the selected, fraction replaced by a random token", 0.1)
     leave_unmasked_prob: float = doc("of the selected, fraction left unchanged", 0.1)
     loss_on: str = doc("'mask_token' (only <mask> positions carry loss, as the reference) or 'selected'", "mask_token")
+    clone_batch: int = doc("masked clones of each block sharing one teacher pass (data2vec 2.0: 8)", 1)
     mask_specials: bool = doc("<s>, </s>, <unk> can be selected for masking, as fairseq's MaskTokensDataset (<pad> "
                               "never is)", True)
 
     def __post_init__(self):
         specials = {self.pad_id, self.bos_id, self.eos_id, self.unk_id, self.mask_id}
         require(len(specials) == 5 and max(specials) < self.vocab_size, "model.*_id must be 5 distinct ids < vocab_size")
-        one_of("model.masking", self.masking, ("bert", "span"))
+        one_of("model.masking", self.masking, ("bert", "span", "random"))
+        require(1 <= self.clone_batch <= 256, f"model.clone_batch={self.clone_batch} must be in [1, 256]")
         one_of("model.loss_on", self.loss_on, ("mask_token", "selected"))
         require(0 < self.mask_prob < 1, "model.mask_prob must be in (0, 1)")
         require(self.random_token_prob + self.leave_unmasked_prob < 1,
@@ -74,8 +78,11 @@ class TextConfig:
 def select_positions(candidates: list[int], cfg: TextConfig, rng: random.Random) -> list[int]:
     """fairseq MaskTokensDataset: int(mask_prob * n / L + u) distinct span starts among the n candidates
     (u ~ U[0, 1): probabilistic rounding), each extended to L = span_length candidates (1 for 'bert');
-    overlapping spans merge and spans are cut at the end, so spans mask about mask_prob x n or fewer."""
+    overlapping spans merge and spans are cut at the end, so spans mask about mask_prob x n or fewer.
+    'random': exactly int(mask_prob x n) of them."""
     n = len(candidates)
+    if cfg.masking == "random":
+        return sorted(rng.sample(candidates, int(cfg.mask_prob * n)))
     length = cfg.span_length if cfg.masking == "span" else 1
     starts = rng.sample(range(n), min(n, int(cfg.mask_prob * n / length + rng.random())))
     return sorted({candidates[i] for s in starts for i in range(s, min(s + length, n))})
@@ -105,6 +112,19 @@ def corrupt(tokens: torch.Tensor, cfg: TextConfig, rng: random.Random):
     return torch.tensor(student, dtype=torch.long), loss
 
 
+def removed_positions(content: torch.Tensor, ratio: float, rng: random.Random) -> torch.Tensor:
+    """(L,) bool, True at the L - int(L x (1 - ratio)) positions a data2vec 2.0 student leaves out, drawn
+    uniformly (fairseq random_masking, MAE's): every block of one length removes the same count. ``content`` (L,)
+    marks the non-pad tokens: one of them always stays visible, so no clone attends to padding alone."""
+    length = content.numel()
+    mask = torch.zeros(length, dtype=torch.bool)
+    mask[rng.sample(range(length), length - int(length * (1 - ratio)))] = True
+    if bool(content.any()) and not bool((content & ~mask).any()):  # every token removed: swap one back in
+        mask[rng.choice(content.nonzero().flatten().tolist())] = False
+        mask[rng.choice((~mask & ~content).nonzero().flatten().tolist())] = True
+    return mask
+
+
 # ---------------------------------------------------------------------------------------------
 # Model parts
 # ---------------------------------------------------------------------------------------------
@@ -120,17 +140,21 @@ class TextEmbedder(nn.Module):
         self.norm = nn.LayerNorm(enc.dim, eps=enc.layer_norm_eps)
         self.dropout = nn.Dropout(enc.dropout)
 
-    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
-        tokens = batch["tokens"] if mask is None else batch["student_tokens"]  # (B, T)
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
+                visible: torch.Tensor | None = None):
+        tokens = batch["tokens"] if mask is None or visible is not None else batch["student_tokens"]  # (B, T)
         not_pad = tokens.ne(self.pad_id)
         positions = torch.cumsum(not_pad, 1) * not_pad + self.pad_id  # RoBERTa numbering
         x = self.dropout(self.norm(self.tokens(tokens) + self.positions(positions)))
         # full_sentences blocks have no <pad>; complete_doc blocks do, and pads leave attention. The trainer decides
         # on the CPU (Text.on_host: pad_mask); other callers let the embedder look, which reads the device once.
         pads = batch["pad_mask"] if "pad_mask" in batch else (~not_pad if not bool(not_pad.all()) else None)
+        if visible is not None:  # data2vec 2.0: each clone's visible positions only, (B x M, K, D)
+            x = visible_rows(x, visible)
+            pads = None if pads is None else visible_rows(pads, visible)
         if pads is None:
             return x, None
-        attn_bias = torch.zeros(tokens.shape, dtype=x.dtype, device=x.device).masked_fill(pads, float("-inf"))
+        attn_bias = torch.zeros(pads.shape, dtype=x.dtype, device=x.device).masked_fill(pads, float("-inf"))
         return x, attn_bias[:, None, None, :]  # (B, 1, 1, T)
 
 
@@ -154,6 +178,10 @@ class Text(Modality):
 
     def example(self, sample, rng):
         tokens = self.decode(sample)
+        if self.visible_only:  # data2vec 2.0: which positions each clone leaves out; nothing is corrupted
+            content = tokens.ne(self.cfg.pad_id)
+            masks = [removed_positions(content, self.cfg.mask_prob, rng) for _ in range(self.cfg.clone_batch)]
+            return {"tokens": tokens, "mask": masks[0] if len(masks) == 1 else torch.stack(masks)}
         student, mask = corrupt(tokens, self.cfg, rng)
         return {"tokens": tokens, "student_tokens": student, "mask": mask}
 
@@ -202,5 +230,12 @@ class Text(Modality):
     def tokens_per_sample(self):
         return self.cfg.max_positions
 
+    def masked_share(self):
+        m = self.cfg
+        if self.visible_only:
+            return m.mask_prob
+        keep = 1.0 - m.random_token_prob - m.leave_unmasked_prob
+        return m.mask_prob * (keep if m.loss_on == "mask_token" else 1.0)
+
     def sample_bytes(self):
-        return (8 + 8 + 1) * self.cfg.max_positions  # int64 tokens and student tokens + bool mask
+        return (8 + (8 + 1) * self.cfg.clone_batch) * self.cfg.max_positions  # int64 tokens, student tokens, masks

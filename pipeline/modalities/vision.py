@@ -1,8 +1,13 @@
-"""Vision: data2vec v1 / BEiT-style ViT with block-wise masking.
+"""Vision: data2vec v1 / BEiT-style ViT with block-wise masking, and data2vec 2.0's ViT with inverse block masking.
 
-Patch 16 embedding, CLS token, learned mask token, pre-LN blocks with layer scale and a
-relative position bias shared by all blocks (q and v biases, no k bias): the shapes of
-transformers' ``Data2VecVisionModel``.
+v1 (``model.positions: relative``): patch 16 embedding, CLS token, learned mask token, pre-LN blocks with layer
+scale and a relative position bias shared by all blocks (q and v biases, no k bias): the shapes of transformers'
+``Data2VecVisionModel``.
+
+2.0 (``model.positions: sincos``, ``model.masking: inverse_block``): patch embedding plus fixed 2-D sin-cos
+positions (MAE), a CLS token, LayerNorm, post-LN blocks; the student sees only the patches its mask keeps
+(``SinCosPatchEmbedder``), which are grown as 3 x 3 blocks of *kept* patches (``inverse_block_mask``), and a
+2-D convolutional decoder predicts the rest.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import torch.nn as nn
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from PIL import Image, ImageEnhance
 
-from pipeline.config import EncoderConfig, doc, require
-from pipeline.modalities.base import Modality
+from pipeline.config import EncoderConfig, doc, one_of, require
+from pipeline.modalities.base import Modality, visible_rows
+from pipeline.model.decoder import ConvDecoder
 from pipeline.model.transformer import InitConv2d, InitLinear, weight_init
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -29,7 +35,17 @@ class VisionConfig:
     image_size: int = doc("square crop size fed to the model", 224)
     patch_size: int = doc("ViT patch size", 16)
     in_chans: int = doc("image channels", 3)
-    mask_ratio: float = doc("fraction of patches masked (BEiT/data2vec: 0.6 = 120 of 196)", 0.6)
+    mask_ratio: float = doc("fraction of patches masked (BEiT/data2vec: 0.6 = 120 of 196; data2vec 2.0: 0.8 B / "
+                            "0.75 L)", 0.6)
+    masking: str = doc("'block' (BEiT's block-wise masking, data2vec v1) or 'inverse_block' (data2vec 2.0: blocks of "
+                       "model.keep_block x model.keep_block patches are kept, the rest masked)", "block")
+    keep_block: int = doc("inverse_block: side of each square block of kept patches", 3)
+    keep_adjust: float = doc("inverse_block: extra share of patches drawn as block centres before the count is "
+                             "trimmed to exact (fairseq mask_prob_adjust: 0.07 B, 0.1 L)", 0.07)
+    positions: str = doc("'relative' (BEiT's shared relative position bias and a mask token: data2vec v1) or "
+                         "'sincos' (fixed 2-D sin-cos positions, the student sees only visible patches: data2vec 2.0)",
+                         "relative")
+    clone_batch: int = doc("masked clones of each image sharing one teacher pass (data2vec 2.0: 16)", 1)
     min_block_patches: int = doc("smallest block of the block-wise mask, in patches", 16)
     min_aspect: float = doc("smallest block aspect ratio (the largest is its inverse)", 0.3)
     crop_scale: list = doc("RandomResizedCrop area range", [0.08, 1.0])
@@ -46,8 +62,17 @@ class VisionConfig:
         require(self.patch_size > 0 and self.image_size % self.patch_size == 0,
                 f"model.image_size={self.image_size} must be a multiple of model.patch_size={self.patch_size}")
         require(0.0 < self.mask_ratio < 1.0, f"model.mask_ratio={self.mask_ratio} must be in (0, 1)")
-        require(1 <= self.min_block_patches <= self.num_masked,
-                f"model.min_block_patches={self.min_block_patches} must be in [1, {self.num_masked}]")
+        one_of("model.masking", self.masking, ("block", "inverse_block"))
+        one_of("model.positions", self.positions, ("relative", "sincos"))
+        require(1 <= self.clone_batch <= 256, f"model.clone_batch={self.clone_batch} must be in [1, 256]")
+        require(0 < self.num_masked < self.grid ** 2,
+                f"model.mask_ratio={self.mask_ratio} masks {self.num_masked} of {self.grid ** 2} patches; keep some")
+        if self.masking == "block":
+            require(1 <= self.min_block_patches <= self.num_masked,
+                    f"model.min_block_patches={self.min_block_patches} must be in [1, {self.num_masked}]")
+        else:
+            require(1 <= self.keep_block <= self.grid, f"model.keep_block={self.keep_block} must be in [1, {self.grid}]")
+            require(0 <= self.keep_adjust < 1, f"model.keep_adjust={self.keep_adjust} must be in [0, 1)")
         require(0 < self.min_aspect <= 1, "model.min_aspect must be in (0, 1]")
         require(len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
                 "model.crop_scale must be [min, max] with 0 < min <= max <= 1")
@@ -61,7 +86,10 @@ class VisionConfig:
 
     @property
     def num_masked(self) -> int:
-        return int(round(self.mask_ratio * self.grid * self.grid))
+        patches = self.grid * self.grid
+        if self.masking == "inverse_block":  # fairseq compute_block_mask_2d keeps int(L x (1 - mask_prob))
+            return patches - int(patches * (1 - self.mask_ratio))
+        return int(round(self.mask_ratio * patches))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,6 +147,32 @@ def grow_edge(mask: list[list[bool]], rng: random.Random) -> None:
                    for a, b in ((i + 1, j), (i - 1, j), (i, j + 1), (i, j - 1)))]
     i, j = rng.choice(edge or free)
     mask[i][j] = True
+
+
+def inverse_block_mask(grid: int, mask_ratio: float, block: int, adjust: float, rng: random.Random) -> torch.Tensor:
+    """(grid*grid,) bool, True = masked: data2vec 2.0's inverse block masking (fairseq compute_block_mask_2d with
+    inverse_mask). With keep = 1 - mask_ratio, int(L x (keep + adjust) / block^2) centres are drawn with
+    replacement, each keeps the block x block square around it (clamped at the border), then random patches are
+    dropped from or added to the kept set until exactly int(L x keep) are kept; everything else is masked."""
+    patches = grid * grid
+    keep_share = 1 - mask_ratio
+    kept = [[False] * grid for _ in range(grid)]
+    offset = block // 2
+    for _ in range(int(patches * (keep_share + adjust) / block ** 2)):
+        centre = rng.randrange(patches)
+        row, col = divmod(centre, grid)
+        for i in range(row - offset, row - offset + block):
+            for j in range(col - offset, col - offset + block):
+                kept[min(max(i, 0), grid - 1)][min(max(j, 0), grid - 1)] = True
+    flat = [k for row in kept for k in row]
+    on = [i for i, k in enumerate(flat) if k]
+    off = [i for i, k in enumerate(flat) if not k]
+    target = int(patches * keep_share)
+    for i in (rng.sample(on, len(on) - target) if len(on) > target else []):
+        flat[i] = False
+    for i in (rng.sample(off, target - len(on)) if len(on) < target else []):
+        flat[i] = True
+    return ~torch.tensor(flat, dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +271,11 @@ class PatchEmbedder(nn.Module):
             init(p)
         self.rel_pos_bias = RelativePositionBias(cfg.grid, enc.heads, tp)
 
-    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None):
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
+                visible: torch.Tensor | None = None):
+        if visible is not None:
+            raise ValueError("model.positions=relative embeds every patch; method: data2vec2 needs "
+                             "model.positions=sincos")
         x = self.patch(batch["image"]).flatten(2).transpose(1, 2)  # (B, N, D)
         if mask is not None:
             w = mask.unsqueeze(-1).to(x.dtype)
@@ -226,20 +284,73 @@ class PatchEmbedder(nn.Module):
         return x, self.rel_pos_bias()
 
 
+def sincos_positions(dim: int, grid: int) -> torch.Tensor:
+    """(grid*grid, dim) fixed 2-D sin-cos position embedding (MAE's get_2d_sincos_pos_embed, no CLS row): the first
+    half encodes a patch's column, the second its row, each as [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k/(dim/4))."""
+    require(dim % 4 == 0, f"encoder.dim={dim} must be divisible by 4 for 2-D sin-cos positions")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                                indexing="ij")
+    halves = []
+    for coord in (cols.flatten(), rows.flatten()):
+        angles = coord[:, None] * freqs[None, :]
+        halves.append(torch.cat([angles.sin(), angles.cos()], dim=1))
+    return torch.cat(halves, dim=1).float()
+
+
+def xavier_flat(weight: torch.Tensor) -> None:
+    """fairseq data2vec 2.0 / MAE: xavier_uniform over the patch projection seen as a (D, C x p x p) matrix."""
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+
+
+class SinCosPatchEmbedder(nn.Module):
+    """data2vec 2.0's image local encoder: patch embedding + fixed sin-cos positions; the student keeps only its
+    visible patches; CLS prepended (N(0, 1) init, as fairseq's extra token); then LayerNorm (post-LN stacks: fairseq's
+    context-encoder norm) and dropout."""
+
+    def __init__(self, cfg: VisionConfig, enc: EncoderConfig):
+        super().__init__()
+        self.patch = InitConv2d(cfg.in_chans, enc.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size,
+                                init=xavier_flat)
+        self.register_buffer("positions", sincos_positions(enc.dim, cfg.grid), persistent=False)
+        self.cls_token = nn.Parameter(torch.empty(1, 1, enc.dim).normal_())
+        self.norm = nn.Identity() if enc.norm_first else nn.LayerNorm(enc.dim, eps=enc.layer_norm_eps)
+        self.dropout = nn.Dropout(enc.dropout)
+
+    def forward(self, batch: dict[str, torch.Tensor], mask: torch.Tensor | None = None,
+                visible: torch.Tensor | None = None):
+        x = self.patch(batch["image"]).flatten(2).transpose(1, 2) + self.positions.to(batch["image"].dtype)
+        if visible is not None:
+            x = visible_rows(x, visible)  # (B x M, K, D)
+        elif mask is not None:
+            raise ValueError("model.positions=sincos embeds only the visible patches (method: data2vec2); "
+                             "method: data2vec needs model.positions=relative")
+        x = torch.cat([self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(self.norm(x)), None
+
+
 class Vision(Modality):
     name = "vision"
     data_kind = "image"
     Config = VisionConfig
     fixed_shape_keys = ("image", "mask")
     prefix_tokens = 1  # CLS
+    decoder_dims = 2
     decay_exempt = "beit"  # data2vec_vision beit/optim_factory.py: 1-D, .bias and no_weight_decay() = cls_token
     teacher_precision = "fp32"  # beit/engine_for_cyclical.py:66-67: the teacher runs outside autocast
 
     def example(self, sample, rng):
         cfg = self.cfg
         img = augment(self.decode(sample), cfg, rng)
-        mask = block_mask(cfg.grid, cfg.num_masked, cfg.min_block_patches, cfg.min_aspect, rng)
-        return {"image": to_tensor(img, cfg.mean, cfg.std), "mask": mask}
+        masks = [self.mask(rng) for _ in range(cfg.clone_batch)]
+        return {"image": to_tensor(img, cfg.mean, cfg.std), "mask": masks[0] if len(masks) == 1 else torch.stack(masks)}
+
+    def mask(self, rng: random.Random) -> torch.Tensor:
+        """One (grid*grid,) mask, True = masked, by ``model.masking``."""
+        cfg = self.cfg
+        if cfg.masking == "inverse_block":
+            return inverse_block_mask(cfg.grid, cfg.mask_ratio, cfg.keep_block, cfg.keep_adjust, rng)
+        return block_mask(cfg.grid, cfg.num_masked, cfg.min_block_patches, cfg.min_aspect, rng)
 
     def eval_inputs(self, sample):
         """The whole image resized to image_size x image_size (bicubic), normalised: HF's BeitImageProcessor
@@ -259,7 +370,12 @@ class Vision(Modality):
             return img.convert("RGB")
 
     def build_embedder(self, enc, mp):
+        if self.cfg.positions == "sincos":
+            return SinCosPatchEmbedder(self.cfg, enc)
         return PatchEmbedder(self.cfg, enc, mp.tensor_model_parallel_size)
+
+    def build_decoder(self, enc, dec):
+        return ConvDecoder(dec, enc.dim, grid=self.cfg.grid)
 
     def build_head(self, enc, mp):
         # BEiT _init_weights: trunc_normal(0.02), bias 0
@@ -268,8 +384,12 @@ class Vision(Modality):
     def tokens_per_sample(self):
         return self.cfg.grid ** 2
 
+    def masked_share(self):
+        return self.cfg.num_masked / self.cfg.grid ** 2
+
     def sample_bytes(self):
-        return 4 * self.cfg.in_chans * self.cfg.image_size ** 2 + self.cfg.grid ** 2  # fp32 image + bool mask
+        # fp32 image + a bool mask per clone
+        return 4 * self.cfg.in_chans * self.cfg.image_size ** 2 + self.cfg.grid ** 2 * self.cfg.clone_batch
 
     def embed_flops_per_sample(self, enc, tokens=None):
         return 2.0 * (tokens or self.tokens_per_sample()) * self.cfg.in_chans * self.cfg.patch_size ** 2 * enc.dim
