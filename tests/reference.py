@@ -175,3 +175,136 @@ def text_forward(sd, prefix, tokens, pad_id, heads, depth, eps):
     if (tokens == pad_id).any():
         bias = torch.zeros(tokens.shape, dtype=x.dtype).masked_fill(tokens == pad_id, float("-inf"))[:, None, None, :]
     return encoder_blocks(sd, prefix, x, heads, depth, eps, norm_first=False, tap="ffn", bias=bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# data2vec 2.0 (written from fairseq examples/data2vec/models/data2vec2.py and modalities/*.py, the MAE code and
+# the paper; none of the pipeline's modules): the student sees only the positions each clone keeps
+# ---------------------------------------------------------------------------------------------
+
+def fairseq_inverse_block_mask(batch, patches, mask_prob, block, adjust, gen):
+    """fairseq data_utils.compute_block_mask_2d(inverse_mask=True, require_same_masks=True) on torch RNG:
+    (batch, patches) float, 1 = masked."""
+    d = int(patches ** 0.5)
+    keep_prob = 1 - mask_prob
+    mask = torch.zeros(batch, d, d)
+    centres = torch.randint(0, patches, (batch, int(patches * ((keep_prob + adjust) / block ** 2))), generator=gen)
+    mask.view(batch, -1).scatter_(1, centres, 1)
+    b_idx, rows, cols = mask.nonzero(as_tuple=True)
+    offset = block // 2
+    for i in range(block):
+        for j in range(block):
+            mask[b_idx, (rows + i - offset).clamp(0, d - 1), (cols + j - offset).clamp(0, d - 1)] = 1
+    mask = mask.reshape(batch, -1)
+    target = int(patches * keep_prob)
+    for m in mask:
+        n = int(m.sum())
+        if n > target:
+            m[torch.multinomial(m, n - target, replacement=False, generator=gen)] = 0
+        elif n < target:
+            m[torch.multinomial(1 - m, target - n, replacement=False, generator=gen)] = 1
+    return 1 - mask
+
+
+def keep_rows(x, visible):
+    """(B, T, ...) -> (R, K, ...): row r is clone r % M of sample r // M, keeping positions visible[r] (loops)."""
+    clones = visible.shape[0] // x.shape[0]
+    return torch.stack([x[r // clones][visible[r]] for r in range(visible.shape[0])])
+
+
+def vit2_forward(sd, prefix, images, visible, positions, grid, patch, heads, depth, eps):
+    """data2vec 2.0 ViT: patches + fixed positions, (student) each clone's kept patches, CLS, LayerNorm, post-LN
+    blocks. Returns (final (R, 1 + K, D) with CLS, FFN taps without CLS)."""
+    w = sd[f"{prefix}embed.patch.weight"]
+    b_, c = images.shape[:2]
+    cols = images.reshape(b_, c, grid, patch, grid, patch).permute(0, 2, 4, 1, 3, 5).reshape(b_, grid * grid, -1)
+    x = cols @ w.reshape(w.shape[0], -1).T + sd[f"{prefix}embed.patch.bias"] + positions
+    if visible is not None:
+        x = keep_rows(x, visible)
+    x = torch.cat([sd[f"{prefix}embed.cls_token"].reshape(1, 1, -1).expand(x.shape[0], 1, -1), x], 1)
+    x = layer_norm(x, sd[f"{prefix}embed.norm.weight"], sd[f"{prefix}embed.norm.bias"], eps)
+    x, taps = encoder_blocks(sd, prefix, x, heads, depth, eps, norm_first=False, tap="ffn")
+    return x, [t[:, 1:] for t in taps]
+
+
+def speech2_student(sd, prefix, wav, mask, visible, conv_layers, pos_layers, pos_kernel, pos_groups, heads, depth,
+                    eps):
+    """data2vec 2.0 audio student: conv features once per clip; per clone the positional convs run on the
+    sequence with its masked frames zeroed, the kept frames (features + positions) go on. -> (final, taps)."""
+    x = wav[:, None, :]
+    for i, (_, _, stride) in enumerate(conv_layers):
+        p = f"{prefix}embed.feature_extractor.conv_layers.{i}."
+        x = conv1d(x, sd[p + "conv.weight"], stride=stride)
+        x = gelu(layer_norm(x.transpose(1, 2), sd[p + "layer_norm.weight"], sd[p + "layer_norm.bias"]).transpose(1, 2))
+    feats = layer_norm(x.transpose(1, 2), sd[f"{prefix}embed.feature_norm.weight"], sd[f"{prefix}embed.feature_norm.bias"])
+    feats = feats @ sd[f"{prefix}embed.projection.weight"].T + sd[f"{prefix}embed.projection.bias"]
+    clones = mask.shape[0] // wav.shape[0]
+    rows = []
+    for r in range(mask.shape[0]):
+        f = feats[r // clones]
+        y = torch.where(mask[r][:, None], torch.zeros_like(f), f).T[None]
+        for i in range(pos_layers):
+            p = f"{prefix}embed.pos_conv.convs.{i}."
+            y = conv1d(y, sd[p + "weight"], sd[p + "bias"], padding=pos_kernel // 2, groups=pos_groups)
+            y = y[..., :-1] if pos_kernel % 2 == 0 else y
+            y = gelu(layer_norm(y.transpose(1, 2)).transpose(1, 2))
+        rows.append((f + y[0].T)[visible[r]])
+    x = layer_norm(torch.stack(rows), sd[f"{prefix}embed.encoder_norm.weight"], sd[f"{prefix}embed.encoder_norm.bias"],
+                   eps)
+    return encoder_blocks(sd, prefix, x, heads, depth, eps, norm_first=False, tap="ffn")
+
+
+def conv2d(x, weight, bias, groups):
+    """Plain 'same' grouped conv2d for odd kernels by unfolding: x (R, Cin, H, W), weight (Cout, Cin/g, k, k)."""
+    cout, cin_g, k, _ = weight.shape
+    r, cin, h, w = x.shape
+    cols = torch.nn.functional.unfold(x, k, padding=k // 2).reshape(r, groups, cin_g * k * k, h * w)
+    y = torch.einsum("rgcp,goc->rgop", cols, weight.reshape(groups, cout // groups, cin_g * k * k))
+    return y.reshape(r, cout, h, w) + bias[:, None, None]
+
+
+def conv_decoder(sd, prefix, full, layers, groups, residual, grid=None):
+    """data2vec 2.0 decoder on (R, T, D): per layer grouped conv -> LayerNorm over channels, no affine -> GELU, plus
+    the input where the widths agree; then the projection Linear(s) with GELU between."""
+    y = full.transpose(1, 2)
+    if grid is not None:
+        y = y.reshape(y.shape[0], y.shape[1], grid, grid)
+    for i in range(layers):
+        p = f"{prefix}decoder.blocks.{i}.conv."
+        w, b = sd[p + "weight"], sd[p + "bias"]
+        if grid is None:
+            out = conv1d(y, w, b, padding=w.shape[-1] // 2, groups=groups)
+            out = out[..., :y.shape[-1]]
+        else:
+            out = conv2d(y, w, b, groups)
+        out = gelu(layer_norm(out.movedim(1, -1)).movedim(-1, 1))
+        y = out + y if residual and out.shape == y.shape else out
+    y = y.flatten(2).transpose(1, 2)
+    linears = sorted({k.split(".")[2] for k in sd if k.startswith(f"{prefix}decoder.proj.")}, key=int)
+    for n, idx in enumerate(linears):
+        y = gelu(y) if n else y
+        y = y @ sd[f"{prefix}decoder.proj.{idx}.weight"].T + sd[f"{prefix}decoder.proj.{idx}.bias"]
+    return y
+
+
+def place_visible(out, visible, length):
+    """(R, K, D) encoder outputs back at their positions of (R, length, D) rows; zeros elsewhere (noise std 0)."""
+    full = out.new_zeros(out.shape[0], length, out.shape[-1])
+    for r in range(out.shape[0]):
+        full[r, visible[r]] = out[r]
+    return full
+
+
+def mae_sincos_positions(dim, grid):
+    """MAE's / fairseq's get_2d_sincos_pos_embed in numpy: meshgrid(w, h) ('xy'), the first half of the channels
+    from grid[0], the second from grid[1], each [sin | cos] of pos x 10000^(-k / (D/4))."""
+    import numpy as np
+    mesh = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)), axis=0)
+
+    def one_d(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    emb = np.concatenate([one_d(dim // 2, mesh[0]), one_d(dim // 2, mesh[1])], axis=1)
+    return torch.from_numpy(emb).float()
