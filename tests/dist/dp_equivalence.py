@@ -6,7 +6,8 @@ global masked count, the gradient of the global loss is what the optimizer sees,
 parallelism only changes the summation order). With --ckpt DIR it also checks checkpoints across
 layouts: --save-at K writes a checkpoint into DIR after step K and trains on; --resume resumes from
 the latest checkpoint in DIR (any data-parallel size), writes it again at once under DIR/resaved (so
-the test can compare the two bit for bit) and trains on from the saved step.
+the test can compare the two bit for bit) and trains on from the saved step. --config picks the preset
+(configs/vision_tiny_v2.yaml: data2vec 2.0, whose M clones per image mask with inverse blocks).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
 from pipeline.metrics import summary_values
-from pipeline.modalities.vision import block_mask
+from pipeline.modalities.vision import block_mask, inverse_block_mask
 from pipeline.trainer import Trainer
 
 GLOBAL_BATCH = 8
@@ -33,9 +34,12 @@ def global_batches(cfg, steps: int):
     m = cfg.model
     for _ in range(steps):
         images = torch.randn(GLOBAL_BATCH, 3, m.image_size, m.image_size, generator=gen)
-        # unequal masked counts per sample across the global batch exercise the global normaliser
-        masks = torch.stack([block_mask(m.grid, m.num_masked - 6 * (i % 3), 2, m.min_aspect, rng)
-                             for i in range(GLOBAL_BATCH)])
+        if m.clone_batch > 1:  # data2vec 2.0: M inverse-block clones per image, rows b x M .. b x M + M - 1
+            masks = torch.stack([inverse_block_mask(m.grid, m.mask_ratio, m.keep_block, m.keep_adjust, rng)
+                                 for _ in range(GLOBAL_BATCH * m.clone_batch)])
+        else:  # unequal masked counts per sample across the global batch exercise the global normaliser
+            masks = torch.stack([block_mask(m.grid, m.num_masked - 6 * (i % 3), 2, m.min_aspect, rng)
+                                 for i in range(GLOBAL_BATCH)])
         yield images, masks
 
 
@@ -47,9 +51,10 @@ def main() -> None:
     parser.add_argument("--ckpt", help="checkpoint root")
     parser.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this step")
     parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --ckpt")
+    parser.add_argument("--config", default="configs/vision_tiny.yaml", help="a vision preset")
     parser.add_argument("overrides", nargs="*", default=[])
     args = parser.parse_intermixed_args()
-    cfg = load_experiment("configs/vision_tiny.yaml", [
+    cfg = load_experiment(args.config, [
         "train.warmup_steps=0", "train.lr=0.005", "train.schedule=constant", "train.output_dir=/unused",
         f"parallel.tp={args.tp}", f"train.steps={args.steps}", *args.overrides])
     rt = init_runtime(args.tp, choose_device("fp32"))
@@ -65,7 +70,9 @@ def main() -> None:
     batches = global_batches(cfg, args.steps)
     for _ in range(trainer.step):
         next(batches)
-    trainer.batches = ({"image": images[lo:lo + micro], "mask": masks[lo:lo + micro]} for images, masks in batches)
+    m = cfg.model.clone_batch
+    trainer.batches = ({"image": images[lo:lo + micro], "mask": masks[lo * m:(lo + micro) * m]}
+                       for images, masks in batches)
     losses = []
     while trainer.step < args.steps:
         losses.append(summary_values(trainer.optimizer_step()["summary"])["loss"])
