@@ -128,6 +128,10 @@ def unsupported(cfg) -> list[str]:
         value = getattr(cfg.encoder, option)
         if value != wanted:
             problems.append(f"encoder.{option}={value} ({why}; it needs encoder.{option}={wanted})")
+    if getattr(cfg.model, "positions", "relative") != "relative":
+        problems.append(f"model.positions={cfg.model.positions} (Data2VecVisionModel holds BEiT's relative position "
+                        f"bias, not fixed 2-D sin-cos positions, and no LayerNorm after the embedding: a data2vec 2.0 "
+                        f"ViT has no transformers class)")
     return problems
 
 

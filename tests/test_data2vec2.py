@@ -313,3 +313,36 @@ def test_v2_weight_decay_spares_biases_and_1d_parameters(single_process_group):
     names = {id(p): n for n, p in student.named_parameters()}
     assert {names[id(p)] for p in decayed["params"]} >= {"backbone.embed.cls_token", "decoder.blocks.0.conv.weight"}
     assert all(names[id(p)].endswith(".bias") or p.dim() == 1 for p in exempt["params"])
+
+
+# -- a real run: the entry point on 2 ranks, then the export of its encoder ---------------------------
+
+@pytest.mark.distributed
+def test_text_run_exports_its_encoder_to_transformers(single_process_group, tiny_text_shards, tmp_path):
+    """pipeline.train with configs/text_tiny_v2.yaml on 2 ZeRO-3 ranks; pipeline.export writes the student's encoder
+    (not the decoder) as a transformers Data2VecTextModel that computes what our backbone computes."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    from conftest import torchrun
+    out = tmp_path / "run"
+    proc = torchrun(["-m", "pipeline.train", "--config", "configs/text_tiny_v2.yaml", f"data.manifest={tiny_text_shards}",
+                     f"train.output_dir={out}", "train.steps=2", "train.micro_batch_size=4"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "step 2/2 | loss" in proc.stdout
+    ckpt, directory = out / "checkpoints/step_00000002", tmp_path / "hf"
+    cli = subprocess.run([sys.executable, "-m", "pipeline.export", str(ckpt), "--format", "hf", "--output",
+                          str(directory)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    model, info = transformers.AutoModel.from_pretrained(directory, output_loading_info=True)
+    assert type(model).__name__ == "Data2VecTextModel"
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
+    from pipeline.features import load_backbone
+    _, ours = load_backbone(ckpt, "student")
+    tokens = torch.randint(5, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ours.encode({"tokens": tokens}, None)[0]
+        got = model(input_ids=tokens).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
