@@ -78,14 +78,15 @@ def config_overrides(args: argparse.Namespace, output_dir: str) -> list[str]:
 
 
 def synthetic_batch(cfg, seed: int = 0) -> dict:
-    """Normalised-looking images and a random mask with exactly round(mask_ratio * N) True per row."""
+    """Normalised-looking images and a random mask with exactly model.num_masked True per row (data2vec 2.0: one
+    row per clone, model.clone_batch per image)."""
     import torch
     model, batch = cfg.model, cfg.train.micro_batch_size
     g = torch.Generator().manual_seed(seed)
-    n = model.grid ** 2
+    n, rows = model.grid ** 2, batch * model.clone_batch
     image = torch.randn(batch, model.in_chans, model.image_size, model.image_size, generator=g)
-    order = torch.rand(batch, n, generator=g).argsort(dim=1)
-    mask = torch.zeros(batch, n, dtype=torch.bool)
+    order = torch.rand(rows, n, generator=g).argsort(dim=1)
+    mask = torch.zeros(rows, n, dtype=torch.bool)
     mask.scatter_(1, order[:, :model.num_masked], True)
     return {"image": image, "mask": mask}
 

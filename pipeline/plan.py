@@ -12,7 +12,7 @@ Everything else is analytic; the rules (bytes per GPU):
 
 * ZeRO-3 partitions (the DP group of one TP rank): ``ceil(n / DP)`` elements per parameter, as
   DeepSpeed pads each parameter to a multiple of DP. Student parameters and gradients in the compute
-  dtype (bf16: 2 B), optimizer fp32 master + Adam m, v (12 B), teacher fp32 partition (4 B, no head).
+  dtype (bf16: 2 B), optimizer fp32 master + Adam m, v (12 B), teacher fp32 partition (4 B, no head or decoder).
 * Persistent parameters (``stage3_param_persistence_threshold`` of the DeepSpeed JSON; 0 for the
   teacher): the student keeps them gathered in full all the time (compute dtype).
 * Gathered parameters: DeepSpeed 0.19's ``PartitionedParameterCoordinator`` is replayed on the module
@@ -354,6 +354,19 @@ def block_activation_bytes(enc, s: int, b: int, tp: int, a: int, fused: bool) ->
     return replicated + split + scores, scores
 
 
+def clone_embed_bytes(cfg, s: int, s_student: int, b: int, clones: int, a: int) -> float:
+    """data2vec 2.0 (``clones`` > 1): what the local encoder stores per clone beyond ``embed_activation_bytes``: the
+    gathered visible positions, their LayerNorm and dropout; speech also the positional convs on each clone's
+    masked sequence (conv, LayerNorm, GELU per layer, the zeroed input and the sum)."""
+    if clones == 1:
+        return 0.0
+    d, rows = cfg.encoder.dim, b * clones
+    extra = 3 * a * s_student * rows * d
+    if cfg.modality == "speech":
+        extra += a * s * rows * d * (3 * cfg.model.pos_conv_layers + 2)
+    return extra
+
+
 def embed_activation_bytes(cfg, s: int, b: int, a: int) -> float:
     """Stored activations of the local encoder (student)."""
     d = cfg.encoder.dim
@@ -558,16 +571,20 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     if cfg.modality == "speech" and cfg.data.max_tokens:  # bucketed batches: at most max_tokens samples each,
         b = -(-cfg.data.max_tokens // cfg.model.max_samples)  # so at most this many full-length clips' activations
     a = cb
-    block_act, scores = block_activation_bytes(enc, s, b, tp, a, fused_attention)
-    masked = max(1, round(masked_fraction(cfg) * (s - cfg.make_modality().prefix_tokens))) * b
-    head = masked * enc.dim * a * (3 if cfg.modality == "text" else 1)  # head input (text: + 2D hidden)
+    method, prefix = cfg.make_method(), cfg.make_modality().prefix_tokens
+    clones, s_student = method.student_shape(s - prefix)  # data2vec 2.0: M rows per sample of the visible positions
+    rows = b * clones
+    block_act, scores = block_activation_bytes(enc, s_student, rows, tp, a, fused_attention)
+    masked = max(1, round(masked_fraction(cfg) * (s - prefix))) * rows
+    head = method.predictor_activation_bytes(b, s - prefix, a)
     loss = masked * enc.dim * 4 * 3  # fp32 prediction copy, targets, loss elements
     # train.activation_checkpointing: each block's (s, b, D) input is kept, and one block's activations live again
     # while the backward recomputes it
-    blocks_act = (enc.depth * a * s * b * enc.dim + block_act) if cfg.train.activation_checkpointing \
+    student_sbd = s_student * rows * enc.dim
+    blocks_act = (enc.depth * a * student_sbd + block_act) if cfg.train.activation_checkpointing \
         else enc.depth * block_act
-    student_act = (blocks_act + embed_activation_bytes(cfg, s, b, a)
-                   + (a * s * b * enc.dim if enc.norm_first else 0) + a * masked * enc.dim + head + loss)
+    student_act = (blocks_act + embed_activation_bytes(cfg, s, b, a) + clone_embed_bytes(cfg, s, s_student, b, clones, a)
+                   + (a * student_sbd if enc.norm_first else 0) + a * masked * enc.dim + head + loss)
     sbd = s * b * enc.dim
     teacher_taps = cfg.objective.top_k * sbd * 4
     teacher_block = block_activation_bytes(enc, s, b, tp, teacher_activation_bytes(cfg, dtype), fused_attention)[0]
@@ -601,7 +618,7 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     p.peak = int(sum(p.memory.values()) + totals[p.peak_phase])
     p.fits = p.peak <= gpu_memory_gb * GiB
 
-    p.comm, p.comm_inter_node = communication(cfg, p, student_sim, teacher_sim, sbd, dtype)
+    p.comm, p.comm_inter_node = communication(cfg, p, student_sim, teacher_sim, sbd, student_sbd, dtype)
     p.notes.append(f"nominal ZeRO-3 student all-gather (2 x parameters) would be "
                    f"{2 * p.student_tp_numel * cb * (dp - 1) / dp / GiB:.3f} GiB per micro-batch; persistent "
                    f"parameters and those still gathered after the forward are not gathered again (DeepSpeed JSON: "
@@ -617,16 +634,16 @@ def teacher_activation_bytes(cfg, dtype: str) -> int:
     its autocast (``train.teacher_precision=autocast``; ``reference``: the modality's release, autocast for
     speech and text, fp32 for vision), else fp32."""
     rule = cfg.train.teacher_precision
-    rule = cfg.make_modality().teacher_precision if rule == "reference" else rule
+    rule = cfg.make_method().teacher_precision() if rule == "reference" else rule
     return DTYPE_BYTES[dtype] if rule == "autocast" else 4
 
 
 def statistics_floats(cfg) -> int:
-    """fp32 values in the micro-step's data-parallel all-reduce (``Trainer.micro_step``): the loss sum, the
-    targets' and the predictions' moments (count, per-dimension sums and sums of squares), the targets'
+    """fp32 values in the micro-step's data-parallel all-reduce (``Trainer.micro_step``): the loss sums (regression,
+    CLS), the targets' and the predictions' moments (count, per-dimension sums and sums of squares), the targets'
     per-position statistics (``pipeline.objective.position_stats``) and four counts / flags."""
     from pipeline.objective import POSITION_BINS, PROJECTED_DIMS
-    return 1 + 2 * (1 + 2 * cfg.encoder.dim) + POSITION_BINS * (1 + PROJECTED_DIMS) + 1 + 4
+    return 2 + 2 * (1 + 2 * cfg.encoder.dim) + POSITION_BINS * (1 + PROJECTED_DIMS) + 1 + 4
 
 
 def ring_inter_node_share(ranks: int, nodes: int) -> float:
@@ -635,9 +652,11 @@ def ring_inter_node_share(ranks: int, nodes: int) -> float:
     return nodes / ranks if nodes > 1 else 0.0
 
 
-def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, sbd: int,
+def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, sbd: int, student_sbd: int,
                   dtype: str) -> tuple[dict, dict]:
-    """Bytes one GPU sends per micro-batch, per category, and the inter-node part of each (module docstring)."""
+    """Bytes one GPU sends per micro-batch, per category, and the inter-node part of each (module docstring).
+    ``sbd``: elements of one (s, b, D) activation of the full samples; ``student_sbd``: of the student's blocks'
+    (data2vec 2.0: M clone rows of the visible positions)."""
     enc, dp, tp, cb = cfg.encoder, p.dp, p.tp, DTYPE_BYTES[dtype]
     gather = (dp - 1) / dp  # all-gather / reduce-scatter, per byte of the whole tensor
     reduce = 2 * (tp - 1) / tp  # all-reduce over TP, per byte
@@ -651,8 +670,8 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
         "statistics all-reduce": statistics_floats(cfg) * 4 * 2 * gather,
     }
     over_tp = {
-        "TP all-reduce, student forward": (2 * enc.depth + embed) * sbd * cb * reduce,
-        "TP all-reduce, student backward": (4 + recompute) * enc.depth * sbd * cb * reduce,
+        "TP all-reduce, student forward": (2 * enc.depth * student_sbd + embed * sbd) * cb * reduce,
+        "TP all-reduce, student backward": (4 + recompute) * enc.depth * student_sbd * cb * reduce,
         "TP all-reduce, teacher forward":  # its embedding's output stays fp32 (no autocast op)
             (2 * enc.depth * teacher_activation_bytes(cfg, dtype) + embed * 4) * sbd * reduce,
         "statistics all-reduce": 2 * 4 * reduce,  # the stop / requeue flags agreed over TP (agree_any)
@@ -720,7 +739,7 @@ def report(p: Plan, cfg) -> str:
     lines += [f"  {'ok ' if ok else 'FIX'}  {msg}" for ok, msg in p.checks]
     if not p.ok:
         return "\n".join(lines)
-    lines += [f"parameters: student {p.student_numel / 1e6:.1f}M (teacher {p.teacher_numel / 1e6:.1f}M, no head); per "
+    lines += [f"parameters: student {p.student_numel / 1e6:.1f}M (teacher {p.teacher_numel / 1e6:.1f}M, no head or decoder); per "
               f"TP rank {p.student_tp_numel / 1e6:.2f}M / {p.teacher_tp_numel / 1e6:.2f}M; ZeRO-3 partition per GPU "
               f"{p.student_partition / 1e6:.3f}M / {p.teacher_partition / 1e6:.3f}M elements; largest block "
               f"{p.largest_block / 1e6:.2f}M",

@@ -75,6 +75,9 @@ COMM_RUNS = {
     "text-tp2-dp2-bf16-checkpointing": {"preset": str(ROOT / "configs/text_tiny.yaml"), "tp": 2, "precision": "bf16",
                                         "zero": {"stage3_param_persistence_threshold": 0},
                                         "overrides": ["train.activation_checkpointing=true"]},
+    # data2vec 2.0: the student's blocks run on M clone rows of the visible patches, the teacher on whole images
+    "vision-v2-tp2-dp2-bf16": {"preset": str(ROOT / "configs/vision_tiny_v2.yaml"), "tp": 2, "precision": "bf16",
+                               "zero": {"stage3_param_persistence_threshold": 0}},
 }
 GRAD_NORM = "gradient norm all-reduce (DeepSpeed, unplanned)"
 

@@ -51,6 +51,15 @@ class Method(abc.ABC):
         """Model FLOPs of one sample of ``tokens`` positions in a training step (forward + backward):
         {'teacher', 'student', 'decoder'}."""
 
+    def student_shape(self, tokens: int) -> tuple[int, int]:
+        """(rows per sample, positions per row) the student's blocks run on for samples of ``tokens`` positions."""
+        return 1, tokens + self.modality.prefix_tokens
+
+    @abc.abstractmethod
+    def predictor_activation_bytes(self, samples: int, tokens: int, a: int) -> float:
+        """Stored activations (bytes, ``a`` per element) of what turns the encoder output into predictions, for
+        ``samples`` samples of ``tokens`` positions (the planner's)."""
+
     def decay_exempt(self) -> str:
         """train.decay_exempt=reference resolved: the parameters the released recipe spares from weight decay."""
         return self.modality.decay_exempt

@@ -34,6 +34,11 @@ class Data2Vec(Method):
         batch["masked_index"] = batch["target_index"] = flat_index(batch["mask"])
         return batch
 
+    def predictor_activation_bytes(self, samples, tokens, a):
+        """The head's input at the masked positions (text: + its 2D-wide hidden layer)."""
+        masked = max(1, round(self.modality.masked_share() * tokens)) * samples
+        return masked * self.cfg.encoder.dim * a * (3 if self.cfg.modality == "text" else 1)
+
     def flops_per_sample(self, tokens, share_features):
         enc, mod = self.cfg.encoder, self.modality
         seq = tokens + mod.prefix_tokens

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.methods.base import Method, flat_index
-from pipeline.model.decoder import decoder_flops_per_row
+from pipeline.model.decoder import decoder_flops_per_row, projection_widths
 from pipeline.model.transformer import matmul_flops_per_token
 
 
@@ -56,10 +56,21 @@ class Data2Vec2(Method):
         batch["mask"] = mask
         return batch
 
+    def student_shape(self, tokens):
+        """M clone rows per sample, each of its visible positions (+ CLS)."""
+        return self.clones, tokens - round(tokens * self.modality.masked_share()) + self.modality.prefix_tokens
+
+    def predictor_activation_bytes(self, samples, tokens, a):
+        """The decoder on every clone's full sequence: its filled input, per block the conv output, LayerNorm output
+        and GELU output (+ the residual sum), and the projection's hidden layers."""
+        dec, rows = self.cfg.decoder, samples * self.clones
+        per_position = self.cfg.encoder.dim + dec.layers * 4 * dec.dim + sum(projection_widths(dec, 0)[1:-1])
+        return a * rows * tokens * per_position
+
     def flops_per_sample(self, tokens, share_features):
         enc, mod, m = self.cfg.encoder, self.modality, self.clones
         seq = tokens + mod.prefix_tokens
-        visible = tokens - round(tokens * mod.masked_share()) + mod.prefix_tokens
+        visible = self.student_shape(tokens)[1]
         embed = mod.embed_flops_per_sample(enc, tokens)
         shared = mod.shared_flops_per_sample(enc, tokens) if share_features else 0.0
         per_clone = mod.clone_flops_per_sample(enc, tokens)
