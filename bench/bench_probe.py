@@ -264,9 +264,11 @@ MAKE = {"vision": make_vision, "speech": make_speech, "text": make_text}
 # Pretraining and evaluation through the public entry points
 # ---------------------------------------------------------------------------------------------
 
-def pretrain(modality: str, data: Labelled, steps: int, run: Path, nproc: int, extra: list[str]) -> dict:
-    """Train ``configs/<modality>_tiny.yaml`` on the train part's shards (``extra``: more trainer overrides, last,
-    so they win); reuses a finished run."""
+def pretrain(modality: str, data: Labelled, steps: int, run: Path, nproc: int, extra: list[str],
+             config: str | None = None) -> dict:
+    """Train ``config`` (default ``configs/<modality>_tiny.yaml``) on the train part's shards (``extra``: more
+    trainer overrides, last, so they win); reuses a finished run."""
+    config = config or f"configs/{modality}_tiny.yaml"
     ckpt = run / "checkpoints" / f"step_{steps:08d}"
     record = run / "bench_probe.json"
     overrides = [f"data.manifest={data.shards}", f"train.output_dir={run}", f"train.steps={steps}",
@@ -276,10 +278,10 @@ def pretrain(modality: str, data: Labelled, steps: int, run: Path, nproc: int, e
         print(f"reusing the finished run {run}", flush=True)
         return json.loads(record.read_text())
     shutil.rmtree(run, ignore_errors=True)
-    seconds, _ = run_logged(["-m", "pipeline.train", "--config", f"configs/{modality}_tiny.yaml", *overrides],
-                            torchrun=nproc)
+    seconds, _ = run_logged(["-m", "pipeline.train", "--config", config, *overrides], torchrun=nproc)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     result = {"checkpoint": str(ckpt), "steps": steps, "train_seconds": round(seconds, 1), "overrides": overrides,
+              "config": config, "samples_per_s": {r["step"]: r["samples_per_s"] for r in metrics},
               "loss": {r["step"]: round(r["loss"], 4) for r in metrics},
               "target_std": {r["step"]: round(r["target_std"], 4) for r in metrics}}
     record.write_text(json.dumps(result))

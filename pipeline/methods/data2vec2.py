@@ -3,8 +3,6 @@ visible positions and a light convolutional decoder predicts the teacher's targe
 
 from __future__ import annotations
 
-import torch
-
 from pipeline.methods.base import Method, flat_index
 from pipeline.model.decoder import decoder_flops_per_row, projection_widths
 from pipeline.model.transformer import matmul_flops_per_token
