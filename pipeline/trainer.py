@@ -209,38 +209,40 @@ class Trainer:
         all_targets = self.teacher_targets(teacher_batch)  # (B, T, D)
         targets = all_targets.flatten(0, 1).index_select(0, target_index)  # (N, D)
         predictions = self.student_forward(student_batch, mask, index)
-        obj, clones = self.cfg.objective, self.modality.clones
-        losses = [regression_loss(predictions.masked, targets, obj)]
-        if predictions.cls is not None and obj.cls_loss > 0:
-            losses.append(regression_loss(predictions.cls, class_targets(all_targets, clones), obj))
+        loss_sums = self.loss_sums(predictions, targets, all_targets)  # [regression, CLS]
         # one all-reduce over data-parallel ranks: loss sums, target and prediction moments, the targets' per-position
         # statistics (content collapse), the batch's samples and positions (they vary per rank with
         # data.max_tokens), stop and requeue flags
-        samples = mask.shape[0] // clones
+        samples = mask.shape[0] // self.modality.clones
         counts = torch.tensor([samples, samples * mask.shape[1], self.stop_requested, self.requeue_requested],
                               dtype=torch.float32).to(targets.device, non_blocking=True)
-        parts = [torch.stack(losses + [losses[0] * 0] * (2 - len(losses))).detach().float(), moment_stats(targets),
-                 moment_stats(predictions.masked),
+        parts = [loss_sums.detach().float(), moment_stats(targets), moment_stats(predictions.masked),
                  position_stats(all_targets, self.basis, self.modality.valid_positions(batch)), counts]
         stats = torch.cat(parts)
         all_reduce_sum(stats, self.rt.dp_group)
         loss, target_stats, prediction_stats, position, extra = stats.split([p.numel() for p in parts])
         flags = agree_any(extra[2:], self.rt)
-        masked = target_stats[0].clamp_min(1.0)  # a batch may (rarely, for text) select no position at all
-        rows = extra[0] * clones  # the global batch's clone rows (the CLS loss averages over them)
-        summary = torch.stack([loss[0] / masked + obj.cls_loss * loss[1] / rows, std_from_stats(target_stats),
-                               std_from_stats(prediction_stats), position_share(position), extra[0], extra[1], flags[0],
-                               flags[1]])
+        # the loss: regression over the global masked count (a batch may, rarely for text, select no position at
+        # all) + objective.cls_loss x the CLS loss over the global batch's clone rows
+        weights = torch.stack([1.0 / target_stats[0].clamp_min(1.0),
+                               self.cfg.objective.cls_loss / (extra[0] * self.modality.clones)])
+        summary = torch.stack([(loss * weights).sum(), std_from_stats(target_stats), std_from_stats(prediction_stats),
+                               position_share(position), extra[0], extra[1], flags[0], flags[1]])
         skip_rule = self.cfg.collapse.action == "skip" and self.step >= self.cfg.collapse.after_steps
         if skip_rule and self.collapse_check(self.step, summary.tolist()):
             return summary, True
-        # The loss is normalised by the global masked count (and the CLS loss by the global row count); DeepSpeed
-        # averages gradients over the data-parallel ranks, so scale by dp to get the gradient of the global loss.
-        total = losses[0] * (self.rt.dp / masked)
-        if len(losses) > 1:
-            total = total + losses[1] * (obj.cls_loss * self.rt.dp / rows)
-        self.engine.backward(total)
+        # DeepSpeed averages gradients over the data-parallel ranks: scale by dp to get the global loss's gradient
+        self.engine.backward((loss_sums * weights).sum() * self.rt.dp)
         return summary, False
+
+    def loss_sums(self, predictions, targets: torch.Tensor, all_targets: torch.Tensor) -> torch.Tensor:
+        """[regression loss summed over the scored positions, CLS loss summed over the clone rows (0 without)]."""
+        obj = self.cfg.objective
+        regression = regression_loss(predictions.masked, targets, obj)
+        if predictions.cls is None or obj.cls_loss == 0:
+            return torch.stack([regression, regression.new_zeros(())])
+        return torch.stack([regression,
+                            regression_loss(predictions.cls, class_targets(all_targets, self.modality.clones), obj)])
 
     def shared_inputs(self, batch: dict) -> tuple[dict, dict]:
         """(student batch, teacher batch). With a shared local encoder (speech: fairseq computes the conv features

@@ -100,8 +100,9 @@ def main() -> None:
     os.chdir(ROOT)
     rt = init_runtime(1, choose_device("auto"))
     report = {}
-    for modality in ("vision", "speech", "text"):
-        cfg = load_experiment(f"configs/{modality}_tiny.yaml", [f"train.output_dir={out}.run", "train.grad_accum=2",
+    for modality in ("vision", "speech", "text", "vision_v2"):
+        preset = f"configs/{modality.replace('_v2', '')}_tiny{'_v2' if modality.endswith('_v2') else ''}.yaml"
+        cfg = load_experiment(preset, [f"train.output_dir={out}.run", "train.grad_accum=2",
                                                                 "train.micro_batch_size=2", "collapse.after_steps=0"])
         trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), ["unused"])
         trainer.batches = itertools.repeat(batch_for(cfg))
