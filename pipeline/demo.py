@@ -8,8 +8,9 @@ clips (vowel-like formant sequences) as WAV/FLAC at 16, 22.05 and 44.1 kHz, shar
 ``python -m data_prep.audio`` and trains configs/speech_tiny.yaml. ``--modality text`` writes the
 docstrings of ~30 standard-library modules as .txt, .jsonl and .txt.gz, trains a 1000-piece
 sentencepiece model, packs 64-token blocks with ``python -m data_prep.text`` and trains
-configs/text_tiny.yaml. Extra arguments are passed to the
-trainer as config overrides, e.g. ``python -m pipeline.demo train.steps=50``.
+configs/text_tiny.yaml. ``--method data2vec2`` trains the modality's data2vec 2.0 preset
+(configs/<modality>_tiny_v2.yaml) instead; ``--config`` any preset (its modality picks the demo data). Extra
+arguments are passed to the trainer as config overrides, e.g. ``python -m pipeline.demo train.steps=50``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from pipeline.config import load_yaml
 from pipeline.distributed import local_launch_command
 
 SHAPES = ("ellipse", "rectangle", "triangle", "stripes")
@@ -164,12 +166,19 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo", help="where raw images, shards and the run go")
     parser.add_argument("--nproc", type=int, default=2, help="CPU ranks (ZeRO-3 data parallel)")
-    parser.add_argument("--modality", choices=sorted(DEMOS), default="vision", help="which demo to run")
+    parser.add_argument("--modality", choices=sorted(DEMOS), default=None,
+                        help="which demo to run (default: the --config preset's modality, else vision)")
+    parser.add_argument("--method", choices=("data2vec", "data2vec2"), default="data2vec",
+                        help="data2vec (v1) or data2vec2 (data2vec 2.0: the modality's tiny _v2 preset)")
     parser.add_argument("--config", default=None, help="preset to train (default: the modality's tiny preset)")
     parser.add_argument("overrides", nargs="*", help="trainer config overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
+    if args.modality is None:
+        args.modality = load_yaml(args.config).get("modality", "vision") if args.config else "vision"
+    if args.modality not in DEMOS:
+        parser.error(f"{args.config} trains modality {args.modality!r}; the demo has {', '.join(sorted(DEMOS))}")
     make_raw, prep, preset, prep_options = DEMOS[args.modality]
-    config = args.config or preset
+    config = args.config or (preset.replace(".yaml", "_v2.yaml") if args.method == "data2vec2" else preset)
     work = Path(args.workdir)
     raw = make_raw(work / f"raw_{args.modality}")
     shards = work / f"shards_{args.modality}"
