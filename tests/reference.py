@@ -117,15 +117,20 @@ def conv1d(x, weight, bias=None, stride=1, padding=0, groups=1):
     return y if bias is None else y + bias[:, None]
 
 
-def speech_forward(sd, prefix, wav, mask, conv_layers, pos_layers, pos_kernel, pos_groups, heads, depth, eps):
-    """data2vec v1 audio backbone; returns (final (B, T, D), FFN taps)."""
+def speech_features(sd, prefix, wav, conv_layers):
+    """The conv feature encoder (conv, LayerNorm over channels, GELU per layer), LayerNorm, projection: (B, T, D)."""
     x = wav[:, None, :]
     for i, (_, _, stride) in enumerate(conv_layers):
         p = f"{prefix}embed.feature_extractor.conv_layers.{i}."
         x = conv1d(x, sd[p + "conv.weight"], stride=stride)
         x = gelu(layer_norm(x.transpose(1, 2), sd[p + "layer_norm.weight"], sd[p + "layer_norm.bias"]).transpose(1, 2))
     feats = layer_norm(x.transpose(1, 2), sd[f"{prefix}embed.feature_norm.weight"], sd[f"{prefix}embed.feature_norm.bias"])
-    x = feats @ sd[f"{prefix}embed.projection.weight"].T + sd[f"{prefix}embed.projection.bias"]
+    return feats @ sd[f"{prefix}embed.projection.weight"].T + sd[f"{prefix}embed.projection.bias"]
+
+
+def speech_forward(sd, prefix, wav, mask, conv_layers, pos_layers, pos_kernel, pos_groups, heads, depth, eps):
+    """data2vec v1 audio backbone; returns (final (B, T, D), FFN taps)."""
+    x = speech_features(sd, prefix, wav, conv_layers)
     if mask is not None:
         x = torch.where(mask[..., None], sd[f"{prefix}embed.mask_emb"].expand_as(x), x)
     y = x.transpose(1, 2)
@@ -158,17 +163,21 @@ def loss(pred, target, kind, beta, reduce_dim, scale):
     return per.sum() / pred.shape[0]
 
 
-def text_forward(sd, prefix, tokens, pad_id, heads, depth, eps):
-    """RoBERTa-style embeddings (positions numbered pad_id + 1 + i over non-pad tokens) + post-LN blocks."""
-    positions = torch.zeros_like(tokens)
+def text_positions(tokens, pad_id):
+    """RoBERTa position numbers: pad_id + 1 + i over the non-pad tokens, pad_id at pads (counted by loops)."""
+    out = torch.full_like(tokens, pad_id)
     for b in range(tokens.shape[0]):
         count = 0
         for t in range(tokens.shape[1]):
             if tokens[b, t] != pad_id:
                 count += 1
-                positions[b, t] = pad_id + count
-            else:
-                positions[b, t] = pad_id
+                out[b, t] = pad_id + count
+    return out
+
+
+def text_forward(sd, prefix, tokens, pad_id, heads, depth, eps):
+    """RoBERTa-style embeddings (positions numbered pad_id + 1 + i over non-pad tokens) + post-LN blocks."""
+    positions = text_positions(tokens, pad_id)
     x = sd[f"{prefix}embed.tokens.weight"][tokens] + sd[f"{prefix}embed.positions.weight"][positions]
     x = layer_norm(x, sd[f"{prefix}embed.norm.weight"], sd[f"{prefix}embed.norm.bias"], eps)
     bias = None
@@ -231,13 +240,7 @@ def speech2_student(sd, prefix, wav, mask, visible, conv_layers, pos_layers, pos
                     eps):
     """data2vec 2.0 audio student: conv features once per clip; per clone the positional convs run on the
     sequence with its masked frames zeroed, the kept frames (features + positions) go on. -> (final, taps)."""
-    x = wav[:, None, :]
-    for i, (_, _, stride) in enumerate(conv_layers):
-        p = f"{prefix}embed.feature_extractor.conv_layers.{i}."
-        x = conv1d(x, sd[p + "conv.weight"], stride=stride)
-        x = gelu(layer_norm(x.transpose(1, 2), sd[p + "layer_norm.weight"], sd[p + "layer_norm.bias"]).transpose(1, 2))
-    feats = layer_norm(x.transpose(1, 2), sd[f"{prefix}embed.feature_norm.weight"], sd[f"{prefix}embed.feature_norm.bias"])
-    feats = feats @ sd[f"{prefix}embed.projection.weight"].T + sd[f"{prefix}embed.projection.bias"]
+    feats = speech_features(sd, prefix, wav, conv_layers)
     clones = mask.shape[0] // wav.shape[0]
     rows = []
     for r in range(mask.shape[0]):

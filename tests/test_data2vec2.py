@@ -228,7 +228,7 @@ def test_text_student_matches_dense_reference(single_process_group):
     with torch.no_grad():
         ours = student(batch, mask, (), index)
         rows = ref.keep_rows(batch["tokens"], batch["visible"])  # each clone's kept tokens, (R, K)
-        positions = ref.keep_rows(ref_text_positions(batch["tokens"]), batch["visible"])
+        positions = ref.keep_rows(ref.text_positions(batch["tokens"], 0), batch["visible"])
         x = sd["backbone.embed.tokens.weight"][rows] + sd["backbone.embed.positions.weight"][positions]
         x = ref.layer_norm(x, sd["backbone.embed.norm.weight"], sd["backbone.embed.norm.bias"], e.layer_norm_eps)
         bias = torch.zeros(rows.shape).masked_fill(rows == 0, float("-inf"))[:, None, None, :]
@@ -236,18 +236,6 @@ def test_text_student_matches_dense_reference(single_process_group):
     full = ref.place_visible(final, batch["visible"], 64)
     decoded = ref.conv_decoder(sd, "", full, cfg.decoder.layers, cfg.decoder.groups, False)
     assert torch.allclose(ours.masked, decoded.flatten(0, 1)[index], atol=1e-4)
-
-
-def ref_text_positions(tokens, pad_id=0):
-    """RoBERTa position numbers: pad_id + 1 + i over the non-pad tokens, pad_id at pads (counted by loops)."""
-    out = torch.full_like(tokens, pad_id)
-    for b in range(tokens.shape[0]):
-        count = 0
-        for t in range(tokens.shape[1]):
-            if tokens[b, t] != pad_id:
-                count += 1
-                out[b, t] = pad_id + count
-    return out
 
 
 def test_multi_clone_gradient_equals_the_sum_over_clones(single_process_group):
@@ -346,3 +334,35 @@ def test_text_run_exports_its_encoder_to_transformers(single_process_group, tiny
         want = ours.encode({"tokens": tokens}, None)[0]
         got = model(input_ids=tokens).last_hidden_state
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_flop_split_matches_counted_flops(single_process_group, modality):
+    """Method.flops_per_sample (what bench/bench_v2.py and the step lines report) against torch's FLOP counter on
+    the dense teacher forward and the student + decoder forward (the split counts backward as 2x forward). The
+    counter does not see the CPU attention kernel: the attention products (4 s^2 D per block) are left out."""
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = tiny(modality)
+    if modality == "vision":
+        examples = vision_examples(cfg, n=2)
+    else:
+        rng = random.Random(0)
+        examples = [{"tokens": torch.randint(5, 1000, (64,)),
+                     "mask": torch.stack([removed_positions(torch.ones(64, dtype=torch.bool), 0.48, rng)
+                                          for _ in range(4)])} for _ in range(2)]
+    mod, method, batch = host_batch(cfg, examples)
+    student = method.build_student(model_parallel_config(1)).eval()
+    teacher = Backbone(mod, cfg.encoder, model_parallel_config(1)).eval()
+    mask, index = batch.pop("mask"), batch.pop("masked_index")
+    split = method.flops_per_sample(mod.tokens_per_sample(), share_features=False)
+    enc, tokens = cfg.encoder, mod.tokens_per_sample()
+    rows, visible = method.student_shape(tokens)
+    attention = lambda s: enc.depth * 4 * s * s * enc.dim  # noqa: E731
+    with torch.no_grad(), FlopCounterMode(display=False) as counted:
+        teacher(batch)
+    assert counted.get_total_flops() / 2 == pytest.approx(split["teacher"] - attention(tokens + mod.prefix_tokens),
+                                                          rel=0.01)
+    with torch.no_grad(), FlopCounterMode(display=False) as counted:
+        student(batch, mask, (), index)
+    want = (split["student"] + split["decoder"]) / 3 - rows * attention(visible)
+    assert counted.get_total_flops() / 2 == pytest.approx(want, rel=0.01)
