@@ -51,7 +51,6 @@ class Data2Vec2(Method):
         index = flat_index(scored)
         batch["masked_index"] = index
         batch["target_index"] = index // (length * self.clones) * length + index % length
-        batch["mask"] = mask
         return batch
 
     def student_shape(self, tokens):
