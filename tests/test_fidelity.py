@@ -409,11 +409,16 @@ def test_presets_match_the_released_recipes(preset):
     assert not wrong, "\n".join(wrong)
 
 
-@pytest.mark.parametrize("preset", ["vision_base", "vision_large", "speech_base", "text_base"])
+@pytest.mark.parametrize("preset", ["vision_base", "vision_large", "speech_base", "text_base", "vision_base_v2",
+                                    "speech_base_v2", "text_large_v2"])
 def test_reference_rules_resolve_per_modality(preset):
-    """Weight decay as the release: BEiT's groups for vision, one group for fairseq audio and text."""
+    """Weight decay as the release: BEiT's groups for vision, one group for fairseq audio and text (v1); data2vec
+    2.0 spares biases and 1-D parameters in every modality."""
     cfg = load_experiment(ROOT / f"configs/{preset}.yaml")
-    assert decay_rule(cfg) == ("beit" if cfg.modality == "vision" else "none")
+    if cfg.method == "data2vec2":
+        assert decay_rule(cfg) == "bias"
+    else:
+        assert decay_rule(cfg) == ("beit" if cfg.modality == "vision" else "none")
 
 
 @pytest.mark.parametrize("preset,override,gpu_autocast", [
@@ -422,13 +427,14 @@ def test_reference_rules_resolve_per_modality(preset):
     ("text_base", "reference", True),
     ("vision_base", "autocast", True),
     ("speech_base", "fp32", False),
+    ("vision_base_v2", "reference", True),  # fairseq data2vec 2.0: the EMA model in the student's half precision
 ])
 def test_teacher_precision_follows_the_release(preset, override, gpu_autocast):
     from types import SimpleNamespace
     from pipeline.trainer import Trainer
     cfg = load_experiment(ROOT / f"configs/{preset}.yaml", [f"train.teacher_precision={override}"])
     for student_autocast in (True, False):  # bf16 on GPU, fp32 on CPU (where nothing is autocast)
-        fake = SimpleNamespace(cfg=cfg, modality=cfg.make_modality(),
+        fake = SimpleNamespace(cfg=cfg, modality=cfg.make_modality(), method=cfg.make_method(),
                                rt=SimpleNamespace(choice=SimpleNamespace(autocast=student_autocast)))
         assert Trainer.teacher_autocast(fake) == (gpu_autocast and student_autocast)
 
@@ -448,7 +454,7 @@ def test_fp32_teacher_computes_in_fp32_under_a_bf16_student(single_process_group
         want = teacher_targets(teacher({"image": bf16_batch["image"].float()}, keep=cfg.objective.top_k), cfg.objective)
     for precision, exact in (("fp32", True), ("autocast", False)):
         cfg.train.teacher_precision = precision
-        fake = SimpleNamespace(cfg=cfg, modality=cfg.make_modality(), teacher=teacher,
+        fake = SimpleNamespace(cfg=cfg, modality=cfg.make_modality(), method=cfg.make_method(), teacher=teacher,
                                rt=SimpleNamespace(choice=SimpleNamespace(autocast=True, device_type="cpu",
                                                                          dtype=torch.bfloat16)))
         fake.teacher_autocast = lambda: Trainer.teacher_autocast(fake)

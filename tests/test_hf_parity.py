@@ -138,8 +138,15 @@ def test_options_without_hf_form_are_named(modality, override, option):
 
 @pytest.mark.parametrize("modality", ["vision", "speech", "text"])
 def test_shipped_presets_have_an_hf_form(modality):
+    """Every preset exports to transformers but the data2vec 2.0 ViTs (sin-cos positions, post-LN: no HF class),
+    which are refused with the reason."""
     for path in sorted((ROOT / "configs").glob(f"{modality}_*.yaml")):
-        assert hf.unsupported(load_experiment(path)) == [], path.name
+        cfg = load_experiment(path)
+        problems = hf.unsupported(cfg)
+        if modality == "vision" and cfg.method == "data2vec2":
+            assert any(p.startswith("model.positions=sincos") for p in problems), path.name
+        else:
+            assert problems == [], path.name
 
 
 TRICKY_TEXTS = [

@@ -15,6 +15,15 @@ import re
 import pytest
 
 from conftest import ROOT, torchrun
+from pipeline.experiment import load_experiment
+
+
+def scaled_overrides(preset: str) -> list[str]:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("init_check", ROOT / "tests/dist/init_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.scaled_overrides(preset)
 
 pytestmark = pytest.mark.distributed
 
@@ -43,11 +52,19 @@ def check_reports(reports: list[dict]) -> None:
             assert not lost, f"{preset} (tp {r['tp']}, dp {r['dp']}): (mean, std, min, max) plain vs zero.Init: {lost}"
             # Same seed, same draws in the same order: the values are not just alike but identical.
             assert all(row["identical"] for row in rows.values()), [n for n, row in rows.items() if not row["identical"]]
+            cfg = load_experiment(ROOT / preset, scaled_overrides(str(ROOT / preset)))  # as init_check built it
             for name, row in rows.items():  # the declared rule itself, read off the statistics
                 if name.endswith("embed.positions.weight"):  # text, init_bert_params: normal(0.02), not truncated
                     assert 0.018 < row["zero"][1] < 0.022 and abs(row["zero"][3]) > 0.04, (preset, row)
+                if name.endswith("embed.cls_token") and cfg.method == "data2vec2":  # fairseq's extra token: N(0, 1)
+                    assert 0.7 < row["zero"][1] < 1.3, (preset, row)
+                if name.endswith("embed.patch.weight") and cfg.method == "data2vec2":  # xavier_uniform, (D, C p p)
+                    d, fan_in = cfg.encoder.dim, cfg.model.in_chans * cfg.model.patch_size ** 2
+                    bound = math.sqrt(6 / (fan_in + d))
+                    assert max(abs(row["zero"][2]), abs(row["zero"][3])) <= bound
+                    assert abs(row["zero"][1] / (bound / math.sqrt(3)) - 1) < 0.1, (preset, row)
                 match = re.search(r"blocks\.(\d+)\.(attn\.out|ffn\.fc2)\.weight$", name)
-                if match and "vision" in preset:  # BEiT: output projections at 0.02 / sqrt(2 * layer_id), cut at 1 std
+                if match and cfg.encoder.init == "beit":  # BEiT: output projections at 0.02 / sqrt(2 * layer_id), cut at 1 std
                     bound = 0.02 / math.sqrt(2 * (int(match.group(1)) + 1))
                     assert abs(row["zero"][1] / (TRUNC_STD * bound) - 1) < 0.1, (preset, name, row["zero"][1], bound)
                     assert max(abs(row["zero"][2]), abs(row["zero"][3])) <= bound * (1 + 1e-6), (preset, name, row)

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from pipeline.distributed import (build_sharded, choose_device, init_runtime, load_ds_config, model_parallel_config,
                                   shutdown, student_ds_config, teacher_ds_config)
 from pipeline.experiment import load_experiment
-from pipeline.model.data2vec import Backbone, Student
+from pipeline.model.data2vec import Backbone
 
 SEED = 1234
 
@@ -47,7 +47,7 @@ def stats(t: torch.Tensor) -> list[float]:
 def plain_build(cfg, mp) -> dict[str, dict[str, torch.Tensor]]:
     torch.manual_seed(SEED)
     modality = cfg.make_modality()
-    student = Student(modality, cfg.encoder, mp)
+    student = cfg.make_method(modality).build_student(mp)
     teacher = Backbone(modality, cfg.encoder, mp)
     return {"student": {n: p.detach().clone() for n, p in student.named_parameters()},
             "teacher": {n: p.detach().clone() for n, p in teacher.named_parameters()},
@@ -59,7 +59,7 @@ def sharded_build(cfg, mp, rt) -> dict[str, dict[str, torch.Tensor]]:
     ds_student = student_ds_config(load_ds_config(cfg.train.ds_config), 1, 1, rt.dp, torch.float32)
     torch.manual_seed(SEED)
     modality = cfg.make_modality()
-    student = build_sharded(lambda: Student(modality, cfg.encoder, mp), ds_student, rt)
+    student = build_sharded(lambda: cfg.make_method(modality).build_student(mp), ds_student, rt)
     teacher = build_sharded(lambda: Backbone(modality, cfg.encoder, mp), teacher_ds_config(ds_student), rt)
     out = {}
     for role, module in (("student", student), ("teacher", teacher)):
