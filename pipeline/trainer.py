@@ -176,7 +176,7 @@ class Trainer:
 
     def teacher_autocast(self) -> bool:
         """Whether the teacher computes under the student's autocast (train.teacher_precision, 'reference':
-        the modality's release)."""
+        the release's, by method and modality)."""
         rule = self.cfg.train.teacher_precision
         rule = self.method.teacher_precision() if rule == "reference" else rule
         return self.rt.choice.autocast and rule == "autocast"
