@@ -89,6 +89,8 @@ def test_every_clone_row_masks_the_same_count():
     for seed in range(50):
         removed = removed_positions(content, 0.48, random.Random(seed))
         assert removed.sum() == 64 - int(64 * 0.52) and (content & ~removed).any()
+    tiny_block = removed_positions(torch.ones(3, dtype=torch.bool), 0.9, random.Random(0))
+    assert tiny_block.sum() == 2  # int(3 x 0.1) = 0 would keep nothing: one position always stays visible
     short = torch.zeros(64, dtype=torch.long)
     short[:2] = torch.tensor([7, 8])  # two tokens: one always stays visible, the count does not change
     for seed in range(50):

@@ -113,12 +113,12 @@ def corrupt(tokens: torch.Tensor, cfg: TextConfig, rng: random.Random):
 
 
 def removed_positions(content: torch.Tensor, ratio: float, rng: random.Random) -> torch.Tensor:
-    """(L,) bool, True at the L - int(L x (1 - ratio)) positions a data2vec 2.0 student leaves out, drawn
+    """(L,) bool, True at the L - int(L x (1 - ratio)) positions (at most L - 1) a data2vec 2.0 student leaves out, drawn
     uniformly (fairseq random_masking, MAE's): every block of one length removes the same count. ``content`` (L,)
     marks the non-pad tokens: one of them always stays visible, so no clone attends to padding alone."""
     length = content.numel()
     mask = torch.zeros(length, dtype=torch.bool)
-    mask[rng.sample(range(length), length - int(length * (1 - ratio)))] = True
+    mask[rng.sample(range(length), min(length - 1, length - int(length * (1 - ratio))))] = True  # one stays visible
     if bool(content.any()) and not bool((content & ~mask).any()):  # every token removed: swap one back in
         mask[rng.choice(content.nonzero().flatten().tolist())] = False
         mask[rng.choice((~mask & ~content).nonzero().flatten().tolist())] = True
