@@ -739,7 +739,8 @@ def report(p: Plan, cfg) -> str:
     lines += [f"  {'ok ' if ok else 'FIX'}  {msg}" for ok, msg in p.checks]
     if not p.ok:
         return "\n".join(lines)
-    lines += [f"parameters: student {p.student_numel / 1e6:.1f}M (teacher {p.teacher_numel / 1e6:.1f}M, no head or decoder); per "
+    lines += [f"parameters: student {p.student_numel / 1e6:.1f}M (teacher {p.teacher_numel / 1e6:.1f}M, no head or "
+              f"decoder); per "
               f"TP rank {p.student_tp_numel / 1e6:.2f}M / {p.teacher_tp_numel / 1e6:.2f}M; ZeRO-3 partition per GPU "
               f"{p.student_partition / 1e6:.3f}M / {p.teacher_partition / 1e6:.3f}M elements; largest block "
               f"{p.largest_block / 1e6:.2f}M",

@@ -37,7 +37,8 @@ class Method(abc.ABC):
         """The student network: ``forward(batch, mask, skip, index) -> Predictions``; its ``backbone`` is what the
         teacher (``Backbone``) mirrors."""
 
-    def predict(self, student, batch: dict, mask: torch.Tensor, skip: tuple[int, ...], index: torch.Tensor) -> Predictions:
+    def predict(self, student, batch: dict, mask: torch.Tensor, skip: tuple[int, ...],
+                index: torch.Tensor) -> Predictions:
         """The student (module or engine) on a device batch -> Predictions at ``index``."""
         return student(batch, mask, skip, index)
 

@@ -133,6 +133,7 @@ def visible_rows(x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """(B, T, ...) per-sample values -> (B x M, K, ...): row r (clone r % M of sample r // M) keeps the positions
     ``visible[r]`` (B x M, K). Indices are formed on the device from ``visible``: nothing waits for it."""
     rows, kept = visible.shape
-    owner = torch.arange(rows, device=visible.device) // (rows // x.shape[0]) * x.shape[1]  # first flat row of r's sample
+    # the first flat row of row r's sample
+    owner = torch.arange(rows, device=visible.device) // (rows // x.shape[0]) * x.shape[1]
     flat = (visible + owner[:, None]).flatten()
     return x.flatten(0, 1).index_select(0, flat).view(rows, kept, *x.shape[2:])

@@ -276,7 +276,8 @@ class Speech(Modality):
     def clone_flops_per_sample(self, enc, tokens=None):
         """The positional convolutions (a data2vec 2.0 student runs them on every clone's masked sequence)."""
         tokens = tokens or self.tokens_per_sample()
-        return self.cfg.pos_conv_layers * 2.0 * tokens * self.cfg.pos_conv_kernel * enc.dim ** 2 / self.cfg.pos_conv_groups
+        m = self.cfg
+        return m.pos_conv_layers * 2.0 * tokens * m.pos_conv_kernel * enc.dim ** 2 / m.pos_conv_groups
 
     def shared_flops_per_sample(self, enc, tokens=None):
         """The conv feature encoder and projection (``SpeechEmbedder.features``), run once for student and teacher."""
