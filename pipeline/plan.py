@@ -175,7 +175,8 @@ def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, list[int
     model_cfg = cfg.model
     if hasattr(model_cfg, "vocab_multiple"):  # build the vocabulary padded as at TP=tp (a multiple of 128 x tp)
         model_cfg = dataclasses.replace(model_cfg, vocab_multiple=model_cfg.vocab_multiple * tp)
-    modality = type(cfg.make_modality())(model_cfg, cfg.make_modality().visible_only)
+    built = cfg.make_modality()
+    modality = type(built)(model_cfg, built.visible_only)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         student = cfg.make_method(modality).build_student(model_parallel_config(1))
     infos, tree, index = [], [], {}
@@ -571,7 +572,8 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     if cfg.modality == "speech" and cfg.data.max_tokens:  # bucketed batches: at most max_tokens samples each,
         b = -(-cfg.data.max_tokens // cfg.model.max_samples)  # so at most this many full-length clips' activations
     a = cb
-    method, prefix = cfg.make_method(), cfg.make_modality().prefix_tokens
+    method = cfg.make_method()
+    prefix = method.modality.prefix_tokens
     clones, s_student = method.student_shape(s - prefix)  # data2vec 2.0: M rows per sample of the visible positions
     rows = b * clones
     block_act, scores = block_activation_bytes(enc, s_student, rows, tp, a, fused_attention)

@@ -8,6 +8,7 @@ position. tests/dist/init_check.py builds every preset both ways with the same s
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -18,12 +19,18 @@ from conftest import ROOT, torchrun
 from pipeline.experiment import load_experiment
 
 
-def scaled_overrides(preset: str) -> list[str]:
+@functools.cache
+def init_check_module():
+    """tests/dist/init_check.py (a torchrun script), loaded once for its scaled_overrides."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("init_check", ROOT / "tests/dist/init_check.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.scaled_overrides(preset)
+    return module
+
+
+def scaled_overrides(preset: str) -> list[str]:
+    return init_check_module().scaled_overrides(preset)
 
 pytestmark = pytest.mark.distributed
 
