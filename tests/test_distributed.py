@@ -227,18 +227,25 @@ def test_resume_onto_a_different_data_parallel_size(single_process_group, tmp_pa
     assert torch.equal(first["optimizer_scalars"]["step"], again["optimizer_scalars"]["step"])
 
 
-def test_layerdrop_under_zero3_gives_the_dense_gradient(tmp_path):
+@pytest.mark.parametrize("recompute", [False, True], ids=["plain", "activation-checkpointing"])
+def test_layerdrop_under_zero3_gives_the_dense_gradient_and_keeps_prefetch(tmp_path, recompute):
     """2 ranks, 2 micro-batches per step, layerdrop 0.5: every gathered gradient equals plain PyTorch's on
     the whole global batch with the same skipped blocks, and a block skipped for a whole step gets zero
-    (not ZeRO-3's leftover gradient of the previous step)."""
+    (not ZeRO-3's leftover gradient of the previous step). The blocks change every micro-step, yet ZeRO-3 never
+    drops its prefetch trace and gathers nothing again in the backward (before the fix: 2 invalidations and
+    360,864 elements re-gathered in steps 3-4)."""
     report = tmp_path / "layerdrop.json"
-    proc = torchrun([str(ROOT / "tests/dist/layerdrop_check.py"), str(report)])
+    proc = torchrun([str(ROOT / "tests/dist/layerdrop_check.py"), str(report),
+                     f"train.activation_checkpointing={str(recompute).lower()}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    steps = json.loads(report.read_text())["steps"]
+    result = json.loads(report.read_text())
+    steps = result["steps"]
     assert any(s["skipped_all_step"] for s in steps[1:])  # the case that needs the fix happened
     assert any(not s["skips"][0] or not s["skips"][1] for s in steps)  # and steps with all blocks
+    assert len({tuple(map(tuple, s["skips"])) for s in steps}) == len(steps)  # different blocks every step
     for s in steps:
         assert s["max_rel_err"] < 1e-5, s
+    assert result["invalidations"] == 0 and result["backward_gathered"] == 0, result
 
 
 def test_text_two_rank_zero3_with_sharded_teacher(tiny_text_shards, tmp_path):

@@ -175,11 +175,24 @@ class Block(nn.Module):
             self.gamma_2 = nn.Parameter(torch.full((cfg.dim,), cfg.layer_scale_init))
         else:
             self.gamma_1 = self.gamma_2 = None
+        self.recompute = False  # activation checkpointing (Encoder.recompute sets it)
 
     def scaled(self, x: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
         return self.drop_path(self.dropout(x) if gamma is None else gamma * self.dropout(x))
 
-    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, skip: bool = False):
+        """-> (output, ffn branch). ``skip`` (layerdrop): return the input. A dropped block is still called, so that
+        ZeRO-3 sees the same modules in the same order every step and keeps its prefetch trace; the trainer makes
+        each block a ZeRO-3 leaf module, fetched once on the way in and once per output on the way back, so a dropped
+        block returns two tensors as a computed one does. ``recompute`` (activation checkpointing) recomputes the
+        block's math from its input in the backward, inside this call, so ZeRO-3 sees no extra block call there."""
+        if skip:
+            return x, x
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self.compute, x, attn_bias, use_reentrant=False)
+        return self.compute(x, attn_bias)
+
+    def compute(self, x: torch.Tensor, attn_bias: torch.Tensor | None):
         if self.norm_first:  # pre-LN (BEiT)
             x = x + self.scaled(self.attn(self.attn_norm(x), attn_bias), self.gamma_1)
             ffn = self.scaled(self.ffn(self.ffn_norm(x)), self.gamma_2)
@@ -202,7 +215,16 @@ class Encoder(nn.Module):
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, mp, i + 1, rates[i]) for i in range(cfg.depth))
         self.final_norm = nn.LayerNorm(cfg.dim, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
-        self.recompute = False  # activation checkpointing (train.activation_checkpointing: the trainer sets it)
+
+    @property
+    def recompute(self) -> bool:
+        """Activation checkpointing of every block (train.activation_checkpointing: the trainer sets it)."""
+        return all(block.recompute for block in self.blocks)
+
+    @recompute.setter
+    def recompute(self, on: bool) -> None:
+        for block in self.blocks:
+            block.recompute = on
 
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None, keep: int | None = None,
                 skip: tuple[int, ...] = ()):
@@ -211,13 +233,8 @@ class Encoder(nn.Module):
         first = 0 if keep is None else len(self.blocks) - keep
         taps = []
         for i, block in enumerate(self.blocks):
-            if i in skip:
-                continue
-            if self.recompute and torch.is_grad_enabled():  # backward recomputes the block from its input
-                x, ffn = checkpoint(block, x, attn_bias, use_reentrant=False)
-            else:
-                x, ffn = block(x, attn_bias)
-            if i >= first:
+            x, ffn = block(x, attn_bias, i in skip)
+            if i >= first and i not in skip:
                 taps.append(x if self.tap == "block" else ffn)
         return self.final_norm(x), taps
 

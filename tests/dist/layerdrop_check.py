@@ -5,7 +5,10 @@ gathered ZeRO-3 gradient of each student parameter is compared with a dense sing
 holding the same (gathered) student and teacher weights, run on the whole global batch with the same
 skipped blocks: (1/accum) * sum over micro-batches of d(loss_sum / global masked count). Blocks skipped
 in both micro-batches must get exactly zero (ZeRO-3 would otherwise reuse the previous step's
-gradient). Writes a JSON report (rank 0) to argv[1].
+gradient). Also counts, from the third step on, how often ZeRO-3 drops its prefetch trace and how many elements
+the student gathers again in its backward: with layerdrop changing the blocks every micro-step, both must stay 0
+(parameters are released after the forward unless the trace is complete: persistence threshold 0 here).
+argv[2:]: more config overrides (e.g. train.activation_checkpointing=true). Writes a JSON report (rank 0) to argv[1].
 """
 
 from __future__ import annotations
@@ -26,6 +29,24 @@ from pipeline.objective import regression_loss, teacher_targets
 from pipeline.trainer import Trainer
 
 STEPS, ACCUM = 4, 2
+COUNTS = {"invalidations": 0, "backward_gathered": 0}
+
+
+def count_prefetch_losses() -> None:
+    """Count DeepSpeed's trace invalidations and the elements its coordinator all-gathers in a backward."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+    invalidate, gather = Coordinator._invalidate_trace, Coordinator._PartitionedParameterCoordinator__all_gather_params
+
+    def counted_invalidate(self):
+        COUNTS["invalidations"] += 1
+        return invalidate(self)
+
+    def counted_gather(self, params, forward):
+        if not forward:
+            COUNTS["backward_gathered"] += sum(p.ds_numel for p in params)
+        return gather(self, params, forward)
+    Coordinator._invalidate_trace = counted_invalidate
+    Coordinator._PartitionedParameterCoordinator__all_gather_params = counted_gather
 
 
 def dense_copy(cls, modality, cfg, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -51,15 +72,21 @@ def dense_gradient(cfg, trainer, micro_batches, skips) -> dict[str, torch.Tensor
 def main() -> None:
     cfg = load_experiment("configs/vision_tiny.yaml", [
         "train.warmup_steps=0", "train.lr=0.005", "train.schedule=constant", "train.output_dir=/unused",
-        f"train.grad_accum={ACCUM}", "encoder.layerdrop=0.5", "encoder.dropout=0", "encoder.drop_path=0"])
+        f"train.grad_accum={ACCUM}", "encoder.layerdrop=0.5", "encoder.dropout=0", "encoder.drop_path=0",
+        *sys.argv[2:]])
     rt = init_runtime(1, choose_device("fp32"))
     micro = GLOBAL_BATCH // rt.dp
     cfg.train.micro_batch_size = micro
-    trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), [])
+    ds = load_ds_config(cfg.train.ds_config)
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    count_prefetch_losses()
+    trainer = Trainer(cfg, rt, ds, [])
     lo = rt.dp_rank * micro
     batches = global_batches(cfg, STEPS * ACCUM)
     report = {"steps": []}
-    for _ in range(STEPS):
+    for step in range(STEPS):
+        if step == 2:  # the trace is recorded in the first two forward + backward passes
+            COUNTS.update(invalidations=0, backward_gathered=0)
         micro_batches, skips = [next(batches) for _ in range(ACCUM)], []
         reference = None
         for trainer.micro, (images, masks) in enumerate(micro_batches):
@@ -83,6 +110,7 @@ def main() -> None:
         trainer.step += 1
         report["steps"].append({"skips": [list(s) for s in skips], "max_rel_err": max(errors.values()),
                                 "worst": max(errors, key=errors.get), "skipped_all_step": sorted(zero_blocks)})
+    report.update(COUNTS)
     if rt.rank == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(report, f)
