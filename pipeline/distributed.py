@@ -125,7 +125,7 @@ def requeue_slurm_job() -> None:
 @dataclass(frozen=True)
 class DeviceChoice:
     device_type: str  # 'cuda', 'cpu', ... as DeepSpeed's accelerator names it
-    dtype: torch.dtype  # student compute dtype; the teacher is always fp32
+    dtype: torch.dtype  # student compute dtype; the teacher computes in it or in fp32 (its EMA is fp32)
     backend: str
 
     @property
@@ -231,16 +231,22 @@ def build_sharded(factory, ds_config: dict, rt: "Runtime") -> torch.nn.Module:
     return module
 
 
-def teacher_ds_config(student: dict) -> dict:
-    """The teacher engine: same ZeRO-3 partitioning, fp32, no optimizer and no gradients."""
+def teacher_ds_config(student: dict, half: bool = False) -> dict:
+    """The teacher engine: same ZeRO-3 partitioning, no optimizer and no gradients; fp32, or with ``half`` the
+    student's bf16 (a teacher that computes under the student's autocast gathers bf16 weights, half the bytes;
+    its EMA state stays fp32 in pipeline.ema)."""
     cfg = copy.deepcopy(student)
-    cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}
+    if not (half and cfg.get("bf16", {}).get("enabled") is True):
+        cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}
     cfg.pop("gradient_clipping", None)
     # Every teacher parameter must live only as a partition: a "persistent" (always gathered) parameter
-    # would keep a full copy that the shard-local EMA update never touches.
+    # would keep a full copy that the shard-local EMA update never touches. ZeRO++'s hierarchical partition
+    # (zero_hpz_partition_size) is such a copy too: DeepSpeed refreshes it only in an optimizer step, which the
+    # teacher never takes, so its gathers would read stale weights.
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage3_param_persistence_threshold"] = 0
     zero["stage3_model_persistence_threshold"] = 0
+    zero["zero_hpz_partition_size"] = 1
     return cfg
 
 

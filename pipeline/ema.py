@@ -4,7 +4,10 @@ Under ZeRO-3 every teacher parameter ``t`` holds this rank's flat partition in `
 student's optimizer holds the matching fp32 master partition (``safe_get_local_fp32_param``). Both
 were partitioned the same way (same shapes, same data-parallel group), so
 ``t_part = tau * t_part + (1 - tau) * s_part`` is local. The teacher's forward then gathers layer by
-layer exactly like the student's. Note the trap this avoids: editing parameters inside
+layer exactly like the student's. Where the teacher computes in bf16 (under the student's autocast: the release's
+half-precision teacher for speech, text and data2vec 2.0), its ZeRO-3 partitions are bf16, so that its forward gathers
+half the bytes, and the EMA keeps its own fp32 partitions, written into the bf16 ones after every change (``publish``).
+Note the trap this avoids: editing parameters inside
 ``deepspeed.zero.GatheredParameters`` without ``modifier_rank`` silently discards the edits.
 """
 
@@ -57,7 +60,8 @@ class ShardedEMA:
     """EMA of the student into the teacher, one local partition per parameter.
 
     ``teacher_state`` / ``student_state`` map a parameter to the local tensor to read or write; the
-    defaults are the ZeRO-3 partitions. Passing ``lambda p: p.data`` for both gives a dense EMA.
+    defaults are the ZeRO-3 partitions. Passing ``lambda p: p.data`` for both gives a dense EMA. A bf16 teacher
+    partition gets an fp32 EMA state of its own (``teacher_parts``), rounded into it by ``publish``.
     """
 
     def __init__(self, teacher: nn.Module, student_params: dict[str, nn.Parameter], cfg: EMAConfig,
@@ -66,11 +70,17 @@ class ShardedEMA:
         self.module = teacher
         self.student_state = student_state
         self.names, self.teacher_parts, self.student_params, self.copied = [], [], [], []
+        self.published: list[tuple[torch.Tensor, torch.Tensor]] = []  # (bf16 teacher partition, its fp32 state)
         self.student_parts: list[torch.Tensor] | None = None  # cached views, once taken (see update)
         for name, t in teacher.named_parameters():
             require(name in student_params, f"teacher parameter {name} has no student counterpart")
             part = teacher_state(t)
-            require(part.dtype == torch.float32, f"teacher partition {name} is {part.dtype}; the EMA must be fp32")
+            require(part.dtype in (torch.float32, torch.bfloat16),
+                    f"teacher partition {name} is {part.dtype}; the teacher must be fp32 or bf16")
+            if part.dtype != torch.float32:
+                state = torch.zeros_like(part, dtype=torch.float32)
+                self.published.append((part, state))
+                part = state
             self.names.append(name)
             self.teacher_parts.append(part)
             self.student_params.append(student_params[name])
@@ -106,12 +116,21 @@ class ShardedEMA:
         if avg_t:
             torch._foreach_mul_(avg_t, tau)
             torch._foreach_add_(avg_t, avg_s, alpha=1.0 - tau)
+        self.publish()
+
+    @torch.no_grad()
+    def publish(self) -> None:
+        """Round the fp32 EMA state into the bf16 partitions the teacher's forward gathers (nothing for an fp32
+        teacher, whose partitions are the state)."""
+        if self.published:
+            torch._foreach_copy_([bf16 for bf16, _ in self.published], [fp32 for _, fp32 in self.published])
 
     @torch.no_grad()
     def copy_student(self) -> None:
         """Initialise the teacher as an exact copy of the student."""
         for t, s in zip(self.teacher_parts, self.student_params):
             t.copy_(self.student_state(s))
+        self.publish()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: part.detach().cpu().clone() for name, part in zip(self.names, self.teacher_parts)}
@@ -125,3 +144,4 @@ class ShardedEMA:
                     f"teacher partition {name} has shape {tuple(state[name].shape)} in the checkpoint but "
                     f"{tuple(part.shape)} here")
             part.copy_(state[name])
+        self.publish()

@@ -12,7 +12,8 @@ Everything else is analytic; the rules (bytes per GPU):
 
 * ZeRO-3 partitions (the DP group of one TP rank): ``ceil(n / DP)`` elements per parameter, as
   DeepSpeed pads each parameter to a multiple of DP. Student parameters and gradients in the compute
-  dtype (bf16: 2 B), optimizer fp32 master + Adam m, v (12 B), teacher fp32 partition (4 B, no head or decoder).
+  dtype (bf16: 2 B), optimizer fp32 master + Adam m, v (12 B), teacher fp32 EMA partition (4 B, no head or decoder) + the bf16
+  partition it gathers when it computes under the student's bf16 autocast (2 B; ``teacher_bytes``).
 * Persistent parameters (``stage3_param_persistence_threshold`` of the DeepSpeed JSON; 0 for the
   teacher): the student keeps them gathered in full all the time (compute dtype).
 * Gathered parameters: DeepSpeed 0.19's ``PartitionedParameterCoordinator`` is replayed on the module
@@ -24,7 +25,7 @@ Everything else is analytic; the rules (bytes per GPU):
   ``stage3_max_reuse_distance`` elements of the trace. With ``ds_configs/zero3.json`` (5e7, 1e9, 1e9)
   the prefetch front runs ahead of the compute, so the student's whole TP-local model (up to 1e9
   elements) is gathered from the forward to the backward (and not re-gathered in the backward), and
-  the teacher gathers its whole fp32 model during its forward. tests/test_plan.py checks the replay
+  the teacher gathers its whole model during its forward. tests/test_plan.py checks the replay
   against DeepSpeed on CPU ranks. The nominal ZeRO-3 working set, 2 x the largest block (one in
   use, one prefetched), is printed for reference.
 * Student activations per micro-batch, stored for backward, no sequence parallelism (with
@@ -43,7 +44,7 @@ Everything else is analytic; the rules (bytes per GPU):
   transients.
 * Peak = model states + persistent + ZeRO reduce bucket + a fixed allowance (CUDA context, NCCL,
   allocator: ``--overhead-gb``) + the largest of three phases that do not overlap in time: teacher
-  forward (gathered fp32 parameters + taps), student forward/backward (gathered parameters at their
+  forward (gathered parameters + taps), student forward/backward (gathered parameters at their
   peak + activations), optimizer step (per ``sub_group_size`` group of the partition: DeepSpeed's flat
   copy of the gradients and its fp32 cast, plus one fp32 AdamW temporary).
 
@@ -52,12 +53,12 @@ reduce-scatter of a whole tensor of ``size`` bytes over DP: ``size * (DP-1)/DP``
 ``2 * size * (n-1)/n``. Student parameters all-gathered in forward and again in backward (nominally 2x; the
 replay above gives what is really gathered: persistent parameters never, parameters still gathered after the
 forward not again in the backward), gradients reduce-scattered every micro-batch (1x, compute dtype), the
-teacher's fp32 parameters all-gathered for its forward (1x). TP all-reduces of (s, b, D) activations: per block
+teacher's parameters all-gathered for its forward (1x; in the dtype it computes in: bf16 under the student's
+autocast, fp32 for vision's reference teacher). TP all-reduces of (s, b, D) activations: per block
 2 in the student forward (attention and FFN row-parallel outputs), 4 in its backward (the q, k, v and fc1
 column-parallel input gradients: q, k, v are separate layers; with ``train.activation_checkpointing`` + the 2 of
 the forward it runs again), 2 in the teacher forward; text adds the vocab-parallel embedding (1 each forward).
-The student's are in the compute dtype, the teacher's in the dtype it computes in (``teacher_activation_bytes``:
-fp32 for vision's reference teacher, the compute dtype under autocast; its embedding output is always fp32).
+The student's are in the compute dtype, the teacher's in the dtype it computes in (``teacher_bytes``).
 Each micro-step all-reduces its fp32 statistics over DP (loss, moments, per-position statistics:
 ``statistics_floats``) and two stop / requeue flags over TP. The EMA update: 0 bytes (shard-local). Not
 counted: DeepSpeed's gradient-norm scalars (tens of bytes per step) and its one-off trace check (broadcasts,
@@ -589,15 +590,17 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
                    + (a * student_sbd if enc.norm_first else 0) + a * masked * enc.dim + head + loss)
     sbd = s * b * enc.dim
     teacher_taps = cfg.objective.top_k * sbd * 4
-    teacher_block = block_activation_bytes(enc, s, b, tp, teacher_activation_bytes(cfg, dtype), fused_attention)[0]
-    teacher_phase = teacher_taps + 3 * sbd * 4 + teacher_block + teacher_sim.peak * 4
+    tb = teacher_bytes(cfg, dtype)
+    teacher_block = block_activation_bytes(enc, s, b, tp, tb, fused_attention)[0]
+    teacher_phase = teacher_taps + 3 * sbd * 4 + teacher_block + teacher_sim.peak * tb
     step_phase = largest_sub * (cb + 4 + 4)  # flat gradient copy, its fp32 cast, one AdamW temporary
 
     p.memory = {
         f"student parameters (ZeRO-3 partition, {dtype})": p.student_partition * cb,
         f"gradients (partition, {dtype})": p.student_partition * cb,
         "optimizer states (fp32 master + Adam m, v)": p.student_partition * 12,
-        "teacher (fp32 partition)": p.teacher_partition * 4,
+        "teacher (fp32 EMA partition)": p.teacher_partition * 4,
+        "teacher (bf16 partition it gathers)": p.teacher_partition * tb if tb != 4 else 0,
         f"persistent student parameters (full, {dtype})": p.persistent_numel * cb,
         "ZeRO reduce bucket (reduce_bucket_size, contiguous_gradients)": reduce_bucket * cb if contiguous else 0,
         "CUDA context, NCCL, allocator (--overhead-gb)": int(overhead_gb * GiB),
@@ -610,9 +613,9 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
             f"scores {scores * (1 if cfg.train.activation_checkpointing else enc.depth) / GiB:.3f} of it"
             f"{'' if fused_attention else '; ~0 with --fused-attention'})": student_act},
         "teacher forward": {
-            "gathered fp32 teacher parameters (peak)": teacher_sim.peak * 4,
+            f"gathered teacher parameters (peak, {'fp32' if tb == 4 else dtype})": teacher_sim.peak * tb,
             f"taps of the top {cfg.objective.top_k} blocks, fp32": teacher_taps,
-            "targets + one block's transients": teacher_phase - teacher_taps - teacher_sim.peak * 4},
+            "targets + one block's transients": teacher_phase - teacher_taps - teacher_sim.peak * tb},
         "optimizer step": {"largest sub-group: flat gradient copy, its fp32 cast, an AdamW temporary": step_phase},
     }
     totals = {name: sum(parts.values()) for name, parts in p.phases.items()}
@@ -631,10 +634,10 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     return p
 
 
-def teacher_activation_bytes(cfg, dtype: str) -> int:
-    """Bytes per element of the teacher's activations, as the Trainer runs it: the student's compute dtype under
-    its autocast (``train.teacher_precision=autocast``; ``reference``: the modality's release, autocast for
-    speech and text, fp32 for vision), else fp32."""
+def teacher_bytes(cfg, dtype: str) -> int:
+    """Bytes per element of the teacher's gathered parameters and of its activations, as the Trainer runs it: the
+    student's compute dtype under its autocast (``train.teacher_precision=autocast``; ``reference``: the release's,
+    autocast for speech, text and data2vec 2.0, fp32 for data2vec vision), else fp32. Its EMA state is fp32."""
     rule = cfg.train.teacher_precision
     rule = cfg.make_method().teacher_precision() if rule == "reference" else rule
     return DTYPE_BYTES[dtype] if rule == "autocast" else 4
@@ -668,14 +671,13 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
         "student all-gather, forward": student_sim.gathered_forward * cb * gather,
         "student all-gather, backward": student_sim.gathered_backward * cb * gather,
         "gradient reduce-scatter": p.student_tp_numel * cb * gather,
-        "teacher all-gather (fp32)": teacher_sim.gathered_forward * 4 * gather,
+        "teacher all-gather": teacher_sim.gathered_forward * teacher_bytes(cfg, dtype) * gather,
         "statistics all-reduce": statistics_floats(cfg) * 4 * 2 * gather,
     }
     over_tp = {
         "TP all-reduce, student forward": (2 * enc.depth * student_sbd + embed * sbd) * cb * reduce,
         "TP all-reduce, student backward": (4 + recompute) * enc.depth * student_sbd * cb * reduce,
-        "TP all-reduce, teacher forward":  # its embedding's output stays fp32 (no autocast op)
-            (2 * enc.depth * teacher_activation_bytes(cfg, dtype) + embed * 4) * sbd * reduce,
+        "TP all-reduce, teacher forward": (2 * enc.depth + embed) * teacher_bytes(cfg, dtype) * sbd * reduce,
         "statistics all-reduce": 2 * 4 * reduce,  # the stop / requeue flags agreed over TP (agree_any)
         "EMA update": 0,
     }
@@ -792,7 +794,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.plan",
         description="Capacity plan for a cluster size: layout checks, per-GPU memory (ZeRO-3 partitions, sharded "
-                    "fp32 teacher, gathered parameters, activations) and per-step communication. Analytic: no GPU "
+                    "fp32 EMA teacher, gathered parameters, activations) and per-step communication. Analytic: no GPU "
                     "and no multi-rank job. Exit status: 0 fits, 1 does not fit, 2 a layout or config problem.",
         epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML preset, e.g. configs/vision_large.yaml")
@@ -805,7 +807,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--global-batch", type=int, default=None, help="check that the layout gives this global batch")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory in GiB (default 80)")
     parser.add_argument("--precision", choices=sorted(DTYPE_BYTES), default="bf16",
-                        help="student compute dtype on the GPUs (default bf16; the teacher is fp32 regardless)")
+                        help="student compute dtype on the GPUs (default bf16; the teacher computes in it or in fp32, by train.teacher_precision, and keeps an fp32 EMA)")
     parser.add_argument("--fused-attention", action="store_true",
                         help="assume fused SDPA kernels (flash / memory-efficient): no stored attention scores")
     parser.add_argument("--overhead-gb", type=float, default=2.0,

@@ -127,7 +127,7 @@ class Trainer:
         tcfg = cfg.train
         self.ds_student = student_ds_config(ds_base, tcfg.micro_batch_size, tcfg.grad_accum, rt.dp, rt.choice.dtype,
                                             tcfg.grad_clip)
-        self.ds_teacher = teacher_ds_config(self.ds_student)
+        self.ds_teacher = teacher_ds_config(self.ds_student, half=self.teacher_autocast())
         self.output = Path(tcfg.output_dir)
         self.ckpt_root = self.output / "checkpoints"
         self.step = 0  # optimizer steps done
@@ -177,8 +177,8 @@ class Trainer:
     # -- the data2vec step --------------------------------------------------------------------
     @torch.no_grad()
     def teacher_targets(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Teacher (fp32 weights; bf16 autocast on GPU unless train.teacher_precision says fp32) on the unmasked
-        input -> (B, T, D) fp32 targets."""
+        """Teacher (bf16 weights and autocast on GPU, fp32 where train.teacher_precision says so; its EMA state is
+        fp32 either way) on the unmasked input -> (B, T, D) fp32 targets."""
         autocast = self.teacher_autocast()
         if self.rt.choice.autocast and not autocast:  # fp32 compute: the batch's floating inputs came in bf16
             inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}

@@ -131,6 +131,33 @@ def test_dense_ema_update_and_copy():
         torch.testing.assert_close(v, want)
 
 
+def test_bf16_teacher_keeps_an_fp32_ema_and_gathers_its_rounding():
+    """A teacher that computes in bf16 holds bf16 weights; the EMA runs on its own fp32 state (initial copy,
+    updates, checkpoint round trip) and every change is rounded into the bf16 weights, never accumulated there."""
+    student = torch.nn.Linear(64, 64)
+    teacher = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    dense = lambda p: p.data  # noqa: E731
+    ema = ShardedEMA(teacher, dict(student.named_parameters()), EMAConfig(), dense, dense)
+    ema.copy_student()
+    want = {k: v.clone() for k, v in student.state_dict().items()}
+    for step in range(50):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(step)) * 1e-3)
+        ema.update(0.999)
+        want = {k: 0.999 * want[k] + 0.001 * v for k, v in student.state_dict().items()}
+    state = ema.state_dict()
+    for k, v in teacher.state_dict().items():
+        assert state[k].dtype == torch.float32 and v.dtype == torch.bfloat16
+        torch.testing.assert_close(state[k], want[k], rtol=1e-6, atol=1e-7)
+        assert torch.equal(v, want[k].to(torch.bfloat16))  # 1e-3 steps at tau 0.999 vanish in bf16 accumulation
+    fresh = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    resumed = ShardedEMA(fresh, dict(student.named_parameters()), EMAConfig(), dense, dense)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), teacher.parameters()))
+    assert all(torch.equal(a, state[n]) for n, a in zip(resumed.names, resumed.teacher_parts))
+
+
 @pytest.mark.parametrize("numel", [1, 3, 7, 1001])
 @pytest.mark.parametrize("saved_dp", [1, 3, 4])
 def test_partitions_carry_over_to_any_data_parallel_size(tmp_path, numel, saved_dp):

@@ -13,9 +13,10 @@ from conftest import CPU_MACHINES, ROOT, torchrun
 pytestmark = pytest.mark.distributed
 
 
-def run_ema_check(tmp_path, preset, shards, machine=None) -> dict:
+def run_ema_check(tmp_path, preset, shards, machine=None, precision="fp32") -> dict:
     report = tmp_path / "ema.json"
-    proc = torchrun([str(ROOT / "tests/dist/ema_check.py"), str(report), preset, str(shards)], machine=machine)
+    proc = torchrun([str(ROOT / "tests/dist/ema_check.py"), str(report), preset, str(shards), precision],
+                    machine=machine)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(report.read_text())
 
@@ -35,15 +36,19 @@ def test_sharded_ema_teacher_matches_dense_reference(tiny_shards, tmp_path, mach
     assert r["bad_recipe_changed"] == 0.0  # the broken recipe's edits vanish: our check above would catch it
 
 
-def test_speech_two_rank_zero3_with_sharded_teacher(tiny_audio_shards, tmp_path):
-    """Speech: the conv feature encoder and positional conv are copied, the rest averaged, all shard-local."""
-    r = run_ema_check(tmp_path, "configs/speech_tiny.yaml", tiny_audio_shards)
+def test_speech_two_rank_zero3_with_sharded_bf16_teacher(tiny_audio_shards, tmp_path):
+    """Speech, student in bf16 as on a GPU: the conv feature encoder and positional conv are copied, the rest
+    averaged, all shard-local. Its teacher computes under the student's autocast, so it gathers bf16 weights: its
+    ZeRO-3 partitions are bf16 and hold exactly the rounding of the fp32 EMA state, which equals the dense EMA of
+    the student's fp32 weights."""
+    r = run_ema_check(tmp_path, "configs/speech_tiny.yaml", tiny_audio_shards, precision="bf16")
     assert r["dp"] == 2 and r["init_err"] == 0.0 and r["teacher_moved"] > 1e-4 and r["max_err"] < 1e-6
+    assert r["published_err"] == 0.0
     assert any(n.startswith("embed.feature_extractor.") for n in r["copied"])
     assert any(n.startswith("embed.pos_conv.") for n in r["copied"])
     assert not any(n.startswith("encoder.") for n in r["copied"])
     for name, part in r["partitions"].items():
-        assert part["dtype"] == "torch.float32" and part["ceil"] <= part["numel"] < part["ceil"] + 64, name
+        assert part["dtype"] == "torch.bfloat16" and part["ceil"] <= part["numel"] < part["ceil"] + 64, name
 
 
 def read_losses(run_dir, key="loss"):

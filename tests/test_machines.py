@@ -25,14 +25,17 @@ ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOC
 
 @pytest.mark.distributed
 def test_dtypes_come_from_the_deepspeed_config_on_either_cpu(tmp_path):
-    """fp32 (CPU) or bf16 (GPU) student and an fp32 teacher, whatever is_fp16_supported() answers."""
+    """fp32 (CPU) or bf16 (GPU) student and an fp32 teacher (bf16 where it computes under the student's bf16
+    autocast), whatever is_fp16_supported() answers."""
     report = tmp_path / "dtypes.json"
     proc = torchrun([str(ROOT / "tests/dist/dtype_check.py"), str(report)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(report.read_text())
     for kind in ("cpu-fp16", "cpu-no-fp16"):
-        assert r[kind]["torch.float32"] == {"student": ["torch.float32"], "teacher": ["torch.float32"]}, kind
-        assert r[kind]["torch.bfloat16"] == {"student": ["torch.bfloat16"], "teacher": ["torch.float32"]}, kind
+        assert r[kind]["torch.float32"] == {"student": ["torch.float32"], "teacher": ["torch.float32"],
+                                            "autocast teacher": ["torch.float32"]}, kind
+        assert r[kind]["torch.bfloat16"] == {"student": ["torch.bfloat16"], "teacher": ["torch.float32"],
+                                             "autocast teacher": ["torch.bfloat16"]}, kind
     # what the trainer's old call, zero.Init(dtype=torch.float32), builds where oneDNN lacks fp16
     assert r["cpu-no-fp16"]["old_call_dtype_float32"] == ["torch.bfloat16"]
 

@@ -8,7 +8,8 @@ each ``{"preset": YAML, "tp": N, "zero": {merged into the DeepSpeed JSON's zero_
 tests/dist/memory_check.py does (micro batch MICRO), feeds it one fixed synthetic batch and runs WARMUP + 1
 optimizer steps, keeping the bytes of the last: the first step records DeepSpeed's module trace (no prefetch
 yet), the second checks it across ranks (a few broadcasts, once). "bf16" computes the student in bf16 on the
-CPU as on a GPU (the teacher's weights stay fp32; ``choose_device`` refuses bf16 on a CPU, where it is slow).
+CPU as on a GPU (the teacher in bf16 or fp32 by its precision rule, as there; ``choose_device`` refuses bf16 on a
+CPU, where it is slow).
 
 Every torch.distributed collective is wrapped, in ``torch.distributed`` and ``distributed_c10d`` both and before
 DeepSpeed's ``TorchBackend`` and megatron-core look them up; one called from inside another counts once (the
@@ -75,7 +76,7 @@ CATEGORIES = {
     (GATHER, "dp", "backward"): "student all-gather, backward",
     (SCATTER, "dp", "backward"): "gradient reduce-scatter",
     (SCATTER, "dp", "step"): "gradient reduce-scatter",
-    (GATHER, "dp", "teacher forward"): "teacher all-gather (fp32)",
+    (GATHER, "dp", "teacher forward"): "teacher all-gather",
     (REDUCE, "tp", "student forward"): "TP all-reduce, student forward",
     (REDUCE, "tp", "backward"): "TP all-reduce, student backward",
     (REDUCE, "tp", "teacher forward"): "TP all-reduce, teacher forward",
