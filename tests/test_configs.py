@@ -115,6 +115,13 @@ def test_ds_config_derivation(path: Path):
     assert teacher["bf16"]["enabled"] is False  # the EMA teacher is fp32
     assert teacher["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert "gradient_clipping" not in teacher
+    assert teacher_ds_config(student, half=True)["bf16"]["enabled"] is True  # computes under the student's autocast
+    fp32_student = student_ds_config(base, micro=4, accum=2, dp=8, dtype=torch.float32)
+    assert teacher_ds_config(fp32_student, half=True)["bf16"]["enabled"] is False
+    # ZeRO++ hpZ keeps a secondary copy that only an optimizer step refreshes: the teacher (no optimizer) must not
+    hpz = student_ds_config({**base, "zero_optimization": {**base["zero_optimization"], "zero_hpz_partition_size": 8}},
+                            micro=4, accum=2, dp=8, dtype=torch.bfloat16)
+    assert teacher_ds_config(hpz)["zero_optimization"]["zero_hpz_partition_size"] == 1
 
 
 def test_help_lists_every_section():
