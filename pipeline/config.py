@@ -165,6 +165,11 @@ class TrainConfig:
     eps: float = doc("AdamW epsilon", 1e-8)
     grad_clip: float = doc("clip the global gradient norm to this (0: no clipping); written into the DeepSpeed "
                            "config as gradient_clipping", 0.0)
+    grad_reduce: str = doc("dtype of the data-parallel gradient reduce-scatter when the student computes in bf16: "
+                           "'fp32' (DeepSpeed's communication_data_type: sums over hundreds of ranks keep fp32 "
+                           "precision, as Megatron-LM and torchtitan reduce; twice the gradient bytes) or 'compute' "
+                           "(bf16, half the bytes: fairseq's half-precision all-reduce). fp32 runs reduce in fp32",
+                           "fp32")
     seed: int = doc("seed for initialisation, data order, augmentation and masks", 0)
     precision: str = doc("'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'. The EMA teacher is always fp32", "auto")
     teacher_precision: str = doc("how the teacher computes when the student runs bf16 (its weights and EMA stay "
@@ -207,6 +212,7 @@ class TrainConfig:
         require(self.output_dir.strip() != "", "train.output_dir must not be empty: checkpoints and logs go there")
         one_of("train.precision", self.precision, ("auto", "bf16", "fp32"))
         one_of("train.teacher_precision", self.teacher_precision, ("reference", "autocast", "fp32"))
+        one_of("train.grad_reduce", self.grad_reduce, ("fp32", "compute"))
         one_of("train.decay_exempt", self.decay_exempt, ("reference", "beit", "none", "1d", "bias"))
         one_of("train.resume_damaged", self.resume_damaged, ("error", "previous"))
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),

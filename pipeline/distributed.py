@@ -166,8 +166,9 @@ def load_ds_config(path: str | Path) -> dict:
 
 
 def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.dtype,
-                      grad_clip: float = 0.0) -> dict:
-    """Fill batch, clipping and precision keys; reject settings that contradict the experiment config."""
+                      grad_clip: float = 0.0, grad_reduce: str = "fp32") -> dict:
+    """Fill batch, clipping, precision and gradient-reduction keys; reject settings that contradict the experiment
+    config."""
     cfg = copy.deepcopy(base)
     want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
             "train_batch_size": micro * accum * dp}
@@ -194,6 +195,13 @@ def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.
             raise ConfigError(f"DeepSpeed config sets {section}.enabled={declared}, but this run computes in "
                               f"{str(dtype).replace('torch.', '')} (train.precision); remove it from the JSON")
         cfg[section] = {**cfg.get(section, {}), "enabled": wanted}
+    reduce = "bf16" if bf16 and grad_reduce == "compute" else "fp32"
+    declared = cfg.get("communication_data_type", reduce)
+    if declared not in ("auto", reduce):
+        raise ConfigError(f"DeepSpeed config sets communication_data_type={declared}, but this run reduces gradients "
+                          f"in {reduce} (train.grad_reduce={grad_reduce}, compute {str(dtype).replace('torch.', '')}); "
+                          f"remove it from the JSON and set train.grad_reduce in the experiment YAML")
+    cfg["communication_data_type"] = reduce
     cfg["zero_allow_untested_optimizer"] = True
     return cfg
 
@@ -239,6 +247,7 @@ def teacher_ds_config(student: dict, half: bool = False) -> dict:
     if not (half and cfg.get("bf16", {}).get("enabled") is True):
         cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}
     cfg.pop("gradient_clipping", None)
+    cfg.pop("communication_data_type", None)  # no gradients
     # Every teacher parameter must live only as a partition: a "persistent" (always gathered) parameter
     # would keep a full copy that the shard-local EMA update never touches. ZeRO++'s hierarchical partition
     # (zero_hpz_partition_size) is such a copy too: DeepSpeed refreshes it only in an optimizer step, which the

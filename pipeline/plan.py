@@ -52,7 +52,8 @@ Communication per GPU (bytes sent; ring algorithms), per micro-batch, x grad_acc
 reduce-scatter of a whole tensor of ``size`` bytes over DP: ``size * (DP-1)/DP``; all-reduce over n ranks:
 ``2 * size * (n-1)/n``. Student parameters all-gathered in forward and again in backward (nominally 2x; the
 replay above gives what is really gathered: persistent parameters never, parameters still gathered after the
-forward not again in the backward), gradients reduce-scattered every micro-batch (1x, compute dtype), the
+forward not again in the backward), gradients reduce-scattered every micro-batch (1x, fp32 unless
+``train.grad_reduce=compute``: ``gradient_bytes``), the
 teacher's parameters all-gathered for its forward (1x; in the dtype it computes in: bf16 under the student's
 autocast, fp32 for vision's reference teacher). TP all-reduces of (s, b, D) activations: per block
 2 in the student forward (attention and FFN row-parallel outputs), 4 in its backward (the q, k, v and fc1
@@ -326,7 +327,7 @@ def layout_checks(cfg, world: int, tp: int, micro: int, accum: int, global_batch
             from pipeline.distributed import student_ds_config
             try:
                 student_ds_config(ds, micro, accum, dp, torch.bfloat16 if dtype == "bf16" else torch.float32,
-                                  cfg.train.grad_clip)
+                                  cfg.train.grad_clip, cfg.train.grad_reduce)
                 checks.append((True, f"global batch = micro {micro} x accumulation {accum} x DP {dp} = {gb} "
                                      f"(the DeepSpeed JSON agrees)"))
             except ConfigError as exc:
@@ -602,7 +603,8 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
         "teacher (fp32 EMA partition)": p.teacher_partition * 4,
         "teacher (bf16 partition it gathers)": p.teacher_partition * tb if tb != 4 else 0,
         f"persistent student parameters (full, {dtype})": p.persistent_numel * cb,
-        "ZeRO reduce bucket (reduce_bucket_size, contiguous_gradients)": reduce_bucket * cb if contiguous else 0,
+        "ZeRO reduce bucket (reduce_bucket_size, contiguous_gradients; + its fp32 cast for an fp32 reduce)":
+            (reduce_bucket * cb if contiguous else 0) + (reduce_bucket * 4 if gradient_bytes(cfg, dtype) != cb else 0),
         "CUDA context, NCCL, allocator (--overhead-gb)": int(overhead_gb * GiB),
     }
     p.phases = {
@@ -643,6 +645,11 @@ def teacher_bytes(cfg, dtype: str) -> int:
     return DTYPE_BYTES[dtype] if rule == "autocast" else 4
 
 
+def gradient_bytes(cfg, dtype: str) -> int:
+    """Bytes per element of the gradient reduce-scatter: fp32 unless a bf16 run sets train.grad_reduce=compute."""
+    return 2 if dtype == "bf16" and cfg.train.grad_reduce == "compute" else 4
+
+
 def statistics_floats(cfg) -> int:
     """fp32 values in the micro-step's data-parallel all-reduce (``Trainer.micro_step``): the loss sums (regression,
     CLS), the targets' and the predictions' moments (count, per-dimension sums and sums of squares), the targets'
@@ -670,7 +677,7 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
     over_dp = {
         "student all-gather, forward": student_sim.gathered_forward * cb * gather,
         "student all-gather, backward": student_sim.gathered_backward * cb * gather,
-        "gradient reduce-scatter": p.student_tp_numel * cb * gather,
+        "gradient reduce-scatter": p.student_tp_numel * gradient_bytes(cfg, dtype) * gather,
         "teacher all-gather": teacher_sim.gathered_forward * teacher_bytes(cfg, dtype) * gather,
         "statistics all-reduce": statistics_floats(cfg) * 4 * 2 * gather,
     }

@@ -46,7 +46,7 @@ def prepare(args):
     choice = choose_device(cfg.train.precision)
     ds_base = load_ds_config(cfg.train.ds_config)
     student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, dp, choice.dtype,
-                      cfg.train.grad_clip)
+                      cfg.train.grad_clip, cfg.train.grad_reduce)
     modality = cfg.make_modality()
     shards = resolve_shards(cfg.data.manifest, modality)
     check_shard_count(len(shards), dp, cfg.data.workers)

@@ -115,6 +115,11 @@ def test_ds_config_derivation(path: Path):
     assert teacher["bf16"]["enabled"] is False  # the EMA teacher is fp32
     assert teacher["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     assert "gradient_clipping" not in teacher
+    assert student["communication_data_type"] == "fp32"  # train.grad_reduce's default under bf16
+    assert student_ds_config(base, 4, 2, 8, torch.bfloat16, grad_reduce="compute")["communication_data_type"] == "bf16"
+    with pytest.raises(ConfigError, match="train.grad_reduce"):
+        student_ds_config({**base, "communication_data_type": "bf16"}, 4, 2, 8, torch.bfloat16)
+    assert "communication_data_type" not in teacher_ds_config(student)
     assert teacher_ds_config(student, half=True)["bf16"]["enabled"] is True  # computes under the student's autocast
     fp32_student = student_ds_config(base, micro=4, accum=2, dp=8, dtype=torch.float32)
     assert teacher_ds_config(fp32_student, half=True)["bf16"]["enabled"] is False
