@@ -62,8 +62,10 @@ def test_tp2_x_dp2_checkpoint_exports_to_our_model_and_to_transformers(single_pr
     for weights, ours in (("student", student.backbone), ("teacher", teacher)):
         check_hf_export(live, cfg, ours, weights, manifest, tmp_path / f"hf_{weights}")
     # init.from at another TP (1, on 2 ranks): from the HF directory (the head keeps its own init: only the
-    # teacher's targets are the source's) and from the .pt export (student with its head: predictions too)
-    for source, exact_head in ((tmp_path / "hf_student", False), (out, True)):
+    # teacher's targets are the source's) and from the .pt export (student with its head: predictions too; for
+    # vision and text: its reader does nothing else for speech, and text re-pads the vocabulary from TP 2 to TP 1)
+    sources = [(tmp_path / "hf_student", False)] + ([(out, True)] if "speech" not in preset else [])
+    for source, exact_head in sources:
         start = tmp_path / f"start_{source.name}"
         proc = torchrun([str(ROOT / "tests/dist/init_from_check.py"), str(start), preset, str(manifest), "1",
                          str(source)], nproc=2)

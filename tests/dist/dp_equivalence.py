@@ -7,7 +7,10 @@ parallelism only changes the summation order). With --ckpt DIR it also checks ch
 layouts: --save-at K writes a checkpoint into DIR after step K and trains on; --resume resumes from
 the latest checkpoint in DIR (any data-parallel size), writes it again at once under DIR/resaved (so
 the test can compare the two bit for bit) and trains on from the saved step. --config picks the preset
-(configs/vision_tiny_v2.yaml: data2vec 2.0, whose M clones per image mask with inverse blocks).
+(configs/vision_tiny_v2.yaml: data2vec 2.0, whose M clones per image mask with inverse blocks). --variants JSON
+runs several configurations one after the other in the same processes (imports and process start are most of a
+launch's time): a list of {"config": preset, "overrides": [...]} added to the command line's; OUT then holds one
+list per variant.
 """
 
 from __future__ import annotations
@@ -52,12 +55,24 @@ def main() -> None:
     parser.add_argument("--save-at", type=int, default=0, help="save a checkpoint after this step")
     parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --ckpt")
     parser.add_argument("--config", default="configs/vision_tiny.yaml", help="a vision preset")
+    parser.add_argument("--variants", help="JSON list of {config, overrides} run in turn (see the docstring)")
     parser.add_argument("overrides", nargs="*", default=[])
     args = parser.parse_intermixed_args()
-    cfg = load_experiment(args.config, [
-        "train.warmup_steps=0", "train.lr=0.005", "train.schedule=constant", "train.output_dir=/unused",
-        f"parallel.tp={args.tp}", f"train.steps={args.steps}", *args.overrides])
     rt = init_runtime(args.tp, choose_device("fp32"))
+    variants = json.loads(args.variants) if args.variants else [{}]
+    results = [run(args, rt, v.get("config", args.config), [*args.overrides, *v.get("overrides", [])])
+               for v in variants]
+    if rt.rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(results if args.variants else results[0], f)
+    shutdown()
+
+
+def run(args, rt, config: str, overrides: list[str]) -> list[float]:
+    """Train one configuration: (loss, gradient norm) per step."""
+    cfg = load_experiment(config, [
+        "train.warmup_steps=0", "train.lr=0.005", "train.schedule=constant", "train.output_dir=/unused",
+        f"parallel.tp={args.tp}", f"train.steps={args.steps}", *overrides])
     micro = GLOBAL_BATCH // rt.dp
     cfg.train.micro_batch_size = micro
     trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), [])
@@ -80,10 +95,7 @@ def main() -> None:
         if trainer.step == args.save_at:
             trainer.ckpt_root = Path(args.ckpt)
             trainer.save()
-    if rt.rank == 0:
-        with open(args.out, "w") as f:
-            json.dump(losses, f)
-    shutdown()
+    return losses
 
 
 if __name__ == "__main__":
