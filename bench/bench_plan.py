@@ -13,11 +13,17 @@
     GPUs of 80 GiB, 8 per node. The global batch is held at each modality's reference (vision 2048
     images, speech 256 crops, text 256 blocks): micro batch = min(preset, target / DP), grad_accum
     makes up the rest; where DP alone exceeds the target the global batch is DP x 1 (marked).
+(c) Inter- and intra-node bytes per GPU per optimizer step for the *_large presets (data2vec v1 and 2.0, TP 1) at
+    the same layouts, in three settings: "before" (the pipeline until 2026-11-28: the teacher gathers fp32 weights
+    whatever it computes in, gradients reduce-scattered in bf16; at TP 1 this is train.teacher_precision=fp32
+    train.grad_reduce=compute), "now" (defaults: a teacher under the student's autocast gathers bf16 weights,
+    gradients reduce in fp32) and "now, bf16 reduce" (train.grad_reduce=compute). The last line is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -114,6 +120,33 @@ def planner_table(gpus_list: list[int], memory_gb: float) -> str:
                   "DP traffic GiB/step", "TP traffic GiB/step", "inter-node GiB/step"], rows)
 
 
+TRAFFIC_PRESETS = ["vision_large", "speech_large", "text_large", "vision_large_v2", "speech_large_v2",
+                   "text_large_v2"]
+TRAFFIC_SETTINGS = {"before": ["train.teacher_precision=fp32", "train.grad_reduce=compute"], "now": [],
+                    "now, bf16 reduce": ["train.grad_reduce=compute"]}
+
+
+def traffic_table(gpus_list: list[int]) -> tuple[str, dict]:
+    from pipeline.experiment import load_experiment
+    from pipeline.plan import plan
+    rows, figures = [], {}
+    for name in TRAFFIC_PRESETS:
+        for gpus in gpus_list:
+            row, nodes = [name, gpus], max(1, gpus // 8)
+            for setting, overrides in TRAFFIC_SETTINGS.items():
+                cfg = load_experiment(REPO_ROOT / f"configs/{name}.yaml", overrides)
+                micro, accum, _, _ = layout_for(cfg, gpus, 1)
+                p = plan(cfg, gpus, 1, micro, accum, nodes=nodes, gpus_per_node=min(8, gpus), suggest=False)
+                split = p.comm_bytes_per_step()
+                figures[f"{name}/{gpus}/{setting}"] = split
+                row += [fmt(split["inter_node"] / GiB), fmt(split["intra_node"] / GiB)]
+            before, now = figures[f"{name}/{gpus}/before"], figures[f"{name}/{gpus}/now"]
+            row.append(fmt(now["inter_node"] / before["inter_node"]) if before["inter_node"] else "-")
+            rows.append(row)
+    headers = ["preset", "GPUs"] + [f"{s} {k}" for s in TRAFFIC_SETTINGS for k in ("inter", "intra")]
+    return table(headers + ["inter now / before"], rows), figures
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     print(f"machine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}", flush=True)
@@ -127,6 +160,10 @@ def main(argv=None) -> int:
     print(f"\n(b) planner ({sw.seconds:.1f}s), bf16 compute, 8 GPUs per node, {args.gpu_memory_gb:g} GiB each, "
           f"math attention (no --fused-attention), --overhead-gb 2:")
     print(text)
+    text, figures = traffic_table(gpus)
+    print("\n(c) GiB per GPU per optimizer step, inter-node / intra-node (TP 1, 8 GPUs per node, bf16 compute):")
+    print(text)
+    print(json.dumps({"comm_bytes_per_step": figures}))
     return 0
 
 

@@ -202,6 +202,10 @@ def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.
                           f"in {reduce} (train.grad_reduce={grad_reduce}, compute {str(dtype).replace('torch.', '')}); "
                           f"remove it from the JSON and set train.grad_reduce in the experiment YAML")
     cfg["communication_data_type"] = reduce
+    hpz = cfg.get("zero_optimization", {}).get("zero_hpz_partition_size", 1)
+    require(isinstance(hpz, int) and hpz >= 1 and dp % hpz == 0,
+            f"zero_optimization.zero_hpz_partition_size={hpz} (ZeRO++ hpZ: a second copy of the student's partitions "
+            f"over groups of that many data-parallel ranks, one node's) must divide the data-parallel size {dp}")
     cfg["zero_allow_untested_optimizer"] = True
     return cfg
 

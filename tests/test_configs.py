@@ -124,9 +124,11 @@ def test_ds_config_derivation(path: Path):
     fp32_student = student_ds_config(base, micro=4, accum=2, dp=8, dtype=torch.float32)
     assert teacher_ds_config(fp32_student, half=True)["bf16"]["enabled"] is False
     # ZeRO++ hpZ keeps a secondary copy that only an optimizer step refreshes: the teacher (no optimizer) must not
-    hpz = student_ds_config({**base, "zero_optimization": {**base["zero_optimization"], "zero_hpz_partition_size": 8}},
-                            micro=4, accum=2, dp=8, dtype=torch.bfloat16)
+    hpz_base = {**base, "zero_optimization": {**base["zero_optimization"], "zero_hpz_partition_size": 8}}
+    hpz = student_ds_config(hpz_base, micro=4, accum=2, dp=8, dtype=torch.bfloat16)
     assert teacher_ds_config(hpz)["zero_optimization"]["zero_hpz_partition_size"] == 1
+    with pytest.raises(ConfigError, match="must divide the data-parallel size 12"):
+        student_ds_config(hpz_base, micro=4, accum=2, dp=12, dtype=torch.bfloat16)
 
 
 def test_help_lists_every_section():
