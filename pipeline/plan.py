@@ -25,7 +25,9 @@ Everything else is analytic; the rules (bytes per GPU):
   ``stage3_max_reuse_distance`` elements of the trace. With ``ds_configs/zero3.json`` (5e7, 1e9, 1e9)
   the prefetch front runs ahead of the compute, so the student's whole TP-local model (up to 1e9
   elements) is gathered from the forward to the backward (and not re-gathered in the backward), and
-  the teacher gathers its whole model during its forward. tests/test_plan.py checks the replay
+  the teacher gathers its whole model during its forward. With layerdrop each student block is a ZeRO-3 leaf
+  module, gathered whole when called (the replay still fetches it per sub-module: the same totals when the prefetch
+  front runs ahead, as with the default JSON; not checked for small windows). tests/test_plan.py checks the replay
   against DeepSpeed on CPU ranks. The nominal ZeRO-3 working set, 2 x the largest block (one in
   use, one prefetched), is printed for reference.
 * Student activations per micro-batch, stored for backward, no sequence parallelism (with
