@@ -25,9 +25,8 @@ Everything else is analytic; the rules (bytes per GPU):
   ``stage3_max_reuse_distance`` elements of the trace. With ``ds_configs/zero3.json`` (5e7, 1e9, 1e9)
   the prefetch front runs ahead of the compute, so the student's whole TP-local model (up to 1e9
   elements) is gathered from the forward to the backward (and not re-gathered in the backward), and
-  the teacher gathers its whole model during its forward. With layerdrop each student block is a ZeRO-3 leaf
-  module, gathered whole when called (the replay still fetches it per sub-module: the same totals when the prefetch
-  front runs ahead, as with the default JSON; not checked for small windows). tests/test_plan.py checks the replay
+  the teacher gathers its whole model during its forward. Each encoder block is one ZeRO-3 leaf module (gathered
+  whole; fetched once per output in the backward). tests/test_plan.py checks the replay
   against DeepSpeed on CPU ranks. The nominal ZeRO-3 working set, 2 x the largest block (one in
   use, one prefetched), is printed for reference.
 * Student activations per micro-batch, stored for backward, no sequence parallelism (with
@@ -155,8 +154,18 @@ def call_kind(module) -> str:
     if isinstance(module, Backbone):
         return "backbone"  # called as the teacher; the student calls backbone.encode(), not the module
     if isinstance(module, Block):
-        return "block_pre" if module.norm_first else "block_post"
+        return "block"  # a ZeRO-3 leaf module (pipeline.trainer.gather_blocks_whole)
     return "module"
+
+
+def created_in_order(module, leaf: bool):
+    """(name, parameter) of a module in the order its constructor creates them (DeepSpeed's ds_id order): its own;
+    for a leaf block (whose children are built before its layer-scale gammas) every descendant's, then its own."""
+    if not leaf:
+        return list(module.named_parameters(recurse=False))
+    inner = [(f"{name}.{pname}", p) for name, child in module.named_modules() if child is not module
+             for pname, p in child.named_parameters(recurse=False)]
+    return inner + list(module.named_parameters(recurse=False))
 
 
 def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, list[int], list[int], str]]]:
@@ -183,11 +192,17 @@ def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, list[int
     modality = type(built)(model_cfg, built.visible_only)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         student = cfg.make_method(modality).build_student(model_parallel_config(1))
-    infos, tree, index = [], [], {}
+    from pipeline.model.transformer import Block
+    infos, tree, index, inside_block = [], [], {}, set()
     for mod_name, module in student.named_modules():
+        if id(module) in inside_block:  # a block is one ZeRO-3 leaf module: its parameters are its own
+            continue
+        leaf = isinstance(module, Block)
+        if leaf:
+            inside_block.update(id(m) for m in module.modules() if m is not module)
         index[id(module)] = len(tree)
         mine = []
-        for pname, p in module.named_parameters(recurse=False):
+        for pname, p in created_in_order(module, leaf):
             name = f"{mod_name}.{pname}" if mod_name else pname
             shape = list(p.shape)
             split = bool(getattr(p, "tensor_model_parallel", False))
@@ -200,7 +215,7 @@ def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, list[int
             mine.append(len(infos))
             infos.append(ParamInfo(name, mod_name, math.prod(shape), p.numel(), split,
                                    teacher_parameter_name(name) is not None, p.dim()))
-        tree.append((mod_name, mine, [id(c) for c in module.children()], call_kind(module)))
+        tree.append((mod_name, mine, [] if leaf else [id(c) for c in module.children()], call_kind(module)))
     tree = [(name, mine, [index[c] for c in kids], kind) for name, mine, kids, kind in tree]
     _SHAPES[key] = (infos, tree)
     return infos, tree
@@ -405,9 +420,8 @@ _SIMS: dict = {}
 
 def forward_events(tree, root: int) -> list[tuple[str, int]]:
     """("fetch" | "release", node) in the order DeepSpeed's hooks see them in one forward: a module is
-    fetched when called and released when it returns. Calls follow registration order, except blocks
-    (pipeline.model.transformer.Block: norms around attention/FFN as norm_first says, and dropout +
-    drop-path called after each branch) and containers / the student's backbone, which are not called."""
+    fetched when called and released when it returns. Calls follow registration order; containers and the
+    student's backbone are not called; an encoder block is one leaf module (its children are not hooked)."""
     events = []
 
     def visit(node: int, is_root: bool = False):
@@ -415,16 +429,7 @@ def forward_events(tree, root: int) -> list[tuple[str, int]]:
         called = is_root or kind not in ("container", "backbone")
         if called:
             events.append(("fetch", node))
-        if kind in ("block_pre", "block_post"):
-            child = {tree[k][0].rsplit(".", 1)[-1]: k for k in kids}
-            branch = [child["dropout"], child["drop_path"]]
-            if kind == "block_pre":
-                order = [child["attn_norm"], child["attn"], *branch, child["ffn_norm"], child["ffn"], *branch]
-            else:
-                order = [child["attn"], *branch, child["attn_norm"], child["ffn"], *branch, child["ffn_norm"]]
-        else:
-            order = kids
-        for kid in order:
+        for kid in kids:
             visit(kid)
         if called:
             events.append(("release", node))
@@ -432,12 +437,25 @@ def forward_events(tree, root: int) -> list[tuple[str, int]]:
     return events
 
 
+def backward_events(tree, forward: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The backward meets the modules in the reverse order of their forward completion: fetched where the forward
+    released them, released where it fetched them; a block (a leaf module of two outputs) is fetched once per
+    output."""
+    events = []
+    for kind, node in reversed(forward):
+        if kind == "fetch":
+            events.append(("release", node))
+        else:
+            events += [("fetch", node)] * (2 if tree[node][3] == "block" else 1)
+    return events
+
+
 def simulate_gathering(key, tree, root: int, sizes: list[int], persistent: set[int], prefetch: int, max_live: int,
                        reuse: int, backward: bool) -> GatherSim:
     """Replay ``PartitionedParameterCoordinator`` (deepspeed 0.19) on one step with a complete trace.
 
-    Modules run in the tree's order (forward: registration order, parent first; backward: parent
-    first, children reversed); each fetch all-gathers the module's own parameters, then prefetches
+    Modules run in the tree's order (forward: registration order, parent first; backward: ``backward_events``);
+    each fetch all-gathers the module's own parameters, then prefetches
     trace entries until ``stage3_prefetch_bucket_size`` new elements are queued (at most
     ``stage3_max_live_parameters`` gathered in all): with the default JSON the prefetch front runs far
     ahead. A module's parameters are released after it ran unless they are persistent, already
@@ -448,8 +466,8 @@ def simulate_gathering(key, tree, root: int, sizes: list[int], persistent: set[i
     import collections
     events = forward_events(tree, root)
     forward_count = len(events)
-    if backward:  # the backward meets the modules in the reverse order of their forward completion
-        events += [("release" if kind == "fetch" else "fetch", node) for kind, node in reversed(events)]
+    if backward:
+        events += backward_events(tree, events)
     trace = [node for kind, node in events if kind == "fetch"]  # submodule order; index = step id
     queue = collections.deque((p, step) for step, node in enumerate(trace) for p in sorted(tree[node][1]))
     trace_numel = [sum(sizes[p] for p in tree[node][1]) for node in trace]
