@@ -77,15 +77,21 @@ def check_reports(reports: list[dict]) -> None:
                     assert max(abs(row["zero"][2]), abs(row["zero"][3])) <= bound * (1 + 1e-6), (preset, name, row)
 
 
-def test_every_preset_keeps_its_init_under_zero3_on_two_ranks(tmp_path):
-    check_reports(run_init_check(tmp_path / "tp1", tp=1, nproc=2))
+@pytest.fixture(scope="module")
+def tp1_dir(tmp_path_factory):
+    """Every preset built at TP 1 on two ranks (the reports, and the TP 1 vision weights the TP 2 test compares)."""
+    path = tmp_path_factory.mktemp("init") / "tp1"
+    return path, run_init_check(path, tp=1, nproc=2)
 
 
-def test_every_preset_keeps_its_init_under_tp2_x_zero3(tmp_path):
+def test_every_preset_keeps_its_init_under_zero3_on_two_ranks(tp1_dir):
+    check_reports(tp1_dir[1])
+
+
+def test_every_preset_keeps_its_init_under_tp2_x_zero3(tmp_path, tp1_dir):
     """TP 2 x DP 2 (4 ranks); megatron's CPU init draws the full weight and slices it, so the TP 2 slices put
     together equal the TP 1 weights exactly."""
-    run_init_check(tmp_path / "tp1", tp=1, nproc=2)
-    reports = run_init_check(tmp_path / "tp2", tp=2, nproc=4, reference=tmp_path / "tp1" / "tp1_vision.pt")
+    reports = run_init_check(tmp_path / "tp2", tp=2, nproc=4, reference=tp1_dir[0] / "tp1_vision.pt")
     check_reports(reports)
     for r in reports:
         assert r["tp_vs_tp1"] and all(r["tp_vs_tp1"].values()), r["tp_vs_tp1"]
