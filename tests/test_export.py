@@ -65,12 +65,11 @@ def test_tp2_x_dp2_checkpoint_exports_to_our_model_and_to_transformers(single_pr
     # teacher's targets are the source's) and from the .pt export (student with its head: predictions too; for
     # vision and text: its reader does nothing else for speech, and text re-pads the vocabulary from TP 2 to TP 1)
     sources = [(tmp_path / "hf_student", False)] + ([(out, True)] if "speech" not in preset else [])
+    proc = torchrun([str(ROOT / "tests/dist/init_from_check.py"), str(tmp_path / "start"), preset, str(manifest), "1",
+                     *(str(source) for source, _ in sources)], nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for source, exact_head in sources:
-        start = tmp_path / f"start_{source.name}"
-        proc = torchrun([str(ROOT / "tests/dist/init_from_check.py"), str(start), preset, str(manifest), "1",
-                         str(source)], nproc=2)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        began = torch.load(start / "start.pt", weights_only=True)
+        began = torch.load(tmp_path / "start" / source.name / "start.pt", weights_only=True)
         with torch.no_grad():
             want_targets = teacher_targets(student.backbone(began["batch"]), cfg.objective)
             want_predictions = student(began["batch"], began["mask"])
