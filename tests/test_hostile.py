@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import tarfile
 import time
@@ -339,10 +340,17 @@ def test_a_flipped_byte_in_a_checkpoint_is_caught_on_resume_and_export(tiny_shar
     assert steps == [1, 2, 3, 4, 5, 6]  # records 3 and 4 of the damaged run were replaced
 
 
-@pytest.mark.parametrize("marker", ["garbage{", "5"])
-def test_a_damaged_complete_marker_is_refused_before_any_process_group(tiny_shards, tmp_path, marker):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def two_step_run(tiny_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("two_steps") / "run"
     assert train_one_rank(tiny_shards, out, "train.steps=2").returncode == 0
+    return out
+
+
+@pytest.mark.parametrize("marker", ["garbage{", "5"])
+def test_a_damaged_complete_marker_is_refused_before_any_process_group(tiny_shards, two_step_run, tmp_path, marker):
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
     (out / "checkpoints" / "step_00000002" / "COMPLETE").write_text(marker)
     proc = train_one_rank(tiny_shards, out, "train.steps=4")
     assert proc.returncode == 2 and "COMPLETE" in proc.stderr and "step_00000002" in proc.stderr, proc.stderr[-2000:]
