@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import statistics
 import sys
@@ -162,6 +163,9 @@ def main(argv=None) -> int:
         row(f"soundfile decode only ({args.rate} Hz stereo), 1 process", "decode", 1),
     ]))
     clean_up(args.keep, raw, work / "shards", work / "shards16")
+    print(json.dumps({"audio_s": audio_s, "workers": workers,
+                      **{f"{key}_s": statistics.median(values) for key, values in times.items()},
+                      "prep_audio_s_per_s": audio_s / statistics.median(times["prep"])}))
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -175,6 +176,8 @@ def main(argv=None) -> int:
         row("sentencepiece encode only, 1 process", enc_s, 1),
     ]))
     clean_up(args.keep, work)
+    print(json.dumps({"text_mb": mb, "workers": workers, "prep_s": prep_s, "pack_only_s": pack_s, "sp_encode_s": enc_s,
+                      "prep_mb_per_s": mb / prep_s, "prep_per_process_vs_sp_encode": mb / prep_s / workers / enc_mbs}))
     return 0
 
 

@@ -15,6 +15,7 @@ bench/bench_train_vision.py.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -109,6 +110,7 @@ def main(argv=None) -> int:
         ["matmul peak", "-", "-", "-", fmt(peak, 3), "100"],
         ["ours (Trainer, ZeRO-3)", fmt(r["step_s"]), fmt(r["samples_per_s"]), fmt(r["samples_per_s"] * per_sample),
          fmt(r["tflops"], 3), fmt(r["pct_peak"])]]))
+    print(json.dumps({"modality": args.modality, "peak_tflops": peak, **r}))
     return 0
 
 

@@ -21,6 +21,10 @@ After a few warmup steps each, ours and the peer are timed in alternating rounds
 background load on a shared machine hits both alike; the median step time is reported. The matmul
 peak is taken before and after, and the better of the two is used as "peak".
 
+With ``--ranks N`` the script relaunches itself under torchrun: ours is the Trainer at data-parallel size N (ZeRO-3
+over N ranks), the peer the same student under ``DistributedDataParallel`` (gloo on the CPU), each rank with the
+same batch; rates count the samples of all ranks, and the peak is N x one rank's (all ranks measuring at once).
+
 Both rates use the trainer's own FLOP count (``Trainer.flops_per_sample``: 3x forward for the
 student, 1x for the teacher; matmuls and attention only), so the ratio is a pure time ratio.
 """
@@ -30,12 +34,15 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import json
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 from bench.common import (REPO_ROOT, Stopwatch, fmt, machine_info, matmul_peak, now, summarize,  # noqa: E402
                           table, command_line)
@@ -64,10 +71,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matmul-n", type=int, default=2048, help="matrix size for the peak (default: %(default)s)")
     p.add_argument("--matmul-repeats", type=int, default=10, help="timed matmuls (default: %(default)s)")
     p.add_argument("--skip-peer", action="store_true", help="do not run the transformers peer")
+    p.add_argument("--ranks", type=int, default=1,
+                   help="data-parallel ranks (default 1): > 1 relaunches this script under torchrun; ours is the "
+                        "Trainer at DP N, the peer the same model under DistributedDataParallel; figures are for all "
+                        "ranks together, the matmul peak is N x one rank's measured while all run theirs")
     p.add_argument("overrides", nargs="*", help="more config overrides, e.g. objective.top_k=4 encoder.drop_path=0.1")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.ranks < 1:
+        p.error("--steps and --ranks must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -106,7 +117,8 @@ def build_ours(cfg, batch: dict):
     from pipeline import distributed
     from pipeline.trainer import Trainer
 
-    set_single_rank_env()
+    if "WORLD_SIZE" not in os.environ:  # under torchrun (--ranks > 1) the launcher set it
+        set_single_rank_env()
     choice = distributed.choose_device(cfg.train.precision)
     ds_base = distributed.load_ds_config(cfg.train.ds_config)
     rt = distributed.init_runtime(tp=1, choice=choice)
@@ -133,8 +145,22 @@ def build_peer(cfg):
     return Data2VecVisionModel(hf, add_pooling_layer=False)
 
 
-def build_peer_step(cfg, batch: dict, device: str, dtype, clip: float | None):
-    """One plain-PyTorch data2vec step on transformers' model; returns ``step() -> loss``."""
+class PeerStudent(torch.nn.Module):
+    """The peer's student: transformers' encoder + a Linear(D, D) head on the masked positions (one module, so that
+    DistributedDataParallel can wrap both)."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, image, mask):
+        final = self.encoder(image, bool_masked_pos=mask).last_hidden_state[:, 1:]
+        return self.head(final[mask])
+
+
+def build_peer_step(cfg, batch: dict, device: str, dtype, clip: float | None, ddp: bool = False):
+    """One plain-PyTorch data2vec step on transformers' model (``ddp``: under DistributedDataParallel, gradients
+    averaged over the ranks as our loss is); returns ``step() -> loss``."""
     import torch
     import torch.nn.functional as F
 
@@ -144,6 +170,9 @@ def build_peer_step(cfg, batch: dict, device: str, dtype, clip: float | None):
     head = torch.nn.Linear(cfg.encoder.dim, cfg.encoder.dim).to(device)
     teacher = copy.deepcopy(student).eval().requires_grad_(False)
     params = list(student.parameters()) + list(head.parameters())
+    model = PeerStudent(student, head)
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model)
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -164,8 +193,7 @@ def build_peer_step(cfg, batch: dict, device: str, dtype, clip: float | None):
             hidden = teacher(image, output_hidden_states=True).hidden_states[-k:]  # block outputs incl. CLS
         targets = ln(sum(ln(h[:, 1:]) for h in hidden) / k)[mask]  # (M, D) fp32
         with autocast():
-            final = student(image, bool_masked_pos=mask).last_hidden_state[:, 1:]
-            prediction = head(final[mask])
+            prediction = model(image, mask)
         loss = F.smooth_l1_loss(prediction, targets, reduction="none", beta=obj.beta).mean(-1).sum() / mask.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -208,10 +236,20 @@ def rates(times: list[float], batch: int, flops_per_sample: float, peak: float) 
     return {"step_s": s["median"], "samples_per_s": samples_per_s, "tflops": tflops, "pct_peak": 100 * tflops / peak}
 
 
+def relaunch_under_torchrun(ranks: int, argv) -> int:
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+           str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+    return subprocess.run(cmd, cwd=REPO_ROOT).returncode
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.ranks > 1 and "LOCAL_RANK" not in os.environ:
+        return relaunch_under_torchrun(args.ranks, argv)
+    world, main_rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)) == 0
+    say = print if main_rank else (lambda *a, **k: None)
     os.chdir(REPO_ROOT)  # presets and ds_configs/ are relative to the repository root
-    import torch
 
     from pipeline import distributed
     from pipeline.config import ConfigError
@@ -224,12 +262,12 @@ def main(argv=None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         batch = synthetic_batch(cfg, cfg.train.seed)
-        print(f"machine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}", flush=True)
+        say(f"machine: {machine_info()}\ndate: {now()}\ncommand: {command_line()}", flush=True)
         enc, model = cfg.encoder, cfg.model
-        print(f"shape: image {model.image_size}, patch {model.patch_size} ({model.grid ** 2} patches + CLS, "
+        say(f"shape: image {model.image_size}, patch {model.patch_size} ({model.grid ** 2} patches + CLS, "
               f"{model.num_masked} masked), dim {enc.dim}, depth {enc.depth}, heads {enc.heads}, "
               f"ffn {enc.ffn_dim}, batch {cfg.train.micro_batch_size}, top_k {cfg.objective.top_k}; "
-              f"{args.warmup} warmup + {args.steps} timed steps", flush=True)
+              f"{args.warmup} warmup + {args.steps} timed steps; {world} data-parallel rank(s)", flush=True)
 
         peak_before = matmul_peak(args.matmul_n, args.matmul_repeats)
         with Stopwatch() as build:
@@ -240,16 +278,19 @@ def main(argv=None) -> int:
             steps = {"ours": trainer.optimizer_step}
             if not args.skip_peer:
                 clip = trainer.ds_student.get("gradient_clipping")
-                steps["peer"] = build_peer_step(cfg, batch, device, rt.choice.dtype, clip)
+                steps["peer"] = build_peer_step(cfg, batch, device, rt.choice.dtype, clip, ddp=world > 1)
             results = timed_rounds(steps, args.steps, args.warmup, device)
             flops = trainer.flops_per_sample()
         finally:
             distributed.shutdown()
         peak_after = matmul_peak(args.matmul_n, args.matmul_repeats)
 
-    peak = max(peak_before["best_tflops"], peak_after["best_tflops"])
+    if not main_rank:
+        return 0
+    peak = world * max(peak_before["best_tflops"], peak_after["best_tflops"])
     print(f"matmul peak ({args.matmul_n}x{args.matmul_n} {peak_before['dtype']} on {peak_before['device']}, "
-          f"best of {args.matmul_repeats}): {peak_before['best_tflops']:.4f} TFLOP/s before, "
+          f"best of {args.matmul_repeats}{', per rank, all ranks at once' if world > 1 else ''}): "
+          f"{peak_before['best_tflops']:.4f} TFLOP/s before, "
           f"{peak_after['best_tflops']:.4f} after (medians {peak_before['median_tflops']:.4f}, "
           f"{peak_after['median_tflops']:.4f})")
     print(f"ours: Trainer built in {build.seconds:.1f}s (process group, megatron state, 2 ZeRO-3 engines)")
@@ -257,7 +298,7 @@ def main(argv=None) -> int:
     for name, (times, last) in results.items():
         loss = summary_values(last["summary"])["loss"] if isinstance(last, dict) else last
         print(f"{name}: step seconds {[round(x, 3) for x in times]}, last loss {loss:.4f}")
-    b = cfg.train.micro_batch_size
+    b = cfg.train.micro_batch_size * world  # samples per step, all ranks
     ours_r = rates(results["ours"][0], b, flops, peak)
     peer_r = rates(results["peer"][0], b, flops, peak) if "peer" in results else None
     print(f"\nFLOPs per sample (Trainer.flops_per_sample): {flops / 1e9:.3f} GFLOP; "
@@ -273,6 +314,8 @@ def main(argv=None) -> int:
                      fmt(ours_r["samples_per_s"] / peer_r["samples_per_s"]),
                      fmt(ours_r["tflops"] / peer_r["tflops"]), "-"])
     print(table(["", "s/step (median)", "samples/s", "TFLOP/s", "% of peak"], rows))
+    print(json.dumps({"ratio_vs_peer": ours_r["samples_per_s"] / peer_r["samples_per_s"] if peer_r else None,
+                      "ranks": world, "ours": ours_r, "peer": peer_r, "peak_tflops": peak}))
     return 0
 
 
