@@ -12,8 +12,9 @@ Everything else is analytic; the rules (bytes per GPU):
 
 * ZeRO-3 partitions (the DP group of one TP rank): ``ceil(n / DP)`` elements per parameter, as
   DeepSpeed pads each parameter to a multiple of DP. Student parameters and gradients in the compute
-  dtype (bf16: 2 B), optimizer fp32 master + Adam m, v (12 B), teacher fp32 EMA partition (4 B, no head or decoder) + the bf16
-  partition it gathers when it computes under the student's bf16 autocast (2 B; ``teacher_bytes``).
+  dtype (bf16: 2 B), optimizer fp32 master + Adam m, v (12 B), teacher fp32 EMA partition (4 B, no head or
+  decoder) + the bf16 partition it gathers when it computes under the student's bf16 autocast (2 B;
+  ``teacher_bytes``).
 * Persistent parameters (``stage3_param_persistence_threshold`` of the DeepSpeed JSON; 0 for the
   teacher): the student keeps them gathered in full all the time (compute dtype).
 * Gathered parameters: DeepSpeed 0.19's ``PartitionedParameterCoordinator`` is replayed on the module
@@ -834,7 +835,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--global-batch", type=int, default=None, help="check that the layout gives this global batch")
     parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="GPU memory in GiB (default 80)")
     parser.add_argument("--precision", choices=sorted(DTYPE_BYTES), default="bf16",
-                        help="student compute dtype on the GPUs (default bf16; the teacher computes in it or in fp32, by train.teacher_precision, and keeps an fp32 EMA)")
+                        help="student compute dtype on the GPUs (default bf16; the teacher computes in it or in fp32, "
+                             "by train.teacher_precision, and keeps an fp32 EMA)")
     parser.add_argument("--fused-attention", action="store_true",
                         help="assume fused SDPA kernels (flash / memory-efficient): no stored attention scores")
     parser.add_argument("--overhead-gb", type=float, default=2.0,

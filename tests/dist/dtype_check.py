@@ -45,7 +45,8 @@ def main() -> None:
             student = build_sharded(lambda: Student(modality, cfg.encoder, mp), student_cfg, rt)
             teacher = build_sharded(lambda: Backbone(modality, cfg.encoder, mp), teacher_ds_config(student_cfg), rt)
             half = build_sharded(lambda: Backbone(modality, cfg.encoder, mp), teacher_ds_config(student_cfg, True), rt)
-            row[str(compute)] = {"student": dtypes(student), "teacher": dtypes(teacher), "autocast teacher": dtypes(half)}
+            row[str(compute)] = {"student": dtypes(student), "teacher": dtypes(teacher),
+                                 "autocast teacher": dtypes(half)}
         with deepspeed.zero.Init(config_dict_or_path=teacher_ds_config(student_ds_config(base, 4, 1, rt.dp, torch.float32)),
                                  data_parallel_group=rt.dp_group, dtype=torch.float32, mpu=rt.mpu):
             old_call = Backbone(modality, cfg.encoder, mp)
