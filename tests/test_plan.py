@@ -79,6 +79,10 @@ COMM_RUNS = {
     # data2vec 2.0: the student's blocks run on M clone rows of the visible patches, the teacher on whole images
     "vision-v2-tp2-dp2-bf16": {"preset": str(ROOT / "configs/vision_tiny_v2.yaml"), "tp": 2, "precision": "bf16",
                                "zero": {"stage3_param_persistence_threshold": 0}},
+    # train.grad_reduce=compute: the gradient reduce-scatter in bf16 (fp32 by default, as the runs above)
+    "text-tp1-dp4-bf16-reduce": {"preset": str(ROOT / "configs/text_tiny.yaml"), "tp": 1, "precision": "bf16",
+                                 "zero": {"stage3_param_persistence_threshold": 0},
+                                 "overrides": ["train.grad_reduce=compute"]},
 }
 GRAD_NORM = "gradient norm all-reduce (DeepSpeed, unplanned)"
 

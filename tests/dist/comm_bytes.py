@@ -210,6 +210,8 @@ def measure(recorder: Recorder, run: dict) -> dict:
     trainer.batches = itertools.repeat(synthetic_batch(cfg))
     trainer.teacher_targets = recorder.in_phase("teacher forward", trainer.teacher_targets)
     trainer.student_forward = recorder.in_phase("student forward", trainer.student_forward)
+    # speech: the student's conv features run before its forward, once for student and teacher (shared_inputs)
+    trainer.shared_inputs = recorder.in_phase("student forward", trainer.shared_inputs)
     trainer.engine.backward = recorder.in_phase("backward", trainer.engine.backward)
     trainer.engine.step = recorder.in_phase("step", trainer.engine.step)
     trainer.ema.update = recorder.in_phase("EMA update", trainer.ema.update)
