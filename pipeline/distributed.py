@@ -243,6 +243,24 @@ def build_sharded(factory, ds_config: dict, rt: "Runtime") -> torch.nn.Module:
     return module
 
 
+def gathered_whole(module: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 treats ``module`` as one leaf module (gathered and released whole, one set of hooks, its
+    children unhooked): each encoder block, as FSDP wraps per block. Layerdrop then only changes what runs inside a
+    block (Block.forward's ``skip``), never the module order ZeRO-3 traces, so its prefetch trace survives every
+    step (tests/dist/layerdrop_check.py counts invalidations); pipeline.plan replays the same granularity."""
+    from pipeline.model.transformer import Block
+    return isinstance(module, Block)
+
+
+def mark_gathered_whole(model: torch.nn.Module) -> None:
+    """Set DeepSpeed's leaf flag on every ``gathered_whole`` module (before ``deepspeed.initialize``). DeepSpeed gives
+    a leaf's parameters that got no gradient a zero one when the module's backward ends."""
+    from deepspeed.utils import set_z3_leaf_module
+    for module in model.modules():
+        if gathered_whole(module):
+            set_z3_leaf_module(module, True)
+
+
 def teacher_ds_config(student: dict, half: bool = False) -> dict:
     """The teacher engine: same ZeRO-3 partitioning, no optimizer and no gradients; fp32, or with ``half`` the
     student's bf16 (a teacher that computes under the student's autocast gathers bf16 weights, half the bytes;

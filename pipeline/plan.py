@@ -148,14 +148,14 @@ def call_kind(module) -> str:
     """How a module appears in DeepSpeed's module trace (see ``forward_events``)."""
     import torch.nn as nn
 
+    from pipeline.distributed import gathered_whole
     from pipeline.model.data2vec import Backbone
-    from pipeline.model.transformer import Block
     if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
         return "container"  # never called itself: its children are
     if isinstance(module, Backbone):
         return "backbone"  # called as the teacher; the student calls backbone.encode(), not the module
-    if isinstance(module, Block):
-        return "block"  # a ZeRO-3 leaf module (pipeline.trainer.gather_blocks_whole)
+    if gathered_whole(module):
+        return "block"  # one ZeRO-3 leaf module (pipeline.distributed.gathered_whole)
     return "module"
 
 
@@ -193,12 +193,12 @@ def param_infos(cfg, tp: int) -> tuple[list[ParamInfo], list[tuple[str, list[int
     modality = type(built)(model_cfg, built.visible_only)
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         student = cfg.make_method(modality).build_student(model_parallel_config(1))
-    from pipeline.model.transformer import Block
+    from pipeline.distributed import gathered_whole
     infos, tree, index, inside_block = [], [], {}, set()
     for mod_name, module in student.named_modules():
         if id(module) in inside_block:  # a block is one ZeRO-3 leaf module: its parameters are its own
             continue
-        leaf = isinstance(module, Block)
+        leaf = gathered_whole(module)
         if leaf:
             inside_block.update(id(m) for m in module.modules() if m is not module)
         index[id(module)] = len(tree)
@@ -646,7 +646,7 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     p.peak = int(sum(p.memory.values()) + totals[p.peak_phase])
     p.fits = p.peak <= gpu_memory_gb * GiB
 
-    p.comm, p.comm_inter_node = communication(cfg, p, student_sim, teacher_sim, sbd, student_sbd, dtype)
+    p.comm, p.comm_inter_node = communication(cfg, p, student_sim, teacher_sim, sbd, student_sbd, dtype, tb)
     p.notes.append(f"nominal ZeRO-3 student all-gather (2 x parameters) would be "
                    f"{2 * p.student_tp_numel * cb * (dp - 1) / dp / GiB:.3f} GiB per micro-batch; persistent "
                    f"parameters and those still gathered after the forward are not gathered again (DeepSpeed JSON: "
@@ -686,10 +686,10 @@ def ring_inter_node_share(ranks: int, nodes: int) -> float:
 
 
 def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, sbd: int, student_sbd: int,
-                  dtype: str) -> tuple[dict, dict]:
+                  dtype: str, tb: int) -> tuple[dict, dict]:
     """Bytes one GPU sends per micro-batch, per category, and the inter-node part of each (module docstring).
     ``sbd``: elements of one (s, b, D) activation of the full samples; ``student_sbd``: of the student's blocks'
-    (data2vec 2.0: M clone rows of the visible positions)."""
+    (data2vec 2.0: M clone rows of the visible positions); ``tb``: ``teacher_bytes``."""
     enc, dp, tp, cb = cfg.encoder, p.dp, p.tp, DTYPE_BYTES[dtype]
     gather = (dp - 1) / dp  # all-gather / reduce-scatter, per byte of the whole tensor
     reduce = 2 * (tp - 1) / tp  # all-reduce over TP, per byte
@@ -699,13 +699,13 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
         "student all-gather, forward": student_sim.gathered_forward * cb * gather,
         "student all-gather, backward": student_sim.gathered_backward * cb * gather,
         "gradient reduce-scatter": p.student_tp_numel * gradient_bytes(cfg, dtype) * gather,
-        "teacher all-gather": teacher_sim.gathered_forward * teacher_bytes(cfg, dtype) * gather,
+        "teacher all-gather": teacher_sim.gathered_forward * tb * gather,
         "statistics all-reduce": statistics_floats(cfg) * 4 * 2 * gather,
     }
     over_tp = {
         "TP all-reduce, student forward": (2 * enc.depth * student_sbd + embed * sbd) * cb * reduce,
         "TP all-reduce, student backward": (4 + recompute) * enc.depth * student_sbd * cb * reduce,
-        "TP all-reduce, teacher forward": (2 * enc.depth + embed) * teacher_bytes(cfg, dtype) * sbd * reduce,
+        "TP all-reduce, teacher forward": (2 * enc.depth + embed) * tb * sbd * reduce,
         "statistics all-reduce": 2 * 4 * reduce,  # the stop / requeue flags agreed over TP (agree_any)
         "EMA update": 0,
     }

@@ -15,8 +15,8 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
-from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_sum, build_sharded, model_parallel_config,
-                                  student_ds_config, teacher_ds_config)
+from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_sum, build_sharded, mark_gathered_whole,
+                                  model_parallel_config, student_ds_config, teacher_ds_config)
 from pipeline.ema import ShardedEMA, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger, step_summary, summary_values
@@ -109,17 +109,6 @@ def tri_stage(warmup: int, hold: int, decay: int, init_scale: float, final_scale
     return factor
 
 
-def gather_blocks_whole(encoder: torch.nn.Module) -> None:
-    """Make each block one ZeRO-3 leaf module: gathered and released whole, with one set of hooks instead of one per
-    sub-module (FSDP's per-block wrapping). DeepSpeed then runs a dozen hooks per block fewer each pass, and
-    layerdrop only changes what runs inside a block (Block.forward's ``skip``), never the order in which ZeRO-3
-    sees modules, so its prefetch trace survives every step (tests/dist/layerdrop_check.py counts invalidations).
-    DeepSpeed gives a leaf's parameters that got no gradient a zero one when the block's backward ends."""
-    from deepspeed.utils import set_z3_leaf_module
-    for block in encoder.blocks:
-        set_z3_leaf_module(block, True)
-
-
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, rt: Runtime, ds_base: dict, shards: list[str]):
         self.cfg, self.rt, self.shards = cfg, rt, shards
@@ -152,8 +141,8 @@ class Trainer:
         student.backbone.encoder.recompute = cfg.train.activation_checkpointing
         teacher = build_sharded(lambda: Backbone(self.modality, cfg.encoder, mp), self.ds_teacher, rt)
         teacher.requires_grad_(False)
-        for encoder in (student.backbone.encoder, teacher.encoder):
-            gather_blocks_whole(encoder)
+        for model in (student, teacher):
+            mark_gathered_whole(model)
         t = cfg.train
         groups = param_groups(student, t.weight_decay, decay_rule(cfg))
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
