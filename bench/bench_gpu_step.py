@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile 3 steps per modality (torch.profiler): DIR/<preset>_profile.txt, the "
+                        "top operators by host and by device time, and the device-busy share of the step")
     return p.parse_args(argv)
 
 
@@ -55,7 +58,7 @@ def nominal_peak(device_name: str) -> float | None:
     return next((v for k, v in NOMINAL_BF16_TFLOPS.items() if k in device_name), None)
 
 
-def measure(modality: str, size: str, steps: int, warmup: int) -> dict:
+def measure(modality: str, size: str, steps: int, warmup: int, profile: str | None = None) -> dict:
     """One modality's figures (runs in its own process: one process group each)."""
     import torch
 
@@ -80,6 +83,8 @@ def measure(modality: str, size: str, steps: int, warmup: int) -> dict:
                 torch.cuda.reset_peak_memory_stats()
             results = timed_rounds({"step": trainer.optimizer_step}, steps, warmup, device)
             peak_bytes = torch.cuda.max_memory_allocated() if gpu else None
+            busy = profile_steps(trainer.optimizer_step, Path(profile) / f"{modality}_{size}_profile.txt",
+                                 gpu) if profile else None
             flops = trainer.flops_per_sample(positions)
             dtype = str(trainer.rt.choice.dtype).replace("torch.", "")
         finally:
@@ -95,18 +100,47 @@ def measure(modality: str, size: str, steps: int, warmup: int) -> dict:
             "pct_matmul_peak": r["pct_peak"], "matmul_peak_tflops": measured_peak,
             "peak_memory_gib": peak_bytes / 2 ** 30 if peak_bytes is not None else None,
             "planned_peak_gib": planned / 2 ** 30,
-            "memory_vs_plan": peak_bytes / planned if peak_bytes is not None else None}
+            "memory_vs_plan": peak_bytes / planned if peak_bytes is not None else None, "device_busy": busy}
+
+
+def profile_steps(step, out: Path, gpu: bool, steps: int = 3) -> float | None:
+    """Profile ``steps`` calls of ``step``; write the top operators by self host time and by self device time
+    to ``out``. -> the share of the wall time the device spent in kernels (None on the CPU)."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if gpu:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    # kernels only (operators carry their kernels' time too): the sum torch's own table prints as "Self CUDA total"
+    device_s = sum(e.self_device_time_total for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation) / 1e6
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        f.write(f"{steps} steps, {wall:.3f} s wall" + (f", {device_s:.3f} s in device kernels" if gpu else "") + "\n\n")
+        f.write(events.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60) + "\n\n")
+        if gpu:
+            f.write(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=60) + "\n")
+    return device_s / wall if gpu else None
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if os.environ.get("D2V_BENCH_ONE"):  # the per-modality child
-        print(json.dumps(measure(args.modality, args.size, args.steps, args.warmup)))
+        print(json.dumps(measure(args.modality, args.size, args.steps, args.warmup, args.profile)))
         return 0
     rows = []
     for modality in MODALITIES if args.modality == "all" else (args.modality,):
         cmd = [sys.executable, __file__, "--size", args.size, "--modality", modality, "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup), *(["--profile", str(Path(args.profile).resolve())] if args.profile else [])]
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "D2V_BENCH_ONE": "1"}, capture_output=True,
                               text=True)
         if proc.returncode:

@@ -158,9 +158,11 @@ class PeerStudent(torch.nn.Module):
         return self.head(final[mask])
 
 
-def build_peer_step(cfg, batch: dict, device: str, dtype, clip: float | None, ddp: bool = False):
+def build_peer_step(cfg, batch: dict, device: str, dtype, clip: float | None, ddp: bool = False,
+                    teacher_autocast: bool = True):
     """One plain-PyTorch data2vec step on transformers' model (``ddp``: under DistributedDataParallel, gradients
-    averaged over the ranks as our loss is); returns ``step() -> loss``."""
+    averaged over the ranks as our loss is; ``teacher_autocast``: the teacher computes under the student's
+    autocast, else in fp32, as ours does: ``Trainer.teacher_autocast``); returns ``step() -> loss``."""
     import torch
     import torch.nn.functional as F
 
@@ -185,11 +187,11 @@ def build_peer_step(cfg, batch: dict, device: str, dtype, clip: float | None, dd
     def ln(x):
         return F.layer_norm(x.float(), x.shape[-1:])
 
-    def autocast():  # like the trainer: bf16 autocast on a GPU, plain fp32 on the CPU
-        return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+    def autocast(enabled: bool = True):  # like the trainer: bf16 autocast on a GPU, plain fp32 on the CPU
+        return torch.autocast(torch.device(device).type, dtype=dtype, enabled=enabled and dtype != torch.float32)
 
     def step() -> float:
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(teacher_autocast):
             hidden = teacher(image, output_hidden_states=True).hidden_states[-k:]  # block outputs incl. CLS
         targets = ln(sum(ln(h[:, 1:]) for h in hidden) / k)[mask]  # (M, D) fp32
         with autocast():
@@ -278,7 +280,8 @@ def main(argv=None) -> int:
             steps = {"ours": trainer.optimizer_step}
             if not args.skip_peer:
                 clip = trainer.ds_student.get("gradient_clipping")
-                steps["peer"] = build_peer_step(cfg, batch, device, rt.choice.dtype, clip, ddp=world > 1)
+                steps["peer"] = build_peer_step(cfg, batch, device, rt.choice.dtype, clip, ddp=world > 1,
+                                                teacher_autocast=trainer.teacher_autocast())
             results = timed_rounds(steps, args.steps, args.warmup, device)
             flops = trainer.flops_per_sample()
         finally:

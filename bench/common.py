@@ -49,9 +49,9 @@ def torchrun_json(args: Sequence[str], nproc: int, out: Path, timeout: int = 120
     ``nproc`` CPU ranks, and return that JSON."""
     import json
     import subprocess
-    from pipeline.distributed import local_launch_command
+    from pipeline.distributed import local_launch_command, source_tree_env
     cmd = local_launch_command(nproc, args)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env = source_tree_env(REPO_ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(args[:2])} on {nproc} ranks failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -239,12 +239,12 @@ def run_logged(cmd: Sequence[str], torchrun: int = 0, capture: bool = False) -> 
     arguments (``-m module ...``) run under torchrun on N CPU ranks of this machine. Fails on a non-zero exit.
     -> (seconds, its stdout if ``capture``, else "": the output then goes to the terminal)."""
     import subprocess
+    from pipeline.distributed import local_launch_command, source_tree_env
     if torchrun:
-        from pipeline.distributed import local_launch_command
         cmd = local_launch_command(torchrun, list(cmd))
     shown = ["python" if c == sys.executable else c for c in cmd]
     print("+", " ".join(shlex.quote(str(c)) for c in shown), flush=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env = source_tree_env(REPO_ROOT)
     with Stopwatch() as sw:
         proc = subprocess.run([str(c) for c in cmd], cwd=REPO_ROOT, env=env, text=True,
                               stdout=subprocess.PIPE if capture else None)

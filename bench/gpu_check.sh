@@ -11,17 +11,21 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-runs/gpu_check}"
 mkdir -p "$out"
-if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+# the interpreter: $PYTHON, else python, else python3 (many GPU images ship python3 alone)
+py="${PYTHON:-$(command -v python || command -v python3)}"
+# each stage's time limit (seconds): a hung stage still leaves the other's figures and the summary
+tests_s="${GPU_CHECK_TESTS_S:-330}" steps_s="${GPU_CHECK_STEPS_S:-270}"
+if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine" >&2
     exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/nvidia-smi.csv" 2>&1
-timeout 330 python -m pytest tests/test_gpu.py -q -rA -p no:cacheprovider --junitxml="$out/tests.xml" \
+timeout "$tests_s" "$py" -m pytest tests/test_gpu.py -q -rA -p no:cacheprovider --junitxml="$out/tests.xml" \
     > "$out/tests.log" 2>&1
 tests_rc=$?
-timeout 270 python bench/bench_gpu_step.py --size base --json "$out/steps.json" > "$out/steps.log" 2>&1
+timeout "$steps_s" "$py" bench/bench_gpu_step.py --size base --json "$out/steps.json" > "$out/steps.log" 2>&1
 steps_rc=$?
-python - "$out" "$tests_rc" "$steps_rc" <<'PY'
+"$py" - "$out" "$tests_rc" "$steps_rc" <<'PY'
 import json, sys, xml.etree.ElementTree as ET
 from pathlib import Path
 out, tests_rc, steps_rc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])

@@ -80,6 +80,14 @@ def local_launch_command(nproc: int, args: list[str]) -> list[str]:
             "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1", *args]
 
 
+def source_tree_env(root: Path | str, **extra: str) -> dict:
+    """The environment for a process that runs this repository's code from its source tree: ``root`` first on
+    PYTHONPATH, ahead of the caller's own entries (which stay: a machine whose packages live on PYTHONPATH, as
+    wheels unpacked into a folder, keeps them), plus ``extra``."""
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH", "")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

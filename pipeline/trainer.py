@@ -72,12 +72,15 @@ def decays(name: str, ndim: int, rule: str) -> bool:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, rule: str) -> list[dict]:
-    """AdamW groups: decayed, and exempt under ``rule`` (see ``decays``)."""
+    """AdamW groups: decayed, and exempt under ``rule`` (see ``decays``); an empty group is left out (DeepSpeed
+    drops it from the optimizer, and the LR scheduler, built on the optimizer before, would then hold one rate
+    more than there are groups: torch >= 2.10 refuses that at the first step)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if decays(name, len(full_shape(p)), rule) else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def lr_lambda(cfg):

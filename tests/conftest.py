@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.distributed import local_launch_command  # noqa: E402
+from pipeline.distributed import local_launch_command, source_tree_env  # noqa: E402
 
 
 def randomise(module, seed: int, scale: float = 0.2) -> dict:
@@ -60,7 +60,7 @@ def torchrun(args: list[str], nproc: int = 2, timeout: int = 600, env: dict | No
         env = {**CPU_MACHINES[machine], **(env or {})}
         args = [str(ROOT / "tests" / "machine.py"), *args]
     cmd = [*wrap, *local_launch_command(nproc, args)]
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = source_tree_env(ROOT, OMP_NUM_THREADS="1", **(env or {}))
     # its own session, so that a job that outlives ``timeout`` is killed whole (ranks and workers too), not
     # just the launcher, and leaves nothing behind to slow the tests after it
     with subprocess.Popen(cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -280,7 +280,9 @@ def beit_decays(name: str, shape: torch.Size) -> bool:
 def test_weight_decay_groups_follow_the_release(single_process_group, modality):
     cfg = load_experiment(ROOT / f"configs/{modality}_tiny.yaml")
     student = Student(cfg.make_modality(), cfg.encoder, model_parallel_config(1))
-    decayed, exempt = (set(map(id, g["params"])) for g in param_groups(student, 0.05, decay_rule(cfg)))
+    groups = param_groups(student, 0.05, decay_rule(cfg))
+    decayed, exempt = ({id(p) for g in groups if (g["weight_decay"] > 0) == wd for p in g["params"]}
+                       for wd in (True, False))
     names = dict(student.named_parameters())
     if modality == "vision":  # BEiT: mask_token and the relative position table decay, cls_token does not
         for name, p in names.items():
@@ -289,7 +291,7 @@ def test_weight_decay_groups_follow_the_release(single_process_group, modality):
         assert id(names["backbone.embed.rel_pos_bias.table"]) in decayed
         assert id(names["backbone.embed.cls_token"]) in exempt
     else:  # fairseq v1 audio and text: one Adam group, every parameter decays
-        assert not exempt and len(decayed) == len(names)
+        assert not exempt and len(decayed) == len(names) and len(groups) == 1
 
 
 # ---------------------------------------------------------------------------------------------

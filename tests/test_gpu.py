@@ -21,16 +21,22 @@ def test_device_choice_is_bf16_nccl_cuda():
     assert (choice.device_type, choice.dtype, choice.backend) == ("cuda", torch.bfloat16, "nccl")
 
 
-def test_gpu_training_bf16_student_fp32_teacher(tiny_shards, tmp_path):
-    """One GPU rank (or as many as the machine has, up to 2): loss falls, teacher partitions stay fp32."""
+@pytest.mark.parametrize("teacher", ["reference", "autocast"])
+def test_gpu_training_bf16_student_fp32_teacher(teacher, tiny_shards, tmp_path):
+    """One GPU rank (or as many as the machine has, up to 2): loss falls; the teacher's EMA state is fp32, and
+    the partitions its forward gathers are bf16 where it computes under autocast, else fp32 (vision v1: fp32, as
+    the release; README, the sharded teacher)."""
     nproc = min(2, torch.cuda.device_count())
     report = tmp_path / "gpu.json"
-    proc = torchrun([str(ROOT / "tests/dist/gpu_check.py"), str(report), str(tiny_shards)], nproc=nproc)
+    proc = torchrun([str(ROOT / "tests/dist/gpu_check.py"), str(report), str(tiny_shards),
+                     f"train.teacher_precision={teacher}"], nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     r = json.loads(report.read_text())
     assert r["device"].startswith("cuda") and r["backend"] == "nccl"
     assert r["student_dtype"] == "torch.bfloat16"
     assert set(r["teacher_dtypes"]) == {"torch.float32"}
+    assert r["teacher_autocast"] == (teacher == "autocast")
+    assert set(r["teacher_gathered_dtypes"]) == {"torch.bfloat16" if r["teacher_autocast"] else "torch.float32"}
     assert r["losses"][-1] < r["losses"][0]
     assert r["teacher_moved"] > 0
 

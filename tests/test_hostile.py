@@ -18,6 +18,7 @@ from conftest import ROOT, torchrun
 from pipeline.config import DataConfig
 from pipeline.data import ShardStream
 from pipeline.experiment import load_experiment
+from pipeline.distributed import source_tree_env
 
 FAST = 150  # seconds: a job that has not ended by then is hanging (torchrun itself waits 30 s before SIGKILL)
 
@@ -86,10 +87,9 @@ def test_a_text_block_a_token_short_is_skipped_not_a_collate_crash(tmp_path, cap
 # --------------------------------------------------------------------------- data prep never dies on one file
 
 def run_prep(module: str, raw: Path, out: Path, *extra: str, env: dict | None = None):
-    import os
     import sys
     return subprocess.run([sys.executable, "-m", module, "--input", str(raw), "--output", str(out), "--quiet", *extra],
-                          cwd=ROOT, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          cwd=ROOT, capture_output=True, env=source_tree_env(ROOT, **(env or {})))
 
 
 def skipped(out: Path) -> dict[str, str]:
@@ -300,13 +300,12 @@ def test_metrics_after_a_resume_hold_each_step_once(tmp_path):
 # --------------------------------------------------------------------------- checkpoints that detect corruption
 
 def train_one_rank(manifest, out, *extra):
-    import os
     import sys
     args = [sys.executable, "-m", "pipeline.train", "--config", "configs/vision_tiny.yaml", f"data.manifest={manifest}",
             f"train.output_dir={out}", "train.micro_batch_size=2", "data.workers=0", "train.save_every=2",
             "train.log_every=1", *extra]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+                          env=source_tree_env(ROOT, OMP_NUM_THREADS="1"))
 
 
 def flip_byte(path: Path, offset: int) -> None:

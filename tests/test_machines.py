@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, torchrun
+from pipeline.distributed import source_tree_env
 
 ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
 
@@ -90,7 +91,7 @@ def test_image_prep_under_an_ascii_locale_keeps_every_file_name(tmp_path):
     out = tmp_path / "shards"
     proc = subprocess.run([sys.executable, "-m", "data_prep.images", "--input", str(raw), "--output", str(out),
                            "--shard-size", "2", "--quiet"], cwd=ROOT, capture_output=True,
-                          env={**os.environ, **ASCII_LOCALE, "PYTHONPATH": str(ROOT)})
+                          env=source_tree_env(ROOT, **ASCII_LOCALE))
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
     manifest = json.loads((out / "manifest.json").read_bytes().decode("utf-8"))
     skipped = {os.fsencode(Path(s["path"]).name) for s in manifest["skipped"]}
@@ -132,3 +133,18 @@ def test_each_rank_drives_a_device_it_can_see():
     assert [device_index(k, 8) for k in range(8)] == list(range(8))
     assert [device_index(k, 1) for k in range(8)] == [0] * 8
     assert device_index(3, 2) == 1
+
+
+def test_packages_on_the_users_pythonpath_reach_every_launched_process(tmp_path, monkeypatch):
+    """A machine whose packages live on PYTHONPATH (wheels unpacked into a folder, as on the GPU machine) keeps
+    them in the processes the tests, benchmarks and demo launch: the repository goes first, the user's entries
+    stay after it (they were dropped before, so no rank could import deepspeed there)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "users_own_package.py").write_text("WHERE = 'user site'\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    probe = f"import pipeline, users_own_package, sys; print(sys.path.index({str(ROOT)!r}) < sys.path.index({str(site)!r}))"
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                          env=source_tree_env(ROOT, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "True", proc.stdout

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT
-from pipeline.distributed import local_launch_command
+from pipeline.distributed import local_launch_command, source_tree_env
 
 pytestmark = pytest.mark.distributed
 
@@ -47,7 +47,7 @@ def test_a_signal_to_one_rank_of_tp2_x_dp2_stops_every_rank_at_one_step(tiny_sha
     args = ["-m", "pipeline.train", "--config", "configs/vision_tiny.yaml", f"data.manifest={tiny_shards}",
             f"train.output_dir={out}", "parallel.tp=2", "train.steps=100000", "train.save_every=0",
             "train.log_every=1", "train.micro_batch_size=4", "data.workers=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = source_tree_env(ROOT, OMP_NUM_THREADS="1")
     log = tmp_path / "log.txt"
     with open(log, "w") as sink, subprocess.Popen(local_launch_command(4, args), cwd=ROOT, env=env, stdout=sink,
                                                    stderr=subprocess.STDOUT, start_new_session=True) as proc:
