@@ -29,3 +29,7 @@ def test_no_host_syncs_between_log_steps(tmp_path):
         assert deepspeed <= 2, (modality, r["reads"])  # 2 optimizer steps counted
         # no per-parameter ZeRO-3 accessor (the EMA reads cached views of the fp32 masters)
         assert not r["reduce_stream_waits"], (modality, r["reduce_stream_waits"])
+        # one learning rate per optimizer group: torch >= 2.10 zips them strictly and fails the first step where
+        # DeepSpeed dropped an empty group (text and speech decay every parameter: no exempt group)
+        rates, groups = r["lr_rates_and_groups"]
+        assert rates == groups, (modality, rates, groups)

@@ -112,7 +112,9 @@ def main() -> None:
         with HostReads() as reads, accessor_calls(trainer.engine.optimizer) as waits:
             for _ in range(2):
                 trainer.train_step(logger, lagged)
-        report[modality] = {"micro_steps": 4, "reads": dict(reads.seen), "reduce_stream_waits": waits}
+        report[modality] = {"micro_steps": 4, "reads": dict(reads.seen), "reduce_stream_waits": waits,
+                            "lr_rates_and_groups": [len(trainer.scheduler.base_lrs),
+                                                    len(trainer.scheduler.optimizer.param_groups)]}
     with open(out, "w") as f:
         json.dump(report, f, indent=1, default=dict)
     shutdown()
