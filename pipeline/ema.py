@@ -56,6 +56,19 @@ def zero3_master_partition(param: nn.Parameter) -> torch.Tensor:
     return safe_get_local_fp32_param(param)
 
 
+def copied_from_student(name: str, cfg: EMAConfig) -> bool:
+    """Whether the teacher parameter ``name`` is copied from the student each step instead of averaged (ema.copy)."""
+    return any(fnmatch.fnmatchcase(name, pat) for pat in cfg.copy)
+
+
+def shared_encoder(names, prefixes: tuple[str, ...], cfg: EMAConfig) -> list[str]:
+    """The teacher parameters (of ``names``) under ``prefixes``, a modality's local encoder that student and teacher
+    can share (speech's conv features: computed once, the teacher takes the student's output), when every one of
+    them is copied from the student each step, so both hold the same weights; else []."""
+    shared = [n for n in names if prefixes and n.startswith(prefixes)]
+    return shared if shared and all(copied_from_student(n, cfg) for n in shared) else []
+
+
 class ShardedEMA:
     """EMA of the student into the teacher, one local partition per parameter.
 
@@ -84,7 +97,7 @@ class ShardedEMA:
             self.names.append(name)
             self.teacher_parts.append(part)
             self.student_params.append(student_params[name])
-            self.copied.append(any(fnmatch.fnmatchcase(name, pat) for pat in cfg.copy))
+            self.copied.append(copied_from_student(name, cfg))
 
     def state_numel(self) -> int:
         return sum(p.numel() for p in self.teacher_parts)

@@ -57,7 +57,9 @@ replay above gives what is really gathered: persistent parameters never, paramet
 forward not again in the backward), gradients reduce-scattered every micro-batch (1x, fp32 unless
 ``train.grad_reduce=compute``: ``gradient_bytes``), the
 teacher's parameters all-gathered for its forward (1x; in the dtype it computes in: bf16 under the student's
-autocast, fp32 for vision's reference teacher). TP all-reduces of (s, b, D) activations: per block
+autocast, fp32 for vision's reference teacher). A local encoder the two share (speech's conv features,
+``Plan.shared_numel``) the teacher never gathers, and the student gathers twice: on demand for the shared features,
+outside its engine's forward, and again in that forward (``Plan.shared_regathered``). TP all-reduces of (s, b, D) activations: per block
 2 in the student forward (attention and FFN row-parallel outputs), 4 in its backward (the q, k, v and fc1
 column-parallel input gradients: q, k, v are separate layers; with ``train.activation_checkpointing`` + the 2 of
 the forward it runs again), 2 in the teacher forward; text adds the vocab-parallel embedding (1 each forward).
@@ -253,6 +255,10 @@ class Plan:
     largest_block: int = 0
     student_gather_peak: int = 0  # most non-persistent student elements gathered at once (simulated)
     teacher_gather_peak: int = 0
+    # the local encoder student and teacher share (speech's conv features, pipeline.ema.shared_encoder): the
+    # teacher never calls it; the student gathers it on demand for the shared features, then again in its forward
+    shared_numel: int = 0
+    shared_regathered: int = 0  # its non-persistent elements
     memory: dict = field(default_factory=dict)  # bytes per GPU held all the time
     phases: dict = field(default_factory=dict)  # phase -> {item: bytes}; the largest phase adds to the peak
     peak_phase: str = ""
@@ -574,6 +580,13 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     teacher_sim = simulate_gathering(("teacher", *base), tree, backbone, sizes, set(), prefetch, max_live, reuse,
                                      backward=False)
     p.kept_numel = student_sim.kept_after_forward + p.persistent_numel
+    from pipeline.ema import shared_encoder
+    from pipeline.model.data2vec import teacher_parameter_name
+    teacher_names = {k: teacher_parameter_name(i.name) for k, i in enumerate(infos) if i.teacher}
+    shared = set(shared_encoder(list(teacher_names.values()), cfg.make_modality().shared_prefixes, cfg.ema))
+    shared_keys = [k for k, n in teacher_names.items() if n in shared]
+    p.shared_numel = sum(sizes[k] for k in shared_keys)
+    p.shared_regathered = sum(sizes[k] for k in shared_keys if k not in persistent)
     p.student_gather_peak = student_sim.peak
     p.teacher_gather_peak = teacher_sim.peak
     blocks: dict[str, int] = {}
@@ -696,10 +709,10 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
     embed = 1 if cfg.modality == "text" else 0  # vocab-parallel embedding: one all-reduce per forward
     recompute = 2 if cfg.train.activation_checkpointing else 0  # the backward runs each block's forward again
     over_dp = {
-        "student all-gather, forward": student_sim.gathered_forward * cb * gather,
+        "student all-gather, forward": (student_sim.gathered_forward + p.shared_regathered) * cb * gather,
         "student all-gather, backward": student_sim.gathered_backward * cb * gather,
         "gradient reduce-scatter": p.student_tp_numel * gradient_bytes(cfg, dtype) * gather,
-        "teacher all-gather": teacher_sim.gathered_forward * tb * gather,
+        "teacher all-gather": (teacher_sim.gathered_forward - p.shared_numel) * tb * gather,
         "statistics all-reduce": statistics_floats(cfg) * 4 * 2 * gather,
     }
     over_tp = {

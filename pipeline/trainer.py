@@ -17,7 +17,7 @@ from pipeline import checkpoint
 from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
 from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_sum, build_sharded, mark_gathered_whole,
                                   model_parallel_config, student_ds_config, teacher_ds_config)
-from pipeline.ema import ShardedEMA, tau_at
+from pipeline.ema import ShardedEMA, shared_encoder, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger, step_summary, summary_values
 from pipeline.model.data2vec import Backbone, teacher_parameter_name
@@ -54,8 +54,7 @@ def full_shape(p: torch.nn.Parameter) -> torch.Size:
 def shares_local_encoder(modality, ema: ShardedEMA) -> bool:
     """Whether the teacher can take the student's local-encoder output: the modality has one to share and every
     teacher parameter of it is copied from the student each step (ema.copy), so both hold the same weights."""
-    shared = [copied for name, copied in zip(ema.names, ema.copied) if name.startswith(modality.shared_prefixes)]
-    return bool(modality.shared_prefixes) and bool(shared) and all(shared)
+    return bool(shared_encoder(ema.names, modality.shared_prefixes, ema.cfg))
 
 
 def decay_rule(cfg: ExperimentConfig) -> str:

@@ -79,6 +79,10 @@ COMM_RUNS = {
     # data2vec 2.0: the student's blocks run on M clone rows of the visible patches, the teacher on whole images
     "vision-v2-tp2-dp2-bf16": {"preset": str(ROOT / "configs/vision_tiny_v2.yaml"), "tp": 2, "precision": "bf16",
                                "zero": {"stage3_param_persistence_threshold": 0}},
+    # speech: the conv feature encoder the teacher shares is gathered twice by the student (on demand for the shared
+    # features, then in its forward) and never by the teacher; everything gathered (persistence threshold 0)
+    "speech-tp1-dp4-bf16-shared": {"preset": str(ROOT / "configs/speech_tiny.yaml"), "tp": 1, "precision": "bf16",
+                                   "zero": {"stage3_param_persistence_threshold": 0}},
     # train.grad_reduce=compute: the gradient reduce-scatter in bf16 (fp32 by default, as the runs above)
     "text-tp1-dp4-bf16-reduce": {"preset": str(ROOT / "configs/text_tiny.yaml"), "tp": 1, "precision": "bf16",
                                  "zero": {"stage3_param_persistence_threshold": 0},
@@ -128,6 +132,8 @@ def test_planned_communication_equals_measured_bytes(single_process_group, measu
         assert planned["TP all-reduce, student backward"] > 0
     if run["zero"] == WINDOW:
         assert planned["student all-gather, backward"] > 0  # the window re-gathers in the backward
+    if cfg.modality == "speech":
+        assert p.shared_regathered == p.shared_numel > 0
 
 
 def test_json_splits_communication_into_inter_and_intra_node(single_process_group, capsys):
