@@ -223,12 +223,14 @@ def rank_state(trainer) -> dict:
     engine, rt = trainer.engine, trainer.rt
     student = engine.module
     moments, scalars = optimizer_state(engine, trainer.scheduler.optimizer)
-    return {"partitions": {"student": {n: zero3_master_partition(p).detach().cpu().clone()
-                                       for n, p in student.named_parameters()},
-                           "teacher": trainer.ema.state_dict(), **moments},
+    partitions = {"student": {n: zero3_master_partition(p).detach().cpu().clone() for n, p in student.named_parameters()},
+                  "teacher": trainer.ema.state_dict(), **moments}
+    if rt.replica_rank > 0:  # hybrid sharding: replica 0 holds the same partitions and writes them
+        partitions = {}
+    return {"partitions": partitions,
             "moments": list(moments), "optimizer_scalars": scalars,
             "layout": {"student": param_layout(student), "teacher": param_layout(trainer.ema.module)},
-            "grid": {"tp": rt.tp, "tp_rank": rt.tp_rank, "dp": rt.dp, "dp_rank": rt.dp_rank},
+            "grid": {"tp": rt.tp, "tp_rank": rt.tp_rank, "dp": rt.dp, "dp_rank": rt.dp_rank, "shard": rt.shard},
             "trainer": trainer.position(), "scheduler": trainer.scheduler.state_dict(),
             "rng": rng_state(rt.choice.device_type), "step": trainer.step, "world_size": rt.world_size}
 
@@ -279,8 +281,8 @@ def save(trainer, root: Path, keep: int, config: dict | None = None) -> Path:
             raise CheckpointError(f"checkpoint {ckpt} lacks the files of ranks {missing}")
         if config is not None:  # readable without torch (and by python -m pipeline.export)
             atomic_write_bytes(ckpt / "config.json", json.dumps(config, indent=1).encode())
-        marker = {"step": trainer.step, "world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp, "grid": grid,
-                  "crc32": crcs}
+        marker = {"step": trainer.step, "world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp, "shard": rt.shard,
+                  "grid": grid, "crc32": crcs}
         atomic_write_bytes(ckpt / COMPLETE, json.dumps(marker).encode())
         atomic_write_bytes(root / LATEST, tag.encode())
         prune(root, keep, ckpt)
@@ -348,11 +350,18 @@ def repartition(saved: list[torch.Tensor], start: int, size: int, rank: int) -> 
     return out
 
 
+def saved_partitions(grid: dict) -> int:
+    """Into how many ZeRO-3 partitions a checkpoint (its marker, or a rank file's grid) split each parameter: its
+    parallel.shard, else (plain ZeRO-3, and checkpoints from before hybrid sharding) its data-parallel size. The
+    partitions are in the files of data-parallel ranks 0 .. that - 1 (replica 0)."""
+    return grid.get("shard") or grid["dp"]
+
+
 class SavedGrid:
     """The rank files of one tensor-parallel rank of a checkpoint, opened lazily and memory-mapped."""
 
     def __init__(self, ckpt: Path, marker: dict, tp_rank: int):
-        self.ckpt, self.dp = ckpt, marker["dp"]
+        self.ckpt, self.parts = ckpt, saved_partitions(marker)
         self.rank_of = {dp_rank: rank for rank, (t, dp_rank) in enumerate(marker["grid"]) if t == tp_rank}
         self.cache: dict[int, dict] = {}
 
@@ -366,7 +375,7 @@ class SavedGrid:
         partitions holds, read from the saved slices that overlap it."""
         saved_size = self.state(0)["partitions"][kind][name].numel()
         lo, hi = dp_rank * size, (dp_rank + 1) * size
-        first, last = lo // saved_size, min(self.dp - 1, (hi - 1) // saved_size)
+        first, last = lo // saved_size, min(self.parts - 1, (hi - 1) // saved_size)
         parts = [self.state(r)["partitions"][kind][name] for r in range(first, last + 1)]
         return repartition(parts, first * saved_size, size, dp_rank)
 
@@ -415,8 +424,11 @@ def load(trainer, ckpt: Path) -> dict:
     ckpt = Path(ckpt)
     marker = read_marker(ckpt, rt.tp)
     grid = SavedGrid(ckpt, marker, rt.tp_rank)
-    same = marker["dp"] == rt.dp
-    verify_before_loading(ckpt, marker, [rt.rank] if same else sorted(grid.rank_of.values()), rt)
+    same_parts = saved_partitions(marker) == rt.shard  # this rank's partitions are saved as they are
+    same = same_parts and marker["dp"] == rt.dp  # and so is the rest of its state (RNG)
+    holders = [rt.shard_rank] if same_parts else range(grid.parts)  # the files its partitions come from
+    read = {grid.rank_of[d] for d in holders} | ({rt.rank} if same else set())
+    verify_before_loading(ckpt, marker, sorted(read), rt)
     own = grid.state(rt.dp_rank) if same else grid.state(0)
     student, teacher = trainer.engine.module, trainer.ema.module
     check_layout(own["layout"]["student"], param_layout(student), "student", ckpt)
@@ -424,9 +436,9 @@ def load(trainer, ckpt: Path) -> dict:
 
     def mine(kind: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
         sizes = partition_sizes(module)
-        if same:
-            return {n: own["partitions"][kind][n] for n in sizes}
-        return {n: grid.partitions(kind, n, size, rt.dp_rank) for n, size in sizes.items()}
+        if same_parts:
+            return {n: grid.state(rt.shard_rank)["partitions"][kind][n] for n in sizes}
+        return {n: grid.partitions(kind, n, size, rt.shard_rank) for n, size in sizes.items()}
 
     moments = {k: mine(k, student) for k in own["moments"]}
     set_student_state(trainer.engine, trainer.scheduler.optimizer, mine("student", student), moments,

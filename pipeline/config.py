@@ -99,9 +99,15 @@ class ParallelConfig:
     """How ranks are arranged. DP = world size / tp."""
 
     tp: int = doc("tensor-parallel size (megatron-core); must divide the world size and encoder.heads", 1)
+    shard: int = doc("data-parallel ranks one ZeRO-3 partition spans: 0 = all of them (plain ZeRO-3); S = groups of S "
+                     "consecutive data-parallel ranks (one node's: GPUs per node / tp), whose DP / S replicas "
+                     "all-reduce their gradient partitions before each optimizer step (hybrid sharding: parameter "
+                     "gathers stay inside a node, only that all-reduce crosses nodes, in train.grad_reduce's dtype)",
+                     0)
 
     def __post_init__(self):
         require(self.tp >= 1, f"parallel.tp={self.tp} must be >= 1")
+        require(self.shard >= 0, f"parallel.shard={self.shard} must be >= 0 (0: shard over every data-parallel rank)")
 
 
 @dataclass
@@ -168,7 +174,8 @@ class TrainConfig:
     grad_reduce: str = doc("dtype of the data-parallel gradient reduce-scatter when the student computes in bf16: "
                            "'fp32' (DeepSpeed's communication_data_type: sums over hundreds of ranks keep fp32 "
                            "precision, as Megatron-LM and torchtitan reduce; twice the gradient bytes) or 'compute' "
-                           "(bf16, half the bytes: fairseq's half-precision all-reduce). fp32 runs reduce in fp32",
+                           "(bf16, half the bytes: fairseq's half-precision all-reduce). fp32 runs reduce in fp32. With "
+                           "parallel.shard, also the dtype of the gradient all-reduce over replicas",
                            "fp32")
     seed: int = doc("seed for initialisation, data order, augmentation and masks", 0)
     precision: str = doc("'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'. The EMA teacher is always fp32", "auto")

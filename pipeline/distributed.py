@@ -228,7 +228,8 @@ def config_dtype(ds_config: dict) -> torch.dtype:
 
 
 def build_sharded(factory, ds_config: dict, rt: "Runtime") -> torch.nn.Module:
-    """``factory()`` built under ``deepspeed.zero.Init``: ZeRO-3 partitions over the data-parallel group,
+    """``factory()`` built under ``deepspeed.zero.Init``: ZeRO-3 partitions over the data-parallel group (its shard
+    group with parallel.shard),
     in the dtype the DeepSpeed config declares (``config_dtype``), checked parameter by parameter.
 
     Never pass ``dtype=`` to zero.Init: DeepSpeed 0.19 parses its explicit-dtype line as
@@ -240,7 +241,7 @@ def build_sharded(factory, ds_config: dict, rt: "Runtime") -> torch.nn.Module:
     """
     import deepspeed
     want = config_dtype(ds_config)
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=rt.dp_group, mpu=rt.mpu):
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, data_parallel_group=rt.shard_group, mpu=rt.mpu):
         module = factory()
     wrong = {name: p.ds_tensor.dtype for name, p in module.named_parameters() if p.ds_tensor.dtype != want}
     if wrong:
@@ -307,18 +308,46 @@ class Runtime:
     dp_group: object
     mpu: object
     tp_group: object = None
+    # hybrid sharding (parallel.shard): ZeRO-3 partitions over ``shard`` consecutive data-parallel ranks
+    # (shard_group), dp / shard replicas of them (replica_group: the ranks holding the same partitions). Without
+    # it, shard = dp, shard_group = dp_group, replica_group = None.
+    shard: int = 0
+    shard_rank: int = 0
+    shard_group: object = None
+    replica_group: object = None
+
+    def __post_init__(self):
+        if not self.shard:
+            self.shard, self.shard_rank, self.shard_group = self.dp, self.dp_rank, self.dp_group
+
+    @property
+    def replicas(self) -> int:
+        return self.dp // self.shard
+
+    @property
+    def replica_rank(self) -> int:
+        return self.dp_rank // self.shard
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def check_layout(world_size: int, tp: int) -> int:
+def check_layout(world_size: int, tp: int, shard: int = 0) -> int:
     """Data-parallel size for this world, or a ConfigError saying what to change."""
     if world_size % tp:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp={tp}: launch a multiple of {tp} "
                           f"ranks or change parallel.tp")
+    shard_size(world_size // tp, shard)
     return world_size // tp
+
+
+def shard_size(dp: int, shard: int) -> int:
+    """The data-parallel ranks one ZeRO-3 partition spans (parallel.shard; 0: all ``dp``), or a ConfigError."""
+    if shard and dp % shard:
+        raise ConfigError(f"parallel.shard={shard} does not divide the data-parallel size {dp}: set it to a divisor "
+                          f"of {dp} (one node's data-parallel ranks: GPUs per node / parallel.tp), or 0")
+    return shard or dp
 
 
 def single_process_parallel_state() -> None:
@@ -340,8 +369,9 @@ def device_index(local_rank: int, visible_devices: int) -> int:
     return local_rank % max(visible_devices, 1)
 
 
-def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0) -> Runtime:
-    """Start the process group, megatron-core parallel state and the device; returns the layout."""
+def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0, shard: int = 0) -> Runtime:
+    """Start the process group, megatron-core parallel state and the device; returns the layout (``shard``:
+    parallel.shard, hybrid sharding's groups)."""
     import datetime
 
     import deepspeed
@@ -350,7 +380,7 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0) -> Run
 
     env = launch_env()
     export_rendezvous(env)
-    check_layout(env.world_size, tp)
+    check_layout(env.world_size, tp, shard)
     accel = get_accelerator()
     index = device_index(env.local_rank, accel.device_count()) if choice.device_type != "cpu" else 0
     if choice.device_type != "cpu":
@@ -362,11 +392,41 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0) -> Run
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False,
                                  distributed_timeout_minutes=max(1, round(timeout_s / 60)))
     device = torch.device(accel.device_name(index) if choice.device_type != "cpu" else "cpu")
+    dp, dp_rank, dp_group = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(), ps.get_data_parallel_group()
+    size = shard_size(dp, shard)
+    shard_group, replica_group = hybrid_groups(size, timeout_s) if size < dp else (dp_group, None)
     return Runtime(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, tp=tp,
-                   tp_rank=ps.get_tensor_model_parallel_rank(), dp=ps.get_data_parallel_world_size(),
-                   dp_rank=ps.get_data_parallel_rank(), device=device, choice=choice,
-                   dp_group=ps.get_data_parallel_group(), mpu=MegatronMPU(),
-                   tp_group=ps.get_tensor_model_parallel_group())
+                   tp_rank=ps.get_tensor_model_parallel_rank(), dp=dp, dp_rank=dp_rank, device=device, choice=choice,
+                   dp_group=dp_group, mpu=MegatronMPU(shard_group if size < dp else None),
+                   tp_group=ps.get_tensor_model_parallel_group(), shard=size, shard_rank=dp_rank % size,
+                   shard_group=shard_group, replica_group=replica_group)
+
+
+def hybrid_groups(shard: int, timeout_s: float) -> tuple[object, object]:
+    """(this rank's shard group, its replica group). Every data-parallel group (the ranks of one TP rank,
+    megatron's) splits into groups of ``shard`` consecutive members (a node's, with consecutive ranks per node)
+    and into the groups of the members at the same place in each: every rank creates every group, in one order."""
+    import datetime
+
+    from megatron.core import parallel_state as ps
+    world, tp = dist.get_world_size(), ps.get_tensor_model_parallel_world_size()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    mine = dist.get_rank()
+    dp_groups = [list(range(t, world, tp)) for t in range(tp)]  # megatron's DP groups at TP = tp (no PP / CP)
+    shard_group = replica_group = None
+    for members in dp_groups:
+        for start in range(0, len(members), shard):
+            ranks = members[start:start + shard]
+            group = dist.new_group(ranks, timeout=timeout)
+            if mine in ranks:
+                shard_group = group
+    for members in dp_groups:
+        for offset in range(shard):
+            ranks = members[offset::shard]
+            group = dist.new_group(ranks, timeout=timeout)
+            if mine in ranks:
+                replica_group = group
+    return shard_group, replica_group
 
 
 def skip_shm_comm_build() -> None:
@@ -386,7 +446,22 @@ def skip_shm_comm_build() -> None:
 
 
 class MegatronMPU:
-    """The ``mpu`` interface DeepSpeed expects, backed by megatron-core's parallel state."""
+    """The ``mpu`` interface DeepSpeed expects, backed by megatron-core's parallel state. With hybrid sharding
+    (``shard_group``), DeepSpeed's data-parallel group is the shard group: it partitions, gathers and reduces
+    over it, and Trainer.reduce_over_replicas completes the gradient."""
+
+    def __init__(self, shard_group=None):
+        self.shard_group = shard_group
+
+    def get_data_parallel_group(self):
+        from megatron.core import parallel_state as ps
+        return self.shard_group if self.shard_group is not None else ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self):
+        return dist.get_world_size(self.get_data_parallel_group())
+
+    def get_data_parallel_rank(self):
+        return dist.get_rank(self.get_data_parallel_group())
 
     def __getattr__(self, name):
         from megatron.core import parallel_state as ps
@@ -411,6 +486,17 @@ def model_parallel_config(tp: int):
                           f"{ps.get_tensor_model_parallel_world_size()}")
     return ModelParallelConfig(tensor_model_parallel_size=tp, use_cpu_initialization=True,
                                perform_initialization=True)
+
+
+def all_reduce_mean(tensor: torch.Tensor, group, fp32: bool = True) -> torch.Tensor:
+    """``tensor`` <- its mean over ``group``, in place; summed in fp32 (a bf16 tensor is cast and back) unless
+    ``fp32`` is False."""
+    work = tensor.float() if fp32 and tensor.dtype != torch.float32 else tensor
+    dist.all_reduce(work, op=dist.ReduceOp.SUM, group=group)
+    work.div_(dist.get_world_size(group))
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
 
 
 def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:

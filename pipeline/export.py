@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from pipeline.checkpoint import (COMPLETE, CheckpointError, atomic_torch_save, is_complete, read_complete,
-                                 read_rank_file, repartition, verify_rank_file)
+                                 read_rank_file, repartition, saved_partitions, verify_rank_file)
 
 
 class ExportError(RuntimeError):
@@ -70,12 +70,12 @@ def consolidate(states: dict[tuple[int, int], dict], kind: str) -> dict[str, tor
     """One fp32 state dict of ``kind`` ('student', 'teacher' or a student optimizer moment such as
     'exp_avg') from every rank's partitions."""
     grid = next(iter(states.values()))["grid"]
-    tp, dp = grid["tp"], grid["dp"]
+    tp, parts = grid["tp"], saved_partitions(grid)
     of = "teacher" if kind == "teacher" else "student"
     layout = states[(0, 0)]["layout"][of]
     out = {}
     for name, info in layout.items():
-        per_tp = [unshard([states[(t, d)]["partitions"][kind][name] for d in range(dp)],
+        per_tp = [unshard([states[(t, d)]["partitions"][kind][name] for d in range(parts)],
                           states[(t, 0)]["layout"][of][name]["shape"]) for t in range(tp)]
         if info["partition_dim"] is None:
             for t in range(1, tp):

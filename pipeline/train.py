@@ -37,16 +37,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prepare(args):
     """Everything that can be checked without a process group: config, layout, DeepSpeed JSON, shards."""
     from pipeline.data import check_shard_count, check_shared_memory, resolve_shards
-    from pipeline.distributed import check_layout, choose_device, launch_env, load_ds_config, student_ds_config
+    from pipeline.distributed import (check_layout, choose_device, launch_env, load_ds_config, shard_size,
+                                      student_ds_config)
     from pipeline.experiment import load_experiment
 
     cfg = load_experiment(args.config, args.overrides)
     env = launch_env()
-    dp = check_layout(env.world_size, cfg.parallel.tp)
+    dp = check_layout(env.world_size, cfg.parallel.tp, cfg.parallel.shard)
     choice = choose_device(cfg.train.precision)
     ds_base = load_ds_config(cfg.train.ds_config)
-    student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, dp, choice.dtype,
-                      cfg.train.grad_clip, cfg.train.grad_reduce)
+    student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, shard_size(dp, cfg.parallel.shard),
+                      choice.dtype, cfg.train.grad_clip, cfg.train.grad_reduce)
     modality = cfg.make_modality()
     shards = resolve_shards(cfg.data.manifest, modality)
     check_shard_count(len(shards), dp, cfg.data.workers)
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     from pipeline.trainer import CollapseError, Trainer, catch_early_signals
 
     catch_early_signals()  # from here a rank's peers would wait for it in collectives
-    rt = distributed.init_runtime(cfg.parallel.tp, choice)
+    rt = distributed.init_runtime(cfg.parallel.tp, choice, shard=cfg.parallel.shard)
     try:
         if rt.is_main:
             log.info("layout: %s", " ".join(f"{k}={v}" for k, v in parallel_layout(cfg, rt).items()))
@@ -170,6 +171,7 @@ def parallel_layout(cfg, rt) -> dict:
     from pipeline.distributed import node_count
     t = cfg.train
     return {"nodes": node_count(rt.world_size), "ranks": rt.world_size, "tp": rt.tp, "dp": rt.dp,
+            **({"shard": rt.shard, "replicas": rt.replicas} if rt.replicas > 1 else {}),
             "global_batch": t.micro_batch_size * t.grad_accum * rt.dp, "micro_batch": t.micro_batch_size,
             "grad_accum": t.grad_accum, "device": str(rt.device), "dtype": str(rt.choice.dtype).replace("torch.", ""),
             "backend": rt.choice.backend}

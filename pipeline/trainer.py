@@ -15,8 +15,8 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
-from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_sum, build_sharded, mark_gathered_whole,
-                                  model_parallel_config, student_ds_config, teacher_ds_config)
+from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_mean, all_reduce_sum, build_sharded,
+                                  mark_gathered_whole, model_parallel_config, student_ds_config, teacher_ds_config)
 from pipeline.ema import ShardedEMA, shared_encoder, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger, step_summary, summary_values
@@ -117,8 +117,8 @@ class Trainer:
         self.modality = cfg.make_modality()
         self.method = cfg.make_method(self.modality)
         tcfg = cfg.train
-        self.ds_student = student_ds_config(ds_base, tcfg.micro_batch_size, tcfg.grad_accum, rt.dp, rt.choice.dtype,
-                                            tcfg.grad_clip, tcfg.grad_reduce)
+        self.ds_student = student_ds_config(ds_base, tcfg.micro_batch_size, tcfg.grad_accum, rt.shard,
+                                            rt.choice.dtype, tcfg.grad_clip, tcfg.grad_reduce)
         self.ds_teacher = teacher_ds_config(self.ds_student, half=self.teacher_autocast())
         self.output = Path(tcfg.output_dir)
         self.ckpt_root = self.output / "checkpoints"
@@ -297,11 +297,21 @@ class Trainer:
             summary, skipped = self.micro_step(batch)
             summaries.append(summary)
             if not skipped:
+                if self.micro == self.cfg.train.grad_accum - 1:
+                    self.reduce_over_replicas()
                 self.engine.step()
         if not skipped:
             self.ema.update(tau)
             self.step += 1
         return {"summary": step_summary(summaries), "lr": lr, "tau": tau, "skipped": skipped}
+
+    def reduce_over_replicas(self) -> None:
+        """Hybrid sharding (parallel.shard): DeepSpeed reduced the gradients over the shard group into this rank's
+        partitions; average them over the replicas holding the same partitions (train.grad_reduce's dtype), so
+        that every replica takes the same optimizer step, with the gradient of the whole global batch."""
+        if self.rt.replica_group is not None:
+            all_reduce_mean(self.engine.optimizer.grad_partitions_flat_buffer, self.rt.replica_group,
+                            fp32=self.cfg.train.grad_reduce == "fp32")
 
     # -- the loop -----------------------------------------------------------------------------
     def train_step(self, logger: MetricsLogger, lagged: "LaggedRead") -> tuple[dict, bool, bool]:

@@ -202,10 +202,19 @@ def test_resume_onto_a_different_data_parallel_size(single_process_group, tmp_pa
     ckpts = tmp_path / "ckpts"
     schedule = ["train.schedule=cosine", "train.warmup_steps=2", "train.min_lr=0.0001"]
     full = run_layout(tmp_path, before, tp, ["--steps=6", f"--ckpt={ckpts}", "--save-at=3", *schedule])
-    resumed = run_layout(tmp_path, after, tp, ["--steps=6", f"--ckpt={ckpts}", "--resume", *schedule])
+    # at TP 1 the 4 ranks resume twice: as hybrid sharding (parallel.shard=2: 2 replicas of 2-rank partitions,
+    # whose checkpoint the DP 1 run below resumes from) and as plain ZeRO-3 over all 4
+    hybrid = tp == 1
+    resume = ["--steps=6", f"--ckpt={ckpts}", "--resume", *schedule]
+    if hybrid:
+        runs = run_layout(tmp_path, after, tp, [*resume, "--shard=2"], variants=[{}, {"plain": True}])
+    else:
+        runs = [run_layout(tmp_path, after, tp, resume)]
+    resumed = runs[0]
     assert len(full) == 12 and len(resumed) == 6  # (loss, gradient norm) per step
-    for x, y in zip(full[6:], resumed):
-        assert math.isclose(x, y, rel_tol=1e-5), (full[6:], resumed)
+    for run in runs:
+        for x, y in zip(full[6:], run):
+            assert math.isclose(x, y, rel_tol=1e-5), (full[6:], run)
     assert full[0] != full[-2]
     saved, resaved = (load_rank_files(ckpts / d / "step_00000003") for d in (".", "resaved"))
     assert {g["grid"]["dp"] for g in saved.values()} == {before // tp}
@@ -227,8 +236,12 @@ def test_resume_onto_a_different_data_parallel_size(single_process_group, tmp_pa
     first, again = saved[(0, 0)], resaved[(0, 0)]
     assert first["scheduler"] == again["scheduler"] and first["scheduler"]["last_epoch"] == 3
     assert torch.equal(first["optimizer_scalars"]["step"], again["optimizer_scalars"]["step"])
-    if tp == 1:  # and onto one rank: the global masked-count normaliser + DeepSpeed's averaging = the global loss
-        alone = run_layout(tmp_path, 1, tp, ["--steps=6", f"--ckpt={ckpts}", "--resume", *schedule])
+    if hybrid:  # replica 1 (data-parallel ranks 2, 3) writes no partitions: replica 0's are the same
+        assert json.loads((ckpts / "resaved/step_00000003/COMPLETE").read_text())["shard"] == 2
+        assert [bool(resaved[(0, d)]["partitions"]) for d in range(4)] == [True, True, False, False]
+        # and from that hybrid checkpoint onto one rank: the global masked-count normaliser + DeepSpeed's averaging
+        # = the global loss
+        alone = run_layout(tmp_path, 1, tp, ["--steps=6", f"--ckpt={ckpts / 'resaved'}", "--resume", *schedule])
         for x, y in zip(full[6:], alone):
             assert math.isclose(x, y, rel_tol=1e-5), (full[6:], alone)
 

@@ -6,7 +6,8 @@ global masked count, the gradient of the global loss is what the optimizer sees,
 parallelism only changes the summation order). With --ckpt DIR it also checks checkpoints across
 layouts: --save-at K writes a checkpoint into DIR after step K and trains on; --resume resumes from
 the latest checkpoint in DIR (any data-parallel size), writes it again at once under DIR/resaved (so
-the test can compare the two bit for bit) and trains on from the saved step. --config picks the preset
+the test can compare the two bit for bit) and trains on from the saved step. --shard S: hybrid sharding
+(parallel.shard); a variant with "plain": true runs plain ZeRO-3 over every data-parallel rank in the same launch. --config picks the preset
 (configs/vision_tiny_v2.yaml: data2vec 2.0, whose M clones per image mask with inverse blocks). --variants JSON
 runs several configurations one after the other in the same processes (imports and process start are most of a
 launch's time): a list of {"config": preset, "overrides": [...]} added to the command line's; OUT then holds one
@@ -16,13 +17,14 @@ list per variant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 from pathlib import Path
 
 import torch
 
-from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
+from pipeline.distributed import MegatronMPU, choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
 from pipeline.metrics import summary_values
 from pipeline.modalities.vision import block_mask, inverse_block_mask
@@ -56,12 +58,15 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint in --ckpt")
     parser.add_argument("--config", default="configs/vision_tiny.yaml", help="a vision preset")
     parser.add_argument("--variants", help="JSON list of {config, overrides} run in turn (see the docstring)")
+    parser.add_argument("--shard", type=int, default=0, help="parallel.shard (hybrid sharding)")
     parser.add_argument("overrides", nargs="*", default=[])
     args = parser.parse_intermixed_args()
-    rt = init_runtime(args.tp, choose_device("fp32"))
+    rt = init_runtime(args.tp, choose_device("fp32"), shard=args.shard)
+    plain = dataclasses.replace(rt, shard=rt.dp, shard_rank=rt.dp_rank, shard_group=rt.dp_group, replica_group=None,
+                                mpu=MegatronMPU())
     variants = json.loads(args.variants) if args.variants else [{}]
-    results = [run(args, rt, v.get("config", args.config), [*args.overrides, *v.get("overrides", [])])
-               for v in variants]
+    results = [run(args, plain if v.get("plain") else rt, v.get("config", args.config),
+                   [*args.overrides, *v.get("overrides", [])]) for v in variants]
     if rt.rank == 0:
         with open(args.out, "w") as f:
             json.dump(results if args.variants else results[0], f)
