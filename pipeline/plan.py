@@ -248,6 +248,7 @@ class Plan:
     teacher_numel: int = 0
     student_tp_numel: int = 0  # one TP rank's share, before ZeRO
     teacher_tp_numel: int = 0
+    shard: int = 0  # data-parallel ranks one ZeRO-3 partition spans (parallel.shard; = dp without hybrid sharding)
     student_partition: int = 0  # sum ceil(n / DP): parameters = gradients = fp32 master = Adam m = Adam v
     teacher_partition: int = 0
     persistent_numel: int = 0  # student parameters kept gathered (persistence threshold)
@@ -356,6 +357,18 @@ def layout_checks(cfg, world: int, tp: int, micro: int, accum: int, global_batch
                                      f"(the DeepSpeed JSON agrees)"))
             except ConfigError as exc:
                 checks.append((False, f"global batch {gb}: {exc}"))
+        shard = cfg.parallel.shard
+        if shard:
+            ok = dp % shard == 0
+            span = shard * tp  # consecutive global ranks
+            inside = nodes == 1 or (gpus % span == 0)
+            checks.append((ok, (f"parallel.shard={shard}: ZeRO-3 partitions over {shard} data-parallel ranks, "
+                                f"{dp // shard} replicas; " + ("a shard group stays inside a node" if inside else
+                                f"a shard group spans {-(-span // gpus)} nodes (shard x TP = {span} > {gpus} GPUs "
+                                f"per node): its gathers cross nodes; {gpus // tp} keeps them inside one"))
+                           if ok else f"parallel.shard={shard} does not divide DP {dp}: use a divisor of {dp} "
+                                      f"(one node's data-parallel ranks: {gpus // tp if gpus % tp == 0 else '-'}), "
+                                      f"or 0"))
     return checks
 
 
@@ -544,14 +557,16 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
              dp=dp, micro=micro, accum=accum, global_batch=micro * accum * dp, dtype=dtype,
              seq=sequence_length(cfg), gpu_memory_gb=gpu_memory_gb)
     p.checks = layout_checks(cfg, world, tp, micro, accum, global_batch, ds, dtype, nodes, gpus_per_node)
-    if not (cfg.encoder.heads % tp == 0 and cfg.encoder.ffn_dim % tp == 0 and dp):
+    if not (cfg.encoder.heads % tp == 0 and cfg.encoder.ffn_dim % tp == 0 and dp) or dp % (cfg.parallel.shard or dp):
         return p
+    p.shard = cfg.parallel.shard or dp
+    parts = p.shard  # ZeRO-3 partitions per parameter
     infos, tree = param_infos(cfg, tp)
     enc = cfg.encoder
     cb = DTYPE_BYTES[dtype]
     zero = ds.get("zero_optimization", {})
     threshold = int(zero.get("stage3_param_persistence_threshold", 100000))
-    model_threshold = int(zero.get("stage3_model_persistence_threshold", sys.maxsize)) // dp
+    model_threshold = int(zero.get("stage3_model_persistence_threshold", sys.maxsize)) // parts
     reuse = int(zero.get("stage3_max_reuse_distance", 1000000000))
     prefetch = int(zero.get("stage3_prefetch_bucket_size", 50000000))
     max_live = int(zero.get("stage3_max_live_parameters", 1000000000))
@@ -559,7 +574,7 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     sub_group = int(zero.get("sub_group_size", 1000000000))
     contiguous = bool(zero.get("contiguous_gradients", True))
 
-    ceil = lambda n: -(-n // dp)  # noqa: E731
+    ceil = lambda n: -(-n // parts)  # noqa: E731
     p.student_numel = sum(i.full_numel for i in infos)
     p.teacher_numel = sum(i.full_numel for i in infos if i.teacher)
     p.student_tp_numel = sum(i.numel for i in infos)
@@ -661,7 +676,7 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
 
     p.comm, p.comm_inter_node = communication(cfg, p, student_sim, teacher_sim, sbd, student_sbd, dtype, tb)
     p.notes.append(f"nominal ZeRO-3 student all-gather (2 x parameters) would be "
-                   f"{2 * p.student_tp_numel * cb * (dp - 1) / dp / GiB:.3f} GiB per micro-batch; persistent "
+                   f"{2 * p.student_tp_numel * cb * (parts - 1) / parts / GiB:.3f} GiB per micro-batch; persistent "
                    f"parameters and those still gathered after the forward are not gathered again (DeepSpeed JSON: "
                    f"prefetch bucket {prefetch:.0e}, max live {max_live:.0e}, max reuse distance {reuse:.0e} elements)")
     if suggest and not p.fits:
@@ -703,18 +718,24 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
     """Bytes one GPU sends per micro-batch, per category, and the inter-node part of each (module docstring).
     ``sbd``: elements of one (s, b, D) activation of the full samples; ``student_sbd``: of the student's blocks'
     (data2vec 2.0: M clone rows of the visible positions); ``tb``: ``teacher_bytes``."""
-    enc, dp, tp, cb = cfg.encoder, p.dp, p.tp, DTYPE_BYTES[dtype]
-    gather = (dp - 1) / dp  # all-gather / reduce-scatter, per byte of the whole tensor
+    enc, dp, tp, cb, shard = cfg.encoder, p.dp, p.tp, DTYPE_BYTES[dtype], p.shard
+    gather = (shard - 1) / shard  # all-gather / reduce-scatter over a shard group, per byte of the whole tensor
     reduce = 2 * (tp - 1) / tp  # all-reduce over TP, per byte
+    replicas = dp // shard
     embed = 1 if cfg.modality == "text" else 0  # vocab-parallel embedding: one all-reduce per forward
     recompute = 2 if cfg.train.activation_checkpointing else 0  # the backward runs each block's forward again
-    over_dp = {
+    over_shard = {
         "student all-gather, forward": (student_sim.gathered_forward + p.shared_regathered) * cb * gather,
         "student all-gather, backward": student_sim.gathered_backward * cb * gather,
         "gradient reduce-scatter": p.student_tp_numel * gradient_bytes(cfg, dtype) * gather,
         "teacher all-gather": (teacher_sim.gathered_forward - p.shared_numel) * tb * gather,
-        "statistics all-reduce": statistics_floats(cfg) * 4 * 2 * gather,
     }
+    over_dp = {"statistics all-reduce": statistics_floats(cfg) * 4 * 2 * (dp - 1) / dp}
+    # hybrid sharding: the gradient partition all-reduced over the replicas once per optimizer step (as bytes per
+    # micro-batch, the unit of this table)
+    over_replicas = {"gradient all-reduce over replicas":
+                     2 * (replicas - 1) / replicas * p.student_partition * gradient_bytes(cfg, dtype) / p.accum
+                     } if replicas > 1 else {}
     over_tp = {
         "TP all-reduce, student forward": (2 * enc.depth * student_sbd + embed * sbd) * cb * reduce,
         "TP all-reduce, student backward": (4 + recompute) * enc.depth * student_sbd * cb * reduce,
@@ -722,9 +743,18 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
         "statistics all-reduce": 2 * 4 * reduce,  # the stop / requeue flags agreed over TP (agree_any)
         "EMA update": 0,
     }
-    comm = {k: over_dp.get(k, 0) + over_tp.get(k, 0) for k in {**over_dp, **over_tp}}
-    share = ring_inter_node_share(dp, p.nodes)  # TP groups stay inside a node
-    return comm, {k: over_dp.get(k, 0) * share for k in comm}
+    groups = [(over_shard, shard_inter_node_share(p)), (over_dp, ring_inter_node_share(dp, p.nodes)),
+              (over_replicas, ring_inter_node_share(replicas, min(replicas, p.nodes))), (over_tp, 0.0)]
+    comm = {k: sum(part.get(k, 0) for part, _ in groups) for part, _ in groups for k in part}
+    inter = {k: sum(part.get(k, 0) * share for part, share in groups) for k in comm}  # TP groups stay in a node
+    return comm, inter
+
+
+def shard_inter_node_share(p: Plan) -> float:
+    """``ring_inter_node_share`` of a shard group: ``p.shard`` data-parallel ranks, TP apart, so spanning
+    shard x TP consecutive ranks (all of them without hybrid sharding)."""
+    span = p.shard * p.tp
+    return ring_inter_node_share(p.shard, max(1, min(p.nodes, -(-span // p.gpus_per_node))))
 
 
 def suggestions(cfg, p: Plan, **kw) -> list[str]:

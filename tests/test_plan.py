@@ -83,6 +83,10 @@ COMM_RUNS = {
     # features, then in its forward) and never by the teacher; everything gathered (persistence threshold 0)
     "speech-tp1-dp4-bf16-shared": {"preset": str(ROOT / "configs/speech_tiny.yaml"), "tp": 1, "precision": "bf16",
                                    "zero": {"stage3_param_persistence_threshold": 0}},
+    # hybrid sharding: ZeRO-3 over 2 ranks, 2 replicas whose gradient partitions are all-reduced (fp32) once a step
+    "vision-shard2-replica2-bf16-accum2": {"preset": str(TINY), "tp": 1, "precision": "bf16", "accum": 2,
+                                           "zero": {"stage3_param_persistence_threshold": 0},
+                                           "overrides": ["parallel.shard=2"]},
     # train.grad_reduce=compute: the gradient reduce-scatter in bf16 (fp32 by default, as the runs above)
     "text-tp1-dp4-bf16-reduce": {"preset": str(ROOT / "configs/text_tiny.yaml"), "tp": 1, "precision": "bf16",
                                  "zero": {"stage3_param_persistence_threshold": 0},
@@ -134,6 +138,8 @@ def test_planned_communication_equals_measured_bytes(single_process_group, measu
         assert planned["student all-gather, backward"] > 0  # the window re-gathers in the backward
     if cfg.modality == "speech":
         assert p.shared_regathered == p.shared_numel > 0
+    if cfg.parallel.shard:
+        assert planned["gradient all-reduce over replicas"] > 0
 
 
 def test_json_splits_communication_into_inter_and_intra_node(single_process_group, capsys):

@@ -84,7 +84,12 @@ CATEGORIES = {
     (REDUCE, "tp", "micro-step"): "statistics all-reduce",  # agree_any: the stop / requeue flags over TP
     (REDUCE, "dp", "step"): GRAD_NORM,
     (REDUCE, "tp", "step"): GRAD_NORM,
+    # hybrid sharding (parallel.shard): ZeRO-3 over the shard group, the gradient partitions over the replicas
+    (REDUCE, "shard", "step"): GRAD_NORM,
+    (REDUCE, "replica", "replica reduce"): "gradient all-reduce over replicas",
 }
+CATEGORIES.update({(kind, "shard", phase): name for (kind, group, phase), name in list(CATEGORIES.items())
+                   if group == "dp" and kind in (GATHER, SCATTER)})
 
 
 def nbytes(value) -> int:
@@ -201,9 +206,12 @@ def measure(recorder: Recorder, run: dict) -> dict:
                                           "train.output_dir=/nonexistent-not-used", *run.get("overrides", [])])
     if ps.model_parallel_is_initialized():  # the previous run's layout
         ps.destroy_model_parallel()
-    rt = init_runtime(tp, compute_on_cpu(run.get("precision", "fp32")))
+    rt = init_runtime(tp, compute_on_cpu(run.get("precision", "fp32")), shard=cfg.parallel.shard)
     recorder.groups = {"dp": set(dist.get_process_group_ranks(ps.get_data_parallel_group())),
                        "tp": set(dist.get_process_group_ranks(ps.get_tensor_model_parallel_group()))}
+    if rt.replica_group is not None:
+        recorder.groups["shard"] = set(dist.get_process_group_ranks(rt.shard_group))
+        recorder.groups["replica"] = set(dist.get_process_group_ranks(rt.replica_group))
     ds_base = load_ds_config(cfg.train.ds_config)
     ds_base.setdefault("zero_optimization", {}).update(zero)
     trainer = Trainer(cfg, rt, ds_base, ["unused"])  # shards are never read: batches are fed here
@@ -214,6 +222,7 @@ def measure(recorder: Recorder, run: dict) -> dict:
     trainer.shared_inputs = recorder.in_phase("student forward", trainer.shared_inputs)
     trainer.engine.backward = recorder.in_phase("backward", trainer.engine.backward)
     trainer.engine.step = recorder.in_phase("step", trainer.engine.step)
+    trainer.reduce_over_replicas = recorder.in_phase("replica reduce", trainer.reduce_over_replicas)
     trainer.ema.update = recorder.in_phase("EMA update", trainer.ema.update)
     recorder.reset()
     for step in range(WARMUP + 1):
