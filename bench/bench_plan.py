@@ -17,7 +17,9 @@
     the same layouts, in three settings: "before" (the pipeline until 2026-11-28: the teacher gathers fp32 weights
     whatever it computes in, gradients reduce-scattered in bf16; at TP 1 this is train.teacher_precision=fp32
     train.grad_reduce=compute), "now" (defaults: a teacher under the student's autocast gathers bf16 weights,
-    gradients reduce in fp32) and "now, bf16 reduce" (train.grad_reduce=compute). The last line is one JSON object.
+    gradients reduce in fp32), "now, bf16 reduce" (train.grad_reduce=compute), and hybrid sharding over one node's
+    8 ranks (parallel.shard=8: gathers inside a node, the gradient partitions all-reduced over the DP / 8 replicas
+    across nodes) with fp32 and with bf16 (train.grad_reduce=compute) reduction. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def planner_table(gpus_list: list[int], memory_gb: float) -> str:
 TRAFFIC_PRESETS = ["vision_large", "speech_large", "text_large", "vision_large_v2", "speech_large_v2",
                    "text_large_v2"]
 TRAFFIC_SETTINGS = {"before": ["train.teacher_precision=fp32", "train.grad_reduce=compute"], "now": [],
-                    "now, bf16 reduce": ["train.grad_reduce=compute"]}
+                    "now, bf16 reduce": ["train.grad_reduce=compute"], "hybrid 8": ["parallel.shard=8"],
+                    "hybrid 8, bf16 reduce": ["parallel.shard=8", "train.grad_reduce=compute"]}
 
 
 def traffic_table(gpus_list: list[int]) -> tuple[str, dict]:
@@ -140,11 +143,12 @@ def traffic_table(gpus_list: list[int]) -> tuple[str, dict]:
                 split = p.comm_bytes_per_step()
                 figures[f"{name}/{gpus}/{setting}"] = split
                 row += [fmt(split["inter_node"] / GiB), fmt(split["intra_node"] / GiB)]
-            before, now = figures[f"{name}/{gpus}/before"], figures[f"{name}/{gpus}/now"]
-            row.append(fmt(now["inter_node"] / before["inter_node"]) if before["inter_node"] else "-")
+            before = figures[f"{name}/{gpus}/before"]["inter_node"]
+            for setting in ("now", "hybrid 8, bf16 reduce"):
+                row.append(fmt(figures[f"{name}/{gpus}/{setting}"]["inter_node"] / before) if before else "-")
             rows.append(row)
     headers = ["preset", "GPUs"] + [f"{s} {k}" for s in TRAFFIC_SETTINGS for k in ("inter", "intra")]
-    return table(headers + ["inter now / before"], rows), figures
+    return table(headers + ["inter now / before", "inter hybrid bf16 / before"], rows), figures
 
 
 def main(argv=None) -> int:

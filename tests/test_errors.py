@@ -37,6 +37,8 @@ def test_valid_setup_passes(monkeypatch, tiny_shards):
     (["data.workers=8"], 2, "need at least 16"),
     (["parallel.tp=2", "encoder.heads=4"], 3, "world size 3 is not divisible by parallel.tp=2"),
     (["parallel.tp=3"], 3, "encoder.heads=4 is not divisible by parallel.tp=3"),
+    (["parallel.shard=3", "data.workers=1"], 4, "parallel.shard=3 does not divide the data-parallel size 4"),
+    (["parallel.shard=-1"], 2, "parallel.shard=-1 must be >= 0"),
     (["train.setps=3"], 2, "unknown config key 'train.setps'. Did you mean 'train.steps'"),
     (["objective.top_k=9"], 2, "objective.top_k=9 exceeds encoder.depth=4"),
     (["train.precision=bf16"], 2, "needs a GPU"),
