@@ -167,9 +167,10 @@ def param_layout(module: torch.nn.Module) -> dict:
 # (Adam: step, exp_avg, exp_avg_sq) is keyed by those flat tensors; it is created lazily at the
 # first step. safe_get/set_local_* read and write one parameter's slice of them.
 
-def optimizer_state(engine, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(partitions, scalars): per state key the fp32 partition of every parameter, and the per-group
-    scalars (Adam's ``step``) that are equal across parameters. Empty before the first step."""
+def optimizer_state(engine, optimizer: torch.optim.Optimizer, copy: bool = True) -> tuple[dict, dict]:
+    """(partitions, scalars): per state key the fp32 partition of every parameter (``copy`` False: the keys only,
+    each with an empty dict), and the per-group scalars (Adam's ``step``) that are equal across parameters. Empty
+    before the first step."""
     from deepspeed.utils import safe_get_local_optimizer_state
     flats = engine.optimizer.fp32_partitioned_groups_flat
     if not flats or flats[0] not in optimizer.state:
@@ -178,7 +179,7 @@ def optimizer_state(engine, optimizer: torch.optim.Optimizer) -> tuple[dict, dic
     keys = [k for k, v in first.items() if torch.is_tensor(v) and v.shape == flats[0].shape]
     scalars = {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in first.items() if k not in keys}
     parts = {k: {name: safe_get_local_optimizer_state(p, k).detach().cpu().clone()
-                 for name, p in engine.module.named_parameters()} for k in keys}
+                 for name, p in engine.module.named_parameters()} if copy else {} for k in keys}
     return parts, scalars
 
 
@@ -218,15 +219,15 @@ def partition_sizes(module: torch.nn.Module) -> dict[str, int]:
 # -- save ---------------------------------------------------------------------------------------
 def rank_state(trainer) -> dict:
     """What one rank writes: its fp32 partitions of the student, of each optimizer moment and of the
-    teacher, the layout and its place in the TP x DP grid, the trainer's position and its RNG state."""
+    teacher (with hybrid sharding, replica 0 only), the layout and its place in the TP x DP grid, the trainer's
+    position and its RNG state."""
     from pipeline.ema import zero3_master_partition
     engine, rt = trainer.engine, trainer.rt
     student = engine.module
-    moments, scalars = optimizer_state(engine, trainer.scheduler.optimizer)
+    writes = rt.replica_rank == 0  # hybrid sharding: the other replicas hold the same partitions
+    moments, scalars = optimizer_state(engine, trainer.scheduler.optimizer, copy=writes)
     partitions = {"student": {n: zero3_master_partition(p).detach().cpu().clone() for n, p in student.named_parameters()},
-                  "teacher": trainer.ema.state_dict(), **moments}
-    if rt.replica_rank > 0:  # hybrid sharding: replica 0 holds the same partitions and writes them
-        partitions = {}
+                  "teacher": trainer.ema.state_dict(), **moments} if writes else {}
     return {"partitions": partitions,
             "moments": list(moments), "optimizer_scalars": scalars,
             "layout": {"student": param_layout(student), "teacher": param_layout(trainer.ema.module)},
