@@ -682,6 +682,17 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     if suggest and not p.fits:
         p.suggestions = suggestions(cfg, p, gpu_memory_gb=gpu_memory_gb, dtype=dtype, fused_attention=fused_attention,
                                     overhead_gb=overhead_gb, ds=ds)
+    node_ranks = gpus_per_node // tp if gpus_per_node % tp == 0 else 0
+    if suggest and nodes > 1 and p.shard == dp and node_ranks and dp % node_ranks == 0:
+        hybrid = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, shard=node_ranks),
+                                     train=dataclasses.replace(cfg.train, grad_reduce="compute"))
+        alt = plan(hybrid, world, tp, micro, accum, gpu_memory_gb=gpu_memory_gb, dtype=dtype,
+                   fused_attention=fused_attention, overhead_gb=overhead_gb, ds=ds, nodes=nodes,
+                   gpus_per_node=gpus_per_node, suggest=False)
+        now, then = p.comm_bytes_per_step()["inter_node"], alt.comm_bytes_per_step()["inter_node"]
+        p.notes.append(f"hybrid sharding (parallel.shard={node_ranks} train.grad_reduce=compute: ZeRO-3 inside each "
+                       f"node, gradients all-reduced in bf16 across nodes) would send {then / GiB:.3f} GiB per GPU per "
+                       f"step across nodes instead of {now / GiB:.3f} ({then / now:.2f}x), peak {alt.peak / GiB:.1f} GiB")
     return p
 
 
@@ -842,9 +853,10 @@ def report(p: Plan, cfg) -> str:
     inter, intra = gib(split["inter_node"]), gib(split["intra_node"])
     lines.append(f"  {gib(total)}  {gib(total * p.accum)}  {inter}  {intra}  total")
     per_rank = checkpoint_bytes(p)
-    lines.append(f"checkpoint: {gib(per_rank).strip()} GiB per GPU, {per_rank * p.world / GiB:.1f} GiB per checkpoint "
-                 f"(fp32 student, Adam m and v, teacher: 16 bytes per parameter per TP rank; any DP size can resume "
-                 f"it)")
+    writers = p.world // (p.dp // p.shard) if p.shard else p.world  # hybrid sharding: replica 0's ranks write
+    lines.append(f"checkpoint: {gib(per_rank).strip()} GiB per writing GPU, {per_rank * writers / GiB:.1f} GiB per "
+                 f"checkpoint (fp32 student, Adam m and v, teacher: 16 bytes per parameter per TP rank; any DP size "
+                 f"can resume it)")
     lines += [f"note: {n}" for n in p.notes]
     return "\n".join(lines)
 
