@@ -115,7 +115,7 @@ def test_preemption_saves_at_an_agreed_step_requeues_and_resumes_exactly(slurm, 
     ckpt = out / f"checkpoints/step_{stop:08d}"
     marker = json.loads((ckpt / "COMPLETE").read_text())
     crcs = marker.pop("crc32")  # one CRC-32 per rank file, checked on resume
-    assert marker == {"step": stop, "world_size": 2, "tp": 1, "dp": 2, "grid": [[0, 0], [0, 1]]}
+    assert marker == {"step": stop, "world_size": 2, "tp": 1, "dp": 2, "shard": 2, "grid": [[0, 0], [0, 1]]}
     assert crcs == [file_crc32(ckpt / f"d2v_rank{rank:05d}.pt") for rank in (0, 1)]
     for rank in (0, 1):  # every rank wrote its part of the checkpoint at that step
         own = torch.load(ckpt / f"d2v_rank{rank:05d}.pt", map_location="cpu", weights_only=True)
