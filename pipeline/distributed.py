@@ -174,9 +174,9 @@ def load_ds_config(path: str | Path) -> dict:
 
 
 def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.dtype,
-                      grad_clip: float = 0.0, grad_reduce: str = "fp32") -> dict:
+                      grad_clip: float = 0.0, grad_reduce: str = "fp32", replicas: int = 1) -> dict:
     """Fill batch, clipping, precision and gradient-reduction keys; reject settings that contradict the experiment
-    config."""
+    config. ``dp``: the ranks DeepSpeed partitions over (with hybrid sharding, the shard group's, of ``replicas``)."""
     cfg = copy.deepcopy(base)
     want = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum,
             "train_batch_size": micro * accum * dp}
@@ -214,6 +214,10 @@ def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.
     require(isinstance(hpz, int) and hpz >= 1 and dp % hpz == 0,
             f"zero_optimization.zero_hpz_partition_size={hpz} (ZeRO++ hpZ: a second copy of the student's partitions "
             f"over groups of that many data-parallel ranks, one node's) must divide the data-parallel size {dp}")
+    require(hpz == 1 or replicas == 1,
+            f"zero_optimization.zero_hpz_partition_size={hpz} with parallel.shard: hybrid sharding already keeps "
+            f"every gather inside a shard group; remove zero_hpz_partition_size from the DeepSpeed JSON or set "
+            f"parallel.shard=0")
     cfg["zero_allow_untested_optimizer"] = True
     return cfg
 

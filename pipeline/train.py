@@ -46,8 +46,9 @@ def prepare(args):
     dp = check_layout(env.world_size, cfg.parallel.tp, cfg.parallel.shard)
     choice = choose_device(cfg.train.precision)
     ds_base = load_ds_config(cfg.train.ds_config)
-    student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, shard_size(dp, cfg.parallel.shard),
-                      choice.dtype, cfg.train.grad_clip, cfg.train.grad_reduce)
+    shard = shard_size(dp, cfg.parallel.shard)
+    student_ds_config(ds_base, cfg.train.micro_batch_size, cfg.train.grad_accum, shard, choice.dtype,
+                      cfg.train.grad_clip, cfg.train.grad_reduce, dp // shard)
     modality = cfg.make_modality()
     shards = resolve_shards(cfg.data.manifest, modality)
     check_shard_count(len(shards), dp, cfg.data.workers)

@@ -118,7 +118,7 @@ class Trainer:
         self.method = cfg.make_method(self.modality)
         tcfg = cfg.train
         self.ds_student = student_ds_config(ds_base, tcfg.micro_batch_size, tcfg.grad_accum, rt.shard,
-                                            rt.choice.dtype, tcfg.grad_clip, tcfg.grad_reduce)
+                                            rt.choice.dtype, tcfg.grad_clip, tcfg.grad_reduce, rt.replicas)
         self.ds_teacher = teacher_ds_config(self.ds_student, half=self.teacher_autocast())
         self.output = Path(tcfg.output_dir)
         self.ckpt_root = self.output / "checkpoints"

@@ -129,6 +129,8 @@ def test_ds_config_derivation(path: Path):
     assert teacher_ds_config(hpz)["zero_optimization"]["zero_hpz_partition_size"] == 1
     with pytest.raises(ConfigError, match="must divide the data-parallel size 12"):
         student_ds_config(hpz_base, micro=4, accum=2, dp=12, dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="with parallel.shard: hybrid sharding already keeps every gather inside"):
+        student_ds_config(hpz_base, micro=4, accum=2, dp=8, dtype=torch.bfloat16, replicas=4)
 
 
 def test_help_lists_every_section():
