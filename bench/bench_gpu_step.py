@@ -140,7 +140,9 @@ def main(argv=None) -> int:
     rows = []
     for modality in MODALITIES if args.modality == "all" else (args.modality,):
         cmd = [sys.executable, __file__, "--size", args.size, "--modality", modality, "--steps", str(args.steps),
-               "--warmup", str(args.warmup), *(["--profile", str(Path(args.profile).resolve())] if args.profile else [])]
+               "--warmup", str(args.warmup)]
+        if args.profile:
+            cmd += ["--profile", str(Path(args.profile).resolve())]
         proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, "D2V_BENCH_ONE": "1"}, capture_output=True,
                               text=True)
         if proc.returncode:

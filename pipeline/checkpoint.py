@@ -226,8 +226,11 @@ def rank_state(trainer) -> dict:
     student = engine.module
     writes = rt.replica_rank == 0  # hybrid sharding: the other replicas hold the same partitions
     moments, scalars = optimizer_state(engine, trainer.scheduler.optimizer, copy=writes)
-    partitions = {"student": {n: zero3_master_partition(p).detach().cpu().clone() for n, p in student.named_parameters()},
-                  "teacher": trainer.ema.state_dict(), **moments} if writes else {}
+    partitions = {}
+    if writes:
+        partitions = {"student": {n: zero3_master_partition(p).detach().cpu().clone()
+                                  for n, p in student.named_parameters()},
+                      "teacher": trainer.ema.state_dict(), **moments}
     return {"partitions": partitions,
             "moments": list(moments), "optimizer_scalars": scalars,
             "layout": {"student": param_layout(student), "teacher": param_layout(trainer.ema.module)},

@@ -174,8 +174,8 @@ class TrainConfig:
     grad_reduce: str = doc("dtype of the data-parallel gradient reduce-scatter when the student computes in bf16: "
                            "'fp32' (DeepSpeed's communication_data_type: sums over hundreds of ranks keep fp32 "
                            "precision, as Megatron-LM and torchtitan reduce; twice the gradient bytes) or 'compute' "
-                           "(bf16, half the bytes: fairseq's half-precision all-reduce). fp32 runs reduce in fp32. With "
-                           "parallel.shard, also the dtype of the gradient all-reduce over replicas",
+                           "(bf16, half the bytes: fairseq's half-precision all-reduce). fp32 runs reduce in fp32. "
+                           "With parallel.shard, also the dtype of the gradient all-reduce over replicas",
                            "fp32")
     seed: int = doc("seed for initialisation, data order, augmentation and masks", 0)
     precision: str = doc("'auto' (bf16 on GPU, fp32 on CPU), 'bf16' or 'fp32'. The EMA teacher is always fp32", "auto")

@@ -59,7 +59,9 @@ forward not again in the backward), gradients reduce-scattered every micro-batch
 teacher's parameters all-gathered for its forward (1x; in the dtype it computes in: bf16 under the student's
 autocast, fp32 for vision's reference teacher). A local encoder the two share (speech's conv features,
 ``Plan.shared_numel``) the teacher never gathers, and the student gathers twice: on demand for the shared features,
-outside its engine's forward, and again in that forward (``Plan.shared_regathered``). TP all-reduces of (s, b, D) activations: per block
+outside its engine's forward, and again in that forward (``Plan.shared_regathered``). With hybrid sharding
+(``parallel.shard``) these run over the shard group, and the gradient partition is all-reduced over the replicas
+once per step. TP all-reduces of (s, b, D) activations: per block
 2 in the student forward (attention and FFN row-parallel outputs), 4 in its backward (the q, k, v and fc1
 column-parallel input gradients: q, k, v are separate layers; with ``train.activation_checkpointing`` + the 2 of
 the forward it runs again), 2 in the teacher forward; text adds the vocab-parallel embedding (1 each forward).
@@ -359,16 +361,17 @@ def layout_checks(cfg, world: int, tp: int, micro: int, accum: int, global_batch
                 checks.append((False, f"global batch {gb}: {exc}"))
         shard = cfg.parallel.shard
         if shard:
-            ok = dp % shard == 0
-            span = shard * tp  # consecutive global ranks
-            inside = nodes == 1 or (gpus % span == 0)
-            checks.append((ok, (f"parallel.shard={shard}: ZeRO-3 partitions over {shard} data-parallel ranks, "
-                                f"{dp // shard} replicas; " + ("a shard group stays inside a node" if inside else
-                                f"a shard group spans {-(-span // gpus)} nodes (shard x TP = {span} > {gpus} GPUs "
-                                f"per node): its gathers cross nodes; {gpus // tp} keeps them inside one"))
-                           if ok else f"parallel.shard={shard} does not divide DP {dp}: use a divisor of {dp} "
-                                      f"(one node's data-parallel ranks: {gpus // tp if gpus % tp == 0 else '-'}), "
-                                      f"or 0"))
+            from pipeline.distributed import shard_size
+            try:
+                shard_size(dp, shard)
+                span = shard * tp  # consecutive global ranks
+                where = ("a shard group stays inside a node" if nodes == 1 or gpus % span == 0 else
+                         f"a shard group spans {-(-span // gpus)} nodes (shard x TP = {span} > {gpus} GPUs per node): "
+                         f"its gathers cross nodes; {gpus // tp} keeps them inside one")
+                checks.append((True, f"parallel.shard={shard}: ZeRO-3 partitions over {shard} data-parallel ranks, "
+                                     f"{dp // shard} replicas; {where}"))
+            except ConfigError as exc:
+                checks.append((False, str(exc)))
     return checks
 
 
@@ -692,7 +695,8 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
         now, then = p.comm_bytes_per_step()["inter_node"], alt.comm_bytes_per_step()["inter_node"]
         p.notes.append(f"hybrid sharding (parallel.shard={node_ranks} train.grad_reduce=compute: ZeRO-3 inside each "
                        f"node, gradients all-reduced in bf16 across nodes) would send {then / GiB:.3f} GiB per GPU per "
-                       f"step across nodes instead of {now / GiB:.3f} ({then / now:.2f}x), peak {alt.peak / GiB:.1f} GiB")
+                       f"step across nodes instead of {now / GiB:.3f} ({then / now:.2f}x), peak "
+                       f"{alt.peak / GiB:.1f} GiB")
     return p
 
 

@@ -143,7 +143,8 @@ def test_packages_on_the_users_pythonpath_reach_every_launched_process(tmp_path,
     site.mkdir()
     (site / "users_own_package.py").write_text("WHERE = 'user site'\n")
     monkeypatch.setenv("PYTHONPATH", str(site))
-    probe = f"import pipeline, users_own_package, sys; print(sys.path.index({str(ROOT)!r}) < sys.path.index({str(site)!r}))"
+    probe = (f"import pipeline, users_own_package, sys; "
+             f"print(sys.path.index({str(ROOT)!r}) < sys.path.index({str(site)!r}))")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
                           env=source_tree_env(ROOT, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -7,7 +7,8 @@ parallelism only changes the summation order). With --ckpt DIR it also checks ch
 layouts: --save-at K writes a checkpoint into DIR after step K and trains on; --resume resumes from
 the latest checkpoint in DIR (any data-parallel size), writes it again at once under DIR/resaved (so
 the test can compare the two bit for bit) and trains on from the saved step. --shard S: hybrid sharding
-(parallel.shard); a variant with "plain": true runs plain ZeRO-3 over every data-parallel rank in the same launch. --config picks the preset
+(parallel.shard); a variant with "plain": true runs plain ZeRO-3 over every data-parallel rank in the same launch.
+--config picks the preset
 (configs/vision_tiny_v2.yaml: data2vec 2.0, whose M clones per image mask with inverse blocks). --variants JSON
 runs several configurations one after the other in the same processes (imports and process start are most of a
 launch's time): a list of {"config": preset, "overrides": [...]} added to the command line's; OUT then holds one

@@ -21,7 +21,7 @@ def main() -> None:
     rt = init_runtime(1, choice)
     trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), resolve_shards(manifest))
     trainer.batches = iter(make_loader(trainer.shards, trainer.modality, cfg.data, 8, 0, rt.dp_rank, rt.dp))
-    start = [part.clone() for part in trainer.ema.teacher_parts]  # the EMA state (fp32 whatever the teacher computes in)
+    start = [part.clone() for part in trainer.ema.teacher_parts]  # the EMA state (fp32, whatever the teacher runs in)
     losses = [summary_values(trainer.optimizer_step()["summary"])["loss"] for _ in range(30)]
     moved = max((part - s).abs().max().item() for part, s in zip(trainer.ema.teacher_parts, start))
     if rt.rank == 0:
