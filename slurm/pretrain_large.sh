@@ -8,6 +8,8 @@
 # the global batch is train.micro_batch_size x train.grad_accum x data-parallel ranks. Nodes without
 # GPUs run CPU ranks with the same script (sbatch -N1 -n2 --gpus-per-node=0 ... as tests/test_slurm.py).
 # Log: slurm/logs/<job name>-<job id>.out (a requeued job appends to the same file).
+# Many nodes: parallel.shard=8 keeps ZeRO-3 inside each node (one replica per node); with
+# train.grad_reduce=compute it sends half the inter-node bytes (README, SLURM; python -m pipeline.plan shows it).
 #SBATCH --job-name=d2v-vit-large
 #SBATCH --nodes=8
 #SBATCH --ntasks-per-node=8
