@@ -39,14 +39,16 @@ def rank_pids(launcher: int) -> dict[int, int]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' pids through /proc (Linux)")
-@pytest.mark.parametrize("target,sig,after", [(1, signal.SIGTERM, r"step 3/"), (2, signal.SIGUSR2, r"step 3/"),
-                                              (3, signal.SIGTERM, r"layout: ")],  # the last: during start-up
-                         ids=["sigterm-rank1", "sigusr2-rank2", "sigterm-rank3-start-up"])
-def test_a_signal_to_one_rank_of_tp2_x_dp2_stops_every_rank_at_one_step(tiny_shards, tmp_path, target, sig, after):
+@pytest.mark.parametrize("target,sig,after,shard", [(1, signal.SIGTERM, r"step 3/", 0),
+                                                    (2, signal.SIGUSR2, r"step 3/", 1),  # hybrid: 2 replicas
+                                                    (3, signal.SIGTERM, r"layout: ", 0)],  # the last: during start-up
+                         ids=["sigterm-rank1", "sigusr2-rank2-hybrid", "sigterm-rank3-start-up"])
+def test_a_signal_to_one_rank_of_tp2_x_dp2_stops_every_rank_at_one_step(tiny_shards, tmp_path, target, sig, after,
+                                                                        shard):
     out = tmp_path / "run"
     args = ["-m", "pipeline.train", "--config", "configs/vision_tiny.yaml", f"data.manifest={tiny_shards}",
             f"train.output_dir={out}", "parallel.tp=2", "train.steps=100000", "train.save_every=0",
-            "train.log_every=1", "train.micro_batch_size=4", "data.workers=1"]
+            "train.log_every=1", "train.micro_batch_size=4", "data.workers=1", f"parallel.shard={shard}"]
     env = source_tree_env(ROOT, OMP_NUM_THREADS="1")
     log = tmp_path / "log.txt"
     with open(log, "w") as sink, subprocess.Popen(local_launch_command(4, args), cwd=ROOT, env=env, stdout=sink,
@@ -73,5 +75,6 @@ def test_a_signal_to_one_rank_of_tp2_x_dp2_stops_every_rank_at_one_step(tiny_sha
     assert len(steps) == 1 and (steps[0] / "COMPLETE").is_file(), steps
     marker = json.loads((steps[0] / "COMPLETE").read_text())
     assert len(marker["grid"]) == 4  # every rank's file, all at the one agreed step
+    assert marker["shard"] == (shard or 2) and (not shard or "shard=1 replicas=2" in text), text[-2000:]
     status = "requeue" if sig == signal.SIGUSR2 else "preempted"
     assert re.search(rf"{status} at step {int(steps[0].name[5:])};", text), text[-2000:]
