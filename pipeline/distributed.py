@@ -337,12 +337,11 @@ class Runtime:
         return self.rank == 0
 
 
-def check_layout(world_size: int, tp: int, shard: int = 0) -> int:
+def check_layout(world_size: int, tp: int) -> int:
     """Data-parallel size for this world, or a ConfigError saying what to change."""
     if world_size % tp:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tp={tp}: launch a multiple of {tp} "
                           f"ranks or change parallel.tp")
-    shard_size(world_size // tp, shard)
     return world_size // tp
 
 
@@ -384,7 +383,7 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0, shard:
 
     env = launch_env()
     export_rendezvous(env)
-    check_layout(env.world_size, tp, shard)
+    size = shard_size(check_layout(env.world_size, tp), shard)  # checked before any process group starts
     accel = get_accelerator()
     index = device_index(env.local_rank, accel.device_count()) if choice.device_type != "cpu" else 0
     if choice.device_type != "cpu":
@@ -397,7 +396,6 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0, shard:
                                  distributed_timeout_minutes=max(1, round(timeout_s / 60)))
     device = torch.device(accel.device_name(index) if choice.device_type != "cpu" else "cpu")
     dp, dp_rank, dp_group = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(), ps.get_data_parallel_group()
-    size = shard_size(dp, shard)
     shard_group, replica_group = hybrid_groups(size, timeout_s) if size < dp else (dp_group, None)
     return Runtime(rank=env.rank, world_size=env.world_size, local_rank=env.local_rank, tp=tp,
                    tp_rank=ps.get_tensor_model_parallel_rank(), dp=dp, dp_rank=dp_rank, device=device, choice=choice,

@@ -43,7 +43,7 @@ def prepare(args):
 
     cfg = load_experiment(args.config, args.overrides)
     env = launch_env()
-    dp = check_layout(env.world_size, cfg.parallel.tp, cfg.parallel.shard)
+    dp = check_layout(env.world_size, cfg.parallel.tp)
     choice = choose_device(cfg.train.precision)
     ds_base = load_ds_config(cfg.train.ds_config)
     shard = shard_size(dp, cfg.parallel.shard)

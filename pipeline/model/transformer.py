@@ -184,8 +184,9 @@ class Block(nn.Module):
         """-> (output, ffn branch). ``skip`` (layerdrop): return the input. A dropped block is still called, so that
         ZeRO-3 sees the same modules in the same order every step and keeps its prefetch trace; each block is one
         ZeRO-3 leaf module (pipeline.distributed.gathered_whole), fetched once on the way in and once per output on
-        the way back, so a dropped block returns two tensors as a computed one does. ``recompute`` (activation checkpointing) recomputes the
-        block's math from its input in the backward, inside this call, so ZeRO-3 sees no extra block call there."""
+        the way back, so a dropped block returns two tensors as a computed one does. ``recompute`` (activation
+        checkpointing) recomputes the block's math from its input in the backward, inside this call, so ZeRO-3 sees
+        no extra block call there."""
         if skip:
             return x, x
         if self.recompute and torch.is_grad_enabled():
