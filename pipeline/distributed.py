@@ -218,6 +218,11 @@ def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.
             f"zero_optimization.zero_hpz_partition_size={hpz} with parallel.shard: hybrid sharding already keeps "
             f"every gather inside a shard group; remove zero_hpz_partition_size from the DeepSpeed JSON or set "
             f"parallel.shard=0")
+    # DeepSpeed's memory_efficient_linear (on unless a config says otherwise) replaces torch.nn.functional.linear for
+    # the whole process, from the first zero.Init on, with its own autograd function (matmul, then a separate bias
+    # add, and Python in every backward). Our layers need none of it: ZeRO-3's hooks gather a layer's weight for its
+    # backward. Off unless the JSON asks for it.
+    cfg.setdefault("zero_optimization", {}).setdefault("memory_efficient_linear", False)
     cfg["zero_allow_untested_optimizer"] = True
     return cfg
 

@@ -239,7 +239,7 @@ def to_tensor(img: Image.Image, mean: list, std: list) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 class RelativePositionBias(nn.Module):
-    """BEiT's relative position bias shared by all blocks: table ((2H-1)(2W-1)+3, heads) -> (heads, T, T)
+    """BEiT's relative position bias shared by all blocks: table ((2H-1)(2W-1)+3, heads) -> (1, heads, T, T)
     for T = 1 + H*W (the 3 extra entries are cls->token, token->cls and cls->cls). Under tensor
     parallelism the table is split by heads like the attention (this rank's heads only)."""
 
@@ -257,7 +257,9 @@ class RelativePositionBias(nn.Module):
 
     def forward(self) -> torch.Tensor:
         t = self.index.shape[0]
-        return self.table[self.index.reshape(-1)].view(t, t, -1).permute(2, 0, 1).contiguous()  # (heads, T, T)
+        # (1, heads, T, T): 4-D, so that scaled_dot_product_attention can take a fused kernel (a 3-D mask sends
+        # it to the unfused math path on the CPU)
+        return self.table[self.index.reshape(-1)].view(t, t, -1).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
 class PatchEmbedder(nn.Module):

@@ -68,13 +68,33 @@ class InitConv2d(OwnInit, nn.Conv2d):
     """BEiT's patch embedding (``_init_weights`` covers Conv2d)."""
 
 
+class DenseAtTP1:
+    """Mixin for megatron's parallel linears: with one tensor-parallel rank there is nothing to split or reduce, so
+    the layer is ``F.linear`` (one fused matmul + bias, as torch's nn.Linear); megatron's autograd function, which
+    adds the bias in a separate pass, runs only where it communicates (TP > 1: the input gradient's all-reduce,
+    overlapped with the weight gradient's matmul on a GPU). Same parameters, same (output, None) result."""
+
+    def forward(self, x: torch.Tensor):
+        if self.config.tensor_model_parallel_size == 1:
+            return F.linear(x, self.weight, self.bias), None
+        return super().forward(x)
+
+
+class ColumnLinear(DenseAtTP1, ColumnParallelLinear):
+    pass
+
+
+class RowLinear(DenseAtTP1, RowParallelLinear):
+    pass
+
+
 def column(in_dim: int, out_dim: int, mp: ModelParallelConfig, init: Callable, bias: bool = True):
-    return ColumnParallelLinear(in_dim, out_dim, config=mp, init_method=init, bias=bias, gather_output=False)
+    return ColumnLinear(in_dim, out_dim, config=mp, init_method=init, bias=bias, gather_output=False)
 
 
 def row(in_dim: int, out_dim: int, mp: ModelParallelConfig, init: Callable):
-    return RowParallelLinear(in_dim, out_dim, config=mp, init_method=init, bias=True, input_is_parallel=True,
-                             skip_bias_add=False)
+    return RowLinear(in_dim, out_dim, config=mp, init_method=init, bias=True, input_is_parallel=True,
+                     skip_bias_add=False)
 
 
 class DropPath(nn.Module):
