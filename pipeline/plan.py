@@ -15,8 +15,9 @@ Everything else is analytic; the rules (bytes per GPU):
   dtype (bf16: 2 B), optimizer fp32 master + Adam m, v (12 B), teacher fp32 EMA partition (4 B, no head or
   decoder) + the bf16 partition it gathers when it computes under the student's bf16 autocast (2 B;
   ``teacher_bytes``).
-* Persistent parameters (``stage3_param_persistence_threshold`` of the DeepSpeed JSON; 0 for the
-  teacher): the student keeps them gathered in full all the time (compute dtype).
+* Persistent parameters (``stage3_param_persistence_threshold`` of the DeepSpeed JSON; 0 in ours and for the
+  teacher): the student keeps them gathered in full all the time (compute dtype), and DeepSpeed gathers them
+  again after every optimizer step, one all-gather per parameter (a latency cost at many ranks: why ours is 0).
 * Gathered parameters: DeepSpeed 0.19's ``PartitionedParameterCoordinator`` is replayed on the module
   call order (the forward; the backward meets modules in the reverse order of their forward
   completion). Each module fetch all-gathers its parameters and prefetches trace entries until
@@ -744,6 +745,8 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
         "student all-gather, backward": student_sim.gathered_backward * cb * gather,
         "gradient reduce-scatter": p.student_tp_numel * gradient_bytes(cfg, dtype) * gather,
         "teacher all-gather": (teacher_sim.gathered_forward - p.shared_numel) * tb * gather,
+        # persistent parameters: gathered again after every optimizer step, one collective each (per micro-batch)
+        "student all-gather of persistent parameters, after the step": p.persistent_numel * cb * gather / p.accum,
     }
     over_dp = {"statistics all-reduce": statistics_floats(cfg) * 4 * 2 * (dp - 1) / dp}
     # hybrid sharding: the gradient partition all-reduced over the replicas once per optimizer step (as bytes per

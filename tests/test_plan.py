@@ -16,7 +16,7 @@ from pipeline.plan import block_activation_bytes, main, plan, resolve_ds_config
 
 TINY = ROOT / "configs/vision_tiny.yaml"
 # A small prefetch window and live-parameter cap, no persistence: the replay of DeepSpeed's gathering
-# has to get the released / re-gathered parameters right (the default JSON keeps the tiny model whole).
+# has to get the released / re-gathered parameters right.
 WINDOW = {"stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0,
           "stage3_prefetch_bucket_size": 3000, "stage3_max_live_parameters": 20000}
 
@@ -29,8 +29,13 @@ def measure(tmp_path, world: int, tp: int, zero: dict) -> dict:
     return json.loads(report.read_text())
 
 
+# Persistent parameters (off in the shipped JSON): under a 1e5 threshold every tiny-model parameter stays gathered.
+PERSISTENT = {"stage3_param_persistence_threshold": 100000}
+
+
 @pytest.mark.distributed
-@pytest.mark.parametrize("world, tp, zero", [(2, 1, {}), (4, 2, WINDOW)], ids=["world2-tp1", "world4-tp2-window"])
+@pytest.mark.parametrize("world, tp, zero", [(2, 1, PERSISTENT), (4, 2, WINDOW)],
+                         ids=["world2-tp1-persistent", "world4-tp2-window"])
 def test_planned_counts_equal_measured_zero3_state(single_process_group, tmp_path, world, tp, zero):
     """Per rank: student partition, fp32 master, Adam m + v, gradient buffer, teacher partition,
     persistent and still-gathered parameters. Tolerance: none for the per-parameter partitions (ZeRO-3
@@ -65,9 +70,10 @@ def test_planned_counts_equal_measured_zero3_state(single_process_group, tmp_pat
 
 # One torchrun of 4 CPU ranks measures these layouts in turn (tests/dist/comm_bytes.py).
 COMM_RUNS = {
-    # fp32, TP 1 x DP 4, the student gathered whole in the forward and kept to the backward; 2 micro-batches a step
-    "vision-tp1-dp4-fp32-accum2": {"preset": str(TINY), "tp": 1, "accum": 2,
-                                   "zero": {"stage3_param_persistence_threshold": 0}},
+    # fp32, TP 1 x DP 4, the student gathered whole in the forward and kept to the backward; 2 micro-batches a step;
+    # parameters under 1e4 elements persistent: never gathered in a pass, gathered again after each step
+    "vision-tp1-dp4-fp32-accum2-persistent": {"preset": str(TINY), "tp": 1, "accum": 2,
+                                              "zero": {"stage3_param_persistence_threshold": 10000}},
     # bf16 student as on a GPU, TP 2 x DP 2, the window releases and re-gathers in the backward; vision's
     # reference teacher computes in fp32, so its TP all-reduces are fp32
     "vision-tp2-dp2-bf16-window": {"preset": str(TINY), "tp": 2, "precision": "bf16", "zero": WINDOW},
@@ -140,6 +146,8 @@ def test_planned_communication_equals_measured_bytes(single_process_group, measu
         assert p.shared_regathered == p.shared_numel > 0
     if cfg.parallel.shard:
         assert planned["gradient all-reduce over replicas"] > 0
+    if run["zero"].get("stage3_param_persistence_threshold"):
+        assert planned["student all-gather of persistent parameters, after the step"] > 0
 
 
 def test_json_splits_communication_into_inter_and_intra_node(single_process_group, capsys):

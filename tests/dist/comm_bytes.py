@@ -76,6 +76,7 @@ CATEGORIES = {
     (GATHER, "dp", "backward"): "student all-gather, backward",
     (SCATTER, "dp", "backward"): "gradient reduce-scatter",
     (SCATTER, "dp", "step"): "gradient reduce-scatter",
+    (GATHER, "dp", "step"): "student all-gather of persistent parameters, after the step",
     (GATHER, "dp", "teacher forward"): "teacher all-gather",
     (REDUCE, "tp", "student forward"): "TP all-reduce, student forward",
     (REDUCE, "tp", "backward"): "TP all-reduce, student backward",
