@@ -4,12 +4,11 @@
                                                    --seconds 2 --channels 128] [key.sub=value ...]
     python bench/bench_train.py --modality text   [--dim 256 ... --batch 8 --tokens 256 --vocab 8000]
 
-``pipeline.trainer.Trainer`` on one rank (ZeRO-3 engines for student and teacher) fed one synthetic
-batch (16 kHz clips with span masks, or token blocks with BERT masking); each ``optimizer_step()`` is
-the whole data2vec step: teacher forward on the clean input, student forward on the masked input +
-backward, AdamW, EMA update. FLOPs per sample come from ``Trainer.flops_per_sample`` (3x forward for
-the student, 1x for the teacher). The vision benchmark, with its transformers peer, is
-bench/bench_train_vision.py.
+``pipeline.trainer.Trainer`` on one rank (a ZeRO-3 engine for the student, the ZeRO-3 teacher gathered by
+pipeline.gather) fed one synthetic batch (16 kHz clips with span masks, or token blocks with BERT masking); each
+``optimizer_step()`` is the whole data2vec step: teacher forward on the clean input, student forward on the masked
+input + backward, AdamW, EMA update. FLOPs per sample come from ``Trainer.flops_per_sample`` (3x forward for the
+student, 1x for the teacher). The vision benchmark, with its transformers peer, is bench/bench_train_vision.py.
 """
 
 from __future__ import annotations

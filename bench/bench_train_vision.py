@@ -7,10 +7,10 @@ plain-PyTorch peer built on transformers' ``Data2VecVisionModel``.
 Three measurements, all in this one process:
 
 1. matmul peak: best rate of ``torch.matmul`` on two n x n matrices (fp32 on the CPU, bf16 on a GPU).
-2. ours: ``pipeline.trainer.Trainer`` (DeepSpeed ZeRO-3 engines for student and teacher, megatron-core
-   linears, world size 1) fed one synthetic batch over and over; each ``optimizer_step()`` is the
-   whole data2vec step: teacher forward on the clean image, student forward on the masked image and
-   backward, AdamW step (with the DeepSpeed config's gradient clipping) and the EMA update.
+2. ours: ``pipeline.trainer.Trainer`` (a DeepSpeed ZeRO-3 engine for the student, a ZeRO-3 teacher gathered by
+   pipeline.gather, megatron-core linears, world size 1) fed one synthetic batch over and over; each
+   ``optimizer_step()`` is the whole data2vec step: teacher forward on the clean image, student forward on the masked
+   image and backward, AdamW step (with the DeepSpeed config's gradient clipping) and the EMA update.
 3. peer: the same work in plain PyTorch on ``transformers.Data2VecVisionModel`` of the same shape
    (mask token, shared relative position bias, layer scale 0.1, no mean pooling): student forward
    with ``bool_masked_pos`` + Linear(D, D) head + Smooth L1 on masked positions, backward, gradient
@@ -296,7 +296,7 @@ def main(argv=None) -> int:
           f"{peak_before['best_tflops']:.4f} TFLOP/s before, "
           f"{peak_after['best_tflops']:.4f} after (medians {peak_before['median_tflops']:.4f}, "
           f"{peak_after['median_tflops']:.4f})")
-    print(f"ours: Trainer built in {build.seconds:.1f}s (process group, megatron state, 2 ZeRO-3 engines)")
+    print(f"ours: Trainer built in {build.seconds:.1f}s (process group, megatron state, ZeRO-3 student and teacher)")
     from pipeline.metrics import summary_values
     for name, (times, last) in results.items():
         loss = summary_values(last["summary"])["loss"] if isinstance(last, dict) else last

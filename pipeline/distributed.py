@@ -280,9 +280,9 @@ def mark_gathered_whole(model: torch.nn.Module) -> None:
 
 
 def teacher_ds_config(student: dict, half: bool = False) -> dict:
-    """The teacher engine: same ZeRO-3 partitioning, no optimizer and no gradients; fp32, or with ``half`` the
-    student's bf16 (a teacher that computes under the student's autocast gathers bf16 weights, half the bytes;
-    its EMA state stays fp32 in pipeline.ema)."""
+    """The teacher's ZeRO-3 config (for zero.Init only: pipeline.gather runs its forward): same partitioning, no
+    optimizer and no gradients; fp32, or with ``half`` the student's bf16 (a teacher that computes under the
+    student's autocast gathers bf16 weights, half the bytes; its EMA state stays fp32 in pipeline.ema)."""
     cfg = copy.deepcopy(student)
     if not (half and cfg.get("bf16", {}).get("enabled") is True):
         cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}

@@ -24,13 +24,13 @@ Everything else is analytic; the rules (bytes per GPU):
   ``stage3_prefetch_bucket_size`` not yet gathered elements are queued (at most
   ``stage3_max_live_parameters`` gathered in all); after a module ran its parameters are released
   unless persistent, already prefetched for a later use, or used again within
-  ``stage3_max_reuse_distance`` elements of the trace. With ``ds_configs/zero3.json`` (5e7, 1e9, 1e9)
-  the prefetch front runs ahead of the compute, so the student's whole TP-local model (up to 1e9
-  elements) is gathered from the forward to the backward (and not re-gathered in the backward), and
-  the teacher gathers its whole model during its forward. Each encoder block is one ZeRO-3 leaf module (gathered
-  whole; fetched once per output in the backward). tests/test_plan.py checks the replay
-  against DeepSpeed on CPU ranks. The nominal ZeRO-3 working set, 2 x the largest block (one in
-  use, one prefetched), is printed for reference.
+  ``stage3_max_reuse_distance`` elements of the trace. With ``ds_configs/zero3.json`` (5e7, 1e9, 1e9) the prefetch
+  front runs ahead of the compute, so the student's whole TP-local model (up to 1e9 elements) is gathered from the
+  forward to the backward (and not re-gathered in the backward). The teacher is gathered by ``pipeline.gather`` (no
+  DeepSpeed engine): a module when called, an encoder block with the next one prefetched, each released when it
+  returns (``teacher_gathering``). Each encoder block is one ZeRO-3 leaf module (gathered whole; fetched once per
+  output in the backward). tests/test_plan.py checks the replay against DeepSpeed on CPU ranks. The nominal ZeRO-3
+  working set, 2 x the largest block (one in use, one prefetched), is printed for reference.
 * Student activations per micro-batch, stored for backward, no sequence parallelism (with
   ``train.activation_checkpointing``: ``depth x a*s*b*D`` block inputs + one block's activations below, recomputed
   in the backward; without: every block's)
@@ -545,6 +545,27 @@ def simulate_gathering(key, tree, root: int, sizes: list[int], persistent: set[i
     return sim
 
 
+def teacher_gathering(tree, root: int, sizes: list[int]) -> GatherSim:
+    """Replay ``pipeline.gather.GatheredForward`` on the teacher's forward: a module's parameters gathered when it is
+    called and released when it returns, each encoder block gathering the next one while it computes. The peak
+    counts the gathered buffer of the unit being unpacked into its parameters (one unit more, for a moment)."""
+    events = forward_events(tree, root)
+    blocks = [node for kind, node in events if kind == "fetch" and tree[node][3] == "block"]
+    following = dict(zip(blocks, blocks[1:]))
+    numel = lambda node: sum(sizes[k] for k in tree[node][1])  # noqa: E731
+    sim, held = GatherSim(), set()
+    for kind, node in events:
+        if kind == "release":
+            held.discard(node)
+            continue
+        for unit in (node, following.get(node)):
+            if unit is not None and unit not in held:
+                held.add(unit)
+                sim.gathered_forward += numel(unit)
+        sim.peak = max(sim.peak, sum(numel(n) for n in held) + numel(node))
+    return sim
+
+
 def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None = None, *,
          gpu_memory_gb: float = 80.0, dtype: str = "bf16", fused_attention: bool = False,
          overhead_gb: float = 2.0, global_batch: int | None = None, ds: dict | None = None,
@@ -596,8 +617,7 @@ def plan(cfg, world: int, tp: int, micro: int | None = None, accum: int | None =
     student_sim = simulate_gathering(("student", *base, threshold, model_threshold), tree, 0, sizes, persistent,
                                      prefetch, max_live, reuse, backward=True)
     backbone = next(k for k, node in enumerate(tree) if node[0] == "backbone")
-    teacher_sim = simulate_gathering(("teacher", *base), tree, backbone, sizes, set(), prefetch, max_live, reuse,
-                                     backward=False)
+    teacher_sim = teacher_gathering(tree, backbone, sizes)
     p.kept_numel = student_sim.kept_after_forward + p.persistent_numel
     from pipeline.ema import shared_encoder
     from pipeline.model.data2vec import teacher_parameter_name

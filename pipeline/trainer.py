@@ -1,7 +1,8 @@
 """The training loop: student_forward, teacher_targets, regression_loss, ema update, log, checkpoint.
 
 The trainer wraps plain modules with DeepSpeed from the outside: the student is a ZeRO-3 engine with
-an optimizer, the teacher a ZeRO-3 engine without one whose fp32 partitions are the EMA state.
+an optimizer; the teacher is partitioned by ZeRO-3 too (its fp32 partitions, or an fp32 copy of its bf16 ones, are
+the EMA state) and gathered for its forward by pipeline.gather, without an engine.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
 from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_mean, all_reduce_sum, build_sharded,
                                   mark_gathered_whole, model_parallel_config, student_ds_config, teacher_ds_config)
 from pipeline.ema import ShardedEMA, shared_encoder, tau_at
+from pipeline.gather import GatheredForward
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.metrics import MetricsLogger, step_summary, summary_values
 from pipeline.model.data2vec import Backbone, teacher_parameter_name
@@ -143,16 +145,15 @@ class Trainer:
         student.backbone.encoder.recompute = cfg.train.activation_checkpointing
         teacher = build_sharded(lambda: Backbone(self.modality, cfg.encoder, mp), self.ds_teacher, rt)
         teacher.requires_grad_(False)
-        for model in (student, teacher):
-            mark_gathered_whole(model)
+        mark_gathered_whole(student)
         t = cfg.train
         groups = param_groups(student, t.weight_decay, decay_rule(cfg))
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=student, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_student, mpu=rt.mpu)
-        self.teacher, *_ = deepspeed.initialize(model=teacher, config=self.ds_teacher, mpu=rt.mpu)
-        self.teacher.eval()  # no dropout / drop-path in the teacher
+        # the teacher's forward gathers its partitions without a DeepSpeed engine (it never trains: pipeline.gather)
+        self.teacher = GatheredForward(teacher, rt.shard_group, rt.shard).eval()  # no dropout / drop-path
         student_params = {teacher_parameter_name(n): p for n, p in student.named_parameters()}
         self.ema = ShardedEMA(teacher, student_params, cfg.ema)
         self.ema.copy_student()

@@ -158,6 +158,39 @@ def test_bf16_teacher_keeps_an_fp32_ema_and_gathers_its_rounding():
     assert all(torch.equal(a, state[n]) for n, a in zip(resumed.names, resumed.teacher_parts))
 
 
+def test_teacher_forward_gathers_each_unit_then_releases_it(single_process_group, monkeypatch):
+    """pipeline.gather on one rank (the multi-rank gathers: tests/test_distributed.py's equivalence with plain PyTorch
+    and tests/test_plan.py's measured bytes): a ZeRO-3 teacher computes what the same weights compute densely, holds
+    no gathered parameter afterwards, and computes with its partitions as they are now (the EMA writes them)."""
+    import deepspeed
+    from pipeline.distributed import model_parallel_config, skip_shm_comm_build
+    from pipeline.experiment import load_experiment
+    from pipeline.gather import GatheredForward
+    from pipeline.model.data2vec import Backbone
+    from conftest import ROOT
+    cfg = load_experiment(ROOT / "configs/vision_tiny.yaml")
+    mp = model_parallel_config(1)
+    dense = Backbone(cfg.make_modality(), cfg.encoder, mp).eval()
+    zero = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "memory_efficient_linear": False}}
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    skip_shm_comm_build()
+    with deepspeed.zero.Init(config_dict_or_path=zero):
+        sharded = Backbone(cfg.make_modality(), cfg.encoder, mp)
+    teacher = GatheredForward(sharded, None, 1).eval()
+    assert len(teacher.next_block) == cfg.encoder.depth - 1
+    image = {"image": torch.randn(2, cfg.model.in_chans, cfg.model.image_size, cfg.model.image_size)}
+    with torch.no_grad():
+        for part, weight in zip(sharded.parameters(), dense.parameters()):
+            part.ds_tensor.copy_(weight.reshape(-1))
+        for _ in range(2):
+            for got, want in zip(teacher(image, keep=3), dense(image, keep=3)):
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert all(p.numel() == 0 for p in sharded.parameters()) and not teacher.pending
+            for part, weight in zip(sharded.parameters(), dense.parameters()):  # as the EMA update does
+                part.ds_tensor.mul_(0.5)
+                weight.mul_(0.5)
+
+
 @pytest.mark.parametrize("numel", [1, 3, 7, 1001])
 @pytest.mark.parametrize("saved_dp", [1, 3, 4])
 def test_partitions_carry_over_to_any_data_parallel_size(tmp_path, numel, saved_dp):

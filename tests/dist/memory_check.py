@@ -2,14 +2,13 @@
 
 usage: memory_check.py REPORT.json PRESET TP [ZERO_OVERRIDES_JSON]
 
-Builds ``pipeline.trainer.Trainer`` (student ZeRO-3 engine with the torch AdamW client optimizer, fp32
-teacher engine, ShardedEMA) on synthetic batches (no shards), runs two optimizer steps (the first
-records DeepSpeed's module trace, the second uses it) and writes, per rank, the element counts the
-planner predicts: student ``ds_tensor`` partitions, the optimizer's fp32 master partitions
-(``safe_get_local_fp32_param`` per parameter, and the flat sub-groups), the Adam ``exp_avg`` /
-``exp_avg_sq`` state, the gradient partition buffer, the teacher ``ds_tensor`` partitions, the
-persistent parameters, and the student parameters still gathered (available or in flight) when the
-second forward ends.
+Builds ``pipeline.trainer.Trainer`` (student ZeRO-3 engine with the torch AdamW client optimizer, fp32 ZeRO-3 teacher
+gathered by pipeline.gather, ShardedEMA) on synthetic batches (no shards), runs two optimizer steps (the first records
+DeepSpeed's module trace, the second uses it) and writes, per rank, the element counts the planner predicts: student
+``ds_tensor`` partitions, the optimizer's fp32 master partitions (``safe_get_local_fp32_param`` per parameter, and the
+flat sub-groups), the Adam ``exp_avg`` / ``exp_avg_sq`` state, the gradient partition buffer, the teacher
+``ds_tensor`` partitions, the persistent parameters, and the student parameters still gathered (available or in
+flight) when the second forward ends.
 ZERO_OVERRIDES_JSON (optional) is merged into the DeepSpeed JSON's ``zero_optimization`` section.
 """
 
