@@ -51,6 +51,9 @@ def export_rendezvous(env: LaunchEnv) -> None:
     os.environ.setdefault("RANK", str(env.rank))
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
     os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    # DeepSpeed's CPU accelerator counts its "devices" from LOCAL_SIZE (its own launcher sets it); without it, it
+    # runs `numactl --hardware` in a subprocess each time, and ZeRO-3 asks once per backward
+    os.environ.setdefault("LOCAL_SIZE", str(env.local_world_size))
     if "MASTER_ADDR" not in os.environ:
         os.environ["MASTER_ADDR"] = slurm_master_addr() or "127.0.0.1"
     if "MASTER_PORT" not in os.environ:

@@ -4,7 +4,8 @@
   through tests/machine.py, whatever this machine's CPU is;
 - no C++ compiler (DeepSpeed would JIT-compile its shared-memory comm op), an ASCII-only locale, a
   hostname that does not resolve: all at once, through the real entry point;
-- a small /dev/shm (containers): refused before any process group starts.
+- a small /dev/shm (containers): refused before any process group starts;
+- numactl installed (DeepSpeed's CPU accelerator would run it once per backward): never run, through the entry point.
 """
 
 from __future__ import annotations
@@ -42,9 +43,17 @@ def test_dtypes_come_from_the_deepspeed_config_on_either_cpu(tmp_path):
 
 
 def bare_machine_env(tmp_path) -> dict:
-    """No compiler DeepSpeed could use, an empty extension cache, ASCII locale, no oneDNN fp16."""
+    """No compiler DeepSpeed could use, an empty extension cache, ASCII locale, no oneDNN fp16; and numactl installed
+    (a server's): a stand-in on PATH that notes every run in numactl.log."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    numactl = bin_dir / "numactl"
+    numactl.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'numactl.log'}\n"
+                       "printf 'available: 1 nodes (0)\\nnode 0 cpus: 0 1\\n'\n")
+    numactl.chmod(0o755)
     return {**ASCII_LOCALE, "CC": "/nonexistent/cc", "CXX": "/nonexistent/c++",
-            "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"), "D2V_MACHINE_CPU_FP16": "0"}
+            "TORCH_EXTENSIONS_DIR": str(tmp_path / "torch_extensions"), "D2V_MACHINE_CPU_FP16": "0",
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
 def unresolvable_hostname() -> tuple[str, ...]:
@@ -60,7 +69,8 @@ def unresolvable_hostname() -> tuple[str, ...]:
 @pytest.mark.distributed
 def test_entry_point_on_a_bare_machine(tiny_shards, tmp_path):
     """The main job's entry point on 2 ranks: no oneDNN fp16, no C++ compiler, ASCII locale, a hostname
-    that does not resolve (where a UTS namespace can be made), and a run directory with a non-ASCII name."""
+    that does not resolve (where a UTS namespace can be made), a run directory with a non-ASCII name, and numactl
+    installed, which DeepSpeed's CPU accelerator would run once per backward without LOCAL_SIZE."""
     out = tmp_path / "run_é"
     args = [str(ROOT / "tests/machine.py"), "-m", "pipeline.train", "--config", "configs/vision_tiny.yaml",
             f"data.manifest={tiny_shards}", f"train.output_dir={out}", "train.steps=2", "train.log_every=1",
@@ -71,6 +81,7 @@ def test_entry_point_on_a_bare_machine(tiny_shards, tmp_path):
     assert proc.returncode == 0, log[-4000:]
     assert "dtype=float32" in log and "done at step 2" in log
     assert "built successfully" not in log  # DeepSpeed's shm comm op was not compiled
+    assert not (tmp_path / "numactl.log").exists()  # no subprocess per step
     assert not (tmp_path / "torch_extensions").exists() or not any((tmp_path / "torch_extensions").iterdir())
     os_out = os.fsencode(str(out))  # the checkpoint landed under the non-ASCII directory name
     assert os.path.isdir(os.path.join(os_out, b"checkpoints", b"step_00000002"))
