@@ -19,8 +19,8 @@ from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
 from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_mean, all_reduce_sum, build_sharded,
                                   mark_gathered_whole, model_parallel_config, student_ds_config, teacher_ds_config)
 from pipeline.ema import ShardedEMA, shared_encoder, tau_at
-from pipeline.gather import GatheredForward
 from pipeline.experiment import ExperimentConfig, experiment_dict
+from pipeline.gather import GatheredForward
 from pipeline.metrics import MetricsLogger, step_summary, summary_values
 from pipeline.model.data2vec import Backbone, teacher_parameter_name
 from pipeline.model.transformer import layerdrop_choice
