@@ -158,16 +158,13 @@ def test_bf16_teacher_keeps_an_fp32_ema_and_gathers_its_rounding():
     assert all(torch.equal(a, state[n]) for n, a in zip(resumed.names, resumed.teacher_parts))
 
 
-def test_teacher_forward_gathers_each_unit_then_releases_it(single_process_group, monkeypatch):
-    """pipeline.gather on one rank (the multi-rank gathers: tests/test_distributed.py's equivalence with plain PyTorch
-    and tests/test_plan.py's measured bytes): a ZeRO-3 teacher computes what the same weights compute densely, holds
-    no gathered parameter afterwards, and computes with its partitions as they are now (the EMA writes them)."""
+def sharded_vision_teacher(monkeypatch):
+    """(dense Backbone of vision_tiny, the same module built under zero.Init on one rank, an image batch)."""
     import deepspeed
+    from conftest import ROOT
     from pipeline.distributed import model_parallel_config, skip_shm_comm_build
     from pipeline.experiment import load_experiment
-    from pipeline.gather import GatheredForward
     from pipeline.model.data2vec import Backbone
-    from conftest import ROOT
     cfg = load_experiment(ROOT / "configs/vision_tiny.yaml")
     mp = model_parallel_config(1)
     dense = Backbone(cfg.make_modality(), cfg.encoder, mp).eval()
@@ -176,9 +173,19 @@ def test_teacher_forward_gathers_each_unit_then_releases_it(single_process_group
     skip_shm_comm_build()
     with deepspeed.zero.Init(config_dict_or_path=zero):
         sharded = Backbone(cfg.make_modality(), cfg.encoder, mp)
-    teacher = GatheredForward(sharded, None, 1).eval()
-    assert len(teacher.next_block) == cfg.encoder.depth - 1
     image = {"image": torch.randn(2, cfg.model.in_chans, cfg.model.image_size, cfg.model.image_size)}
+    return dense, sharded, image
+
+
+def test_teacher_forward_gathers_each_unit_then_releases_it(single_process_group, monkeypatch):
+    """pipeline.gather on one rank (the multi-rank gathers: the next test, tests/test_distributed.py's equivalence
+    with plain PyTorch and tests/test_plan.py's measured bytes): a ZeRO-3 teacher computes what the same weights
+    compute densely, holds no gathered parameter afterwards, and computes with its partitions as they are now (the
+    EMA writes them)."""
+    from pipeline.gather import GatheredForward
+    dense, sharded, image = sharded_vision_teacher(monkeypatch)
+    teacher = GatheredForward(sharded, None, 1).eval()
+    assert len(teacher.next_block) == len(dense.encoder.blocks) - 1
     with torch.no_grad():
         for part, weight in zip(sharded.parameters(), dense.parameters()):
             part.ds_tensor.copy_(weight.reshape(-1))
@@ -189,6 +196,46 @@ def test_teacher_forward_gathers_each_unit_then_releases_it(single_process_group
             for part, weight in zip(sharded.parameters(), dense.parameters()):  # as the EMA update does
                 part.ds_tensor.mul_(0.5)
                 weight.mul_(0.5)
+
+
+def test_teacher_prefetches_the_next_block_and_unpacks_every_ranks_partitions(single_process_group, monkeypatch):
+    """pipeline.gather's collective path, in one process: this rank holds the first half of every parameter (padded
+    as ZeRO-3 pads it), a stand-in for all_gather_into_tensor appends the other rank's halves as rank 1's row and
+    logs the call. The unpacked weights compute what the dense ones do, and each block's collective is issued
+    before the block before it computes (its prefetch), never after."""
+    import pipeline.gather as gather
+    dense, sharded, image = sharded_vision_teacher(monkeypatch)
+    other = {}  # partition of "rank 1", by parameter
+    for p, w in zip(sharded.parameters(), dense.parameters()):
+        half = -(-w.numel() // 2)
+        padded = torch.cat([w.detach().reshape(-1), w.new_zeros(2 * half - w.numel())])
+        p.ds_tensor, other[p] = padded[:half].clone(), padded[half:].clone()
+    teacher = gather.GatheredForward(sharded, None, 2).eval()
+    names = {m: name for name, m in sharded.named_modules()}
+    events = []
+
+    class Done:
+        def wait(self):
+            pass
+
+    def all_gather_into_tensor(out, send, group=None, async_op=False):
+        unit = next(m for m, u in teacher.units.items()
+                    if torch.equal(send, torch.cat([p.ds_tensor for p in u.params])))
+        out.copy_(torch.cat([send, *[other[p] for p in teacher.units[unit].params]]))
+        events.append(("gather", names[unit]))
+        return Done()
+
+    monkeypatch.setattr(gather.dist, "all_gather_into_tensor", all_gather_into_tensor)
+    for block in sharded.encoder.blocks:  # after the gather hooks: runs when the block is about to compute
+        block.register_forward_pre_hook(lambda m, _a: events.append(("compute", names[m])))
+    with torch.no_grad():
+        for got, want in zip(teacher(image, keep=3), dense(image, keep=3)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    blocks = [names[b] for b in sharded.encoder.blocks]
+    assert [e for e in events if e[0] == "gather"].count(("gather", blocks[-1])) == 1  # each unit gathered once
+    for earlier, later in zip(blocks, blocks[1:]):
+        assert events.index(("gather", later)) < events.index(("compute", earlier))
+    assert all(p.numel() == 0 for p in sharded.parameters()) and not teacher.pending
 
 
 @pytest.mark.parametrize("numel", [1, 3, 7, 1001])
