@@ -291,10 +291,9 @@ def teacher_ds_config(student: dict, half: bool = False) -> dict:
         cfg["bf16"], cfg["fp16"] = {"enabled": False}, {"enabled": False}
     cfg.pop("gradient_clipping", None)
     cfg.pop("communication_data_type", None)  # no gradients
-    # Every teacher parameter must live only as a partition: a "persistent" (always gathered) parameter
-    # would keep a full copy that the shard-local EMA update never touches. ZeRO++'s hierarchical partition
-    # (zero_hpz_partition_size) is such a copy too: DeepSpeed refreshes it only in an optimizer step, which the
-    # teacher never takes, so its gathers would read stale weights.
+    # The teacher lives only as its partitions (ds_tensor: the EMA writes them, pipeline.gather reads them): no
+    # persistent parameters and no ZeRO++ hierarchical copy (zero_hpz_partition_size), a second partition that
+    # zero.Init would allocate and only an optimizer step, which the teacher never takes, would refresh.
     zero = cfg.setdefault("zero_optimization", {})
     zero["stage3_param_persistence_threshold"] = 0
     zero["stage3_model_persistence_threshold"] = 0
