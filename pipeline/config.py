@@ -104,9 +104,15 @@ class ParallelConfig:
                      "all-reduce their gradient partitions before each optimizer step (hybrid sharding: parameter "
                      "gathers stay inside a node, only that all-reduce crosses nodes, in train.grad_reduce's dtype)",
                      0)
+    timeout_s: int = doc("seconds a collective waits for a peer before the rank fails and the launcher ends the job "
+                         "(the process groups' timeout, NCCL's watchdog): above the longest time one rank works while "
+                         "its peers wait (a checkpoint write, an evaluation), low enough that a hung node ends the job "
+                         "soon", 600)
 
     def __post_init__(self):
         require(self.tp >= 1, f"parallel.tp={self.tp} must be >= 1")
+        require(self.timeout_s >= 60, f"parallel.timeout_s={self.timeout_s} must be >= 60 (seconds): start-up and "
+                                      f"checkpoint writes hold peers in collectives for longer than that")
         require(self.shard >= 0, f"parallel.shard={self.shard} must be >= 0 (0: shard over every data-parallel rank)")
 
 
@@ -198,6 +204,11 @@ class TrainConfig:
     resume_damaged: str = doc("a checkpoint whose files fail their CRC-32 (or cannot be read) on resume: 'error' "
                               "(stop, naming the file) or 'previous' (set it aside as damaged_step_N, warn, and "
                               "resume from the newest older complete checkpoint)", "error")
+    check_consistency_every: int = doc("steps between checks that what must be equal across ranks is (hybrid "
+                                       "sharding's replicas: student and teacher partitions; tensor-parallel peers: "
+                                       "the parameters they both hold), also once at the start; a difference stops "
+                                       "the run without a checkpoint, naming the parameter and ranks. Nothing to "
+                                       "check (and no cost) at parallel.tp=1 without parallel.shard. 0: off", 100)
 
     def __post_init__(self):
         require(self.steps >= 1, "train.steps must be >= 1")
@@ -229,6 +240,7 @@ class TrainConfig:
         require(self.save_every >= 0, "train.save_every must be >= 0")
         require(self.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0")
         require(0 <= self.stop_after, "train.stop_after must be >= 0")
+        require(self.check_consistency_every >= 0, "train.check_consistency_every must be >= 0 (0: off)")
 
 
 # ---------------------------------------------------------------------------------------------

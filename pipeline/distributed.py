@@ -71,8 +71,56 @@ def slurm_master_addr() -> str | None:
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True)
         return out.stdout.split()[0]
-    except (OSError, subprocess.CalledProcessError, IndexError):
-        return nodes.split(",")[0].split("[")[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):  # no scontrol here: read SLURM's syntax ourselves
+        return expand_nodelist(nodes)[0]
+
+
+def expand_nodelist(nodes: str) -> list[str]:
+    """The hosts of a SLURM node list, in order, as ``scontrol show hostnames`` prints them: ``gpu[001-003,7]`` ->
+    gpu001 gpu002 gpu003 gpu7 (zero padding kept); several bracket groups in a name multiply out
+    (``r[1-2]-n[1-2]`` -> r1-n1 r1-n2 r2-n1 r2-n2); names are separated by commas outside brackets."""
+    hosts = []
+    for name in split_outside_brackets(nodes):
+        expanded = [""]
+        for literal, ranges in bracket_parts(name):
+            expanded = [head + literal + tail for head in expanded for tail in ranges]
+        hosts.extend(expanded)
+    require(bool(hosts), f"the SLURM node list {nodes!r} names no host")
+    return hosts
+
+
+def split_outside_brackets(text: str) -> list[str]:
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(text + ","):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            names.append(text[start:i].strip())
+            start = i + 1
+    require(depth == 0, f"unbalanced brackets in the SLURM node list {text!r}")
+    return [n for n in names if n]
+
+
+def bracket_parts(name: str) -> list[tuple[str, list[str]]]:
+    """``gpu[1-2]x`` -> [("gpu", ["1", "2"]), ("x", [""])]: each literal with the values of the bracket after it."""
+    parts = []
+    while name:
+        head, bracket, rest = name.partition("[")
+        if not bracket:
+            parts.append((head, [""]))
+            break
+        inside, closed, name = rest.partition("]")
+        require(bool(closed), f"unbalanced '[' in the SLURM node name {head}[{rest}")
+        parts.append((head, [value for item in inside.split(",") for value in bracket_range(item)]))
+    return parts
+
+
+def bracket_range(item: str) -> list[str]:
+    """``001-003`` -> 001 002 003 (the width of the first bound kept); ``7`` -> 7."""
+    lo, dash, hi = item.strip().partition("-")
+    if not dash:
+        return [lo]
+    require(lo.isdigit() and hi.isdigit() and int(lo) <= int(hi), f"bad range {item!r} in a SLURM node list")
+    return [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
 
 
 def local_launch_command(nproc: int, args: list[str]) -> list[str]:
@@ -221,6 +269,12 @@ def student_ds_config(base: dict, micro: int, accum: int, dp: int, dtype: torch.
             f"zero_optimization.zero_hpz_partition_size={hpz} with parallel.shard: hybrid sharding already keeps "
             f"every gather inside a shard group; remove zero_hpz_partition_size from the DeepSpeed JSON or set "
             f"parallel.shard=0")
+    offload = (cfg.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none")
+    require(offload in (None, "none") or replicas == 1,
+            f"zero_optimization.offload_optimizer (device {offload}) with parallel.shard: DeepSpeed copies each "
+            f"gradient partition into host memory during the backward, before the all-reduce over the replicas, "
+            f"which would then average device buffers no longer read (NCCL refuses host tensors): remove "
+            f"offload_optimizer from the DeepSpeed JSON or set parallel.shard=0")
     # DeepSpeed's memory_efficient_linear (on unless a config says otherwise) replaces torch.nn.functional.linear for
     # the whole process, from the first zero.Init on, with its own autograd function (matmul, then a separate bias
     # add, and Python in every backward). Our layers need none of it: ZeRO-3's hooks gather a layer's weight for its
@@ -298,6 +352,9 @@ def teacher_ds_config(student: dict, half: bool = False) -> dict:
     zero["stage3_param_persistence_threshold"] = 0
     zero["stage3_model_persistence_threshold"] = 0
     zero["zero_hpz_partition_size"] = 1
+    # and on the device, whatever offload_param does for the student: pipeline.gather all-gathers them itself
+    # (NCCL takes device tensors only); the planner counts them on the device
+    zero.pop("offload_param", None)
     return cfg
 
 
@@ -379,6 +436,19 @@ def device_index(local_rank: int, visible_devices: int) -> int:
     return local_rank % max(visible_devices, 1)
 
 
+def bind_device(local_rank: int, choice: DeviceChoice, accel) -> int:
+    """Make this rank's device current, and name it in LOCAL_RANK, where DeepSpeed reads its device
+    (init_process_group's device_id, zero.Init's local device, the engine's set_device). With one visible device per
+    task (srun --gpus-per-task=1, --gpu-bind=single, a per-process CUDA_VISIBLE_DEVICES) the device is 0 whatever the
+    local rank, and a LOCAL_RANK left at SLURM_LOCALID would name a device that does not exist. -> the index."""
+    if choice.device_type == "cpu":
+        return 0
+    index = device_index(local_rank, accel.device_count())
+    accel.set_device(index)
+    os.environ["LOCAL_RANK"] = str(index)
+    return index
+
+
 def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0, shard: int = 0) -> Runtime:
     """Start the process group, megatron-core parallel state and the device; returns the layout (``shard``:
     parallel.shard, hybrid sharding's groups)."""
@@ -392,9 +462,7 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0, shard:
     export_rendezvous(env)
     size = shard_size(check_layout(env.world_size, tp), shard)  # checked before any process group starts
     accel = get_accelerator()
-    index = device_index(env.local_rank, accel.device_count()) if choice.device_type != "cpu" else 0
-    if choice.device_type != "cpu":
-        accel.set_device(index)
+    index = bind_device(env.local_rank, choice, accel)
     skip_shm_comm_build()
     deepspeed.init_distributed(dist_backend=choice.backend, timeout=datetime.timedelta(seconds=timeout_s))
     # megatron's groups: the world group's timeout, and none of the gloo side groups it would otherwise create
@@ -483,9 +551,10 @@ class MegatronMPU:
 
 
 def model_parallel_config(tp: int):
-    """megatron-core layer config. Weights are always initialised on the CPU from the default RNG
-    (one device-agnostic path: megatron's GPU init needs its CUDA RNG tracker) and then placed by
-    ZeRO-3; the dtype of the parameters is set by DeepSpeed."""
+    """megatron-core layer config. Weights are initialised from the default RNG (use_cpu_initialization: one
+    device-agnostic path; megatron's GPU init needs its CUDA RNG tracker): on a CPU, on the CPU; under ZeRO-3 on a
+    GPU, DeepSpeed's tensor-creation wrappers create them on the device, so the device's RNG draws them. ZeRO-3
+    then partitions them, in the dtype its config sets."""
     from megatron.core import parallel_state as ps
     from megatron.core.model_parallel_config import ModelParallelConfig
     # megatron's parallel layers take the TP size from parallel_state, our head/table splits from this
@@ -564,14 +633,17 @@ class LaggedRead:
         return tag, host.tolist()
 
 
-def agree_any(flags: torch.Tensor, rt: "Runtime") -> torch.Tensor:
-    """Flags already summed over this rank's data-parallel group, made world-wide: the MAX over its
-    tensor-parallel group. With TP >= 2 there is one data-parallel group per TP rank, and a signal can reach
-    one TP peer before the other's read; a stop decided per group would save at different steps and hang."""
+def agree_over_tp(stats: torch.Tensor, rt: "Runtime") -> torch.Tensor:
+    """A step's statistics, already summed over this rank's data-parallel group, made the same on every rank: their
+    mean over its tensor-parallel group. With TP >= 2 each TP rank sums over its own data-parallel group, so the
+    sums can differ in the last bits, and flags (a stop signal read by one TP peer before the other) can differ
+    outright; a decision taken per rank (stop and save, collapse.action=skip) would then split the job and hang it.
+    Flags become the share of peers that raised them: > 0 when any did."""
     if rt.tp > 1 and dist.is_available() and dist.is_initialized():
-        flags = flags.clone()
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=rt.tp_group)
-    return flags
+        stats = stats.clone()
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=rt.tp_group)
+        stats.div_(rt.tp)
+    return stats
 
 
 def shutdown() -> None:

@@ -85,7 +85,7 @@ def load_backbone(source: str | Path, weights: str = "student", random_init: boo
 def pooled(model, cfg, inputs: dict[str, torch.Tensor], layers: bool = False) -> torch.Tensor:
     """(1, D) mean-pooled final output, or (1, L + 1, D) with every block's pooled output first."""
     final, taps = model.encode(inputs, None) if layers else (model.encode(inputs, None, keep=0)[0], [])
-    keep = torch.ones(final.shape[:2])
+    keep = final.new_ones(final.shape[:2], dtype=torch.float32)  # on the features' device (a GPU's in training)
     if cfg.modality == "text":
         keep = inputs["tokens"].ne(cfg.model.pad_id).float()
     weights = (keep / keep.sum(1, keepdim=True)).unsqueeze(-1)

@@ -8,7 +8,8 @@ final layer mean-pooled), and the run logs ``eval/knn_top1`` (and ``eval/linear_
 At scale the work is split: each data-parallel rank embeds every dp-th example (tensor-parallel peers embed
 the same ones, as they must), the training features are all-gathered, each rank scores the kNN votes of its
 own evaluation examples and one all-reduce sums the hits. Every rank runs the same number of forward passes,
-as ZeRO-3's parameter gathers require. The linear probe (cross-validated L-BFGS) is fitted on rank 0 alone.
+as ZeRO-3's parameter gathers require. The linear probe (cross-validated L-BFGS) splits its cross-validation fits
+over the data-parallel ranks and makes its final fit on each.
 
 Evaluation draws no random numbers and changes no state (the RNGs are forked around it), so a resumed run
 stays bit-identical to an uninterrupted one.
@@ -36,7 +37,7 @@ class EvalConfig:
                       "(CLASS/file) or text .jsonl files (see python -m pipeline.evaluate --help)", [])
     eval: list = doc("labelled inputs the probes are scored on (same kinds as eval.train)", [])
     probe: str = doc("'knn' (DINO's kNN, k=20, T=0.07, split over the data-parallel ranks) or 'both' (and the "
-                     "cross-validated linear probe, fitted on rank 0)", "knn")
+                     "cross-validated linear probe, its fits split over the data-parallel ranks)", "knn")
     weights: str = doc("the features of the 'student' (what pipeline.export writes first and fine-tuning starts "
                        "from) or of the EMA 'teacher'", "student")
     batch_size: int = doc("examples per forward pass (speech clips of different lengths go one by one)", 32)
@@ -156,10 +157,21 @@ class FeatureMonitor:
         result = {"eval/knn_top1": (counts[0] / counts[1]).item()}
         if self.cfg.eval.probe == "both":
             eval_x, eval_y = all_gather_rows(feats["eval"], group), all_gather_rows(labels["eval"], group)
-            if self.rt.is_main:
-                result["eval/linear_top1"] = linear_top1(train_x.cpu(), train_y.cpu(), eval_x.cpu(), eval_y.cpu())["top1"]
+            result["eval/linear_top1"] = self.linear_probe(train_x.cpu(), train_y.cpu(), eval_x.cpu(), eval_y.cpu())
         result["eval/seconds"] = time.perf_counter() - start
         return result
+
+    def linear_probe(self, train_x, train_y, eval_x, eval_y) -> float:
+        """The cross-validated linear probe's top-1, its cross-validation fits split over the data-parallel ranks (one
+        sum of their counts), its final fit on every rank alike: no rank works alone while its peers wait in a
+        collective, however large the eval set (their wait would count against parallel.timeout_s)."""
+        from pipeline.distributed import all_reduce_sum
+        from pipeline.probes import best_l2, cv_correct, linear_top1
+        classes = len(self.classes)
+        correct = cv_correct(train_x, train_y, classes, share=(self.rt.dp_rank, self.rt.dp))
+        if correct is not None:  # the folds come from the labels, the same on every rank
+            correct = all_reduce_sum(correct.to(self.rt.device), self.rt.dp_group).cpu()
+        return linear_top1(train_x, train_y, eval_x, eval_y, l2=best_l2(correct))["top1"]
 
 
 def stack_batches(inputs: list[dict[str, torch.Tensor]], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

@@ -68,7 +68,7 @@ column-parallel input gradients: q, k, v are separate layers; with ``train.activ
 the forward it runs again), 2 in the teacher forward; text adds the vocab-parallel embedding (1 each forward).
 The student's are in the compute dtype, the teacher's in the dtype it computes in (``teacher_bytes``).
 Each micro-step all-reduces its fp32 statistics over DP (loss, moments, per-position statistics:
-``statistics_floats``) and two stop / requeue flags over TP. The EMA update: 0 bytes (shard-local). Not
+``statistics_floats``), and the same sums again over TP (agreed there). The EMA update: 0 bytes (shard-local). Not
 counted: DeepSpeed's gradient-norm scalars (tens of bytes per step) and its one-off trace check (broadcasts,
 second step). tests/test_plan.py checks every category against the bytes measured on CPU ranks
 (tests/dist/comm_bytes.py, fp32 and bf16, TP 1 and 2). Not modelled: the gathers of activation checkpointing's
@@ -778,7 +778,7 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
         "TP all-reduce, student forward": (2 * enc.depth * student_sbd + embed * sbd) * cb * reduce,
         "TP all-reduce, student backward": (4 + recompute) * enc.depth * student_sbd * cb * reduce,
         "TP all-reduce, teacher forward": (2 * enc.depth + embed) * tb * sbd * reduce,
-        "statistics all-reduce": 2 * 4 * reduce,  # the stop / requeue flags agreed over TP (agree_any)
+        "statistics all-reduce": statistics_floats(cfg) * 4 * reduce,  # agreed over TP (agree_over_tp)
         "EMA update": 0,
     }
     groups = [(over_shard, shard_inter_node_share(p)), (over_dp, ring_inter_node_share(dp, p.nodes)),

@@ -33,8 +33,12 @@ def standardise(train_x: torch.Tensor, *others: torch.Tensor) -> list[torch.Tens
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, steps: int = 200) -> torch.nn.Linear:
-    """Multinomial logistic regression with an L2 penalty on the weights, fitted by L-BFGS."""
-    layer = torch.nn.Linear(x.shape[1], classes)
+    """Multinomial logistic regression with an L2 penalty on the weights, fitted by L-BFGS from zero weights (a
+    convex problem: no random start, so the fit draws nothing from the RNG and is the same in every process)."""
+    layer = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], classes)  # no default init: no RNG draw
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
     opt = torch.optim.LBFGS(layer.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
@@ -62,28 +66,43 @@ L2_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 def choose_l2(x: torch.Tensor, y: torch.Tensor, classes: int, grid=L2_GRID, count: int = 5) -> float:
     """The L2 penalty with the best mean accuracy over stratified cross-validation folds of the training set."""
+    return best_l2(cv_correct(x, y, classes, grid, count), grid)
+
+
+def cv_correct(x: torch.Tensor, y: torch.Tensor, classes: int, grid=L2_GRID, count: int = 5,
+               share: tuple[int, int] = (0, 1)) -> torch.Tensor | None:
+    """(len(grid),) held-out predictions that were right, summed over the stratified folds, per L2 penalty; None
+    when a class is too rare for two folds. ``share`` = (i, n): only the (penalty, fold) fits numbered i, i + n, ...
+    (the others count 0), so that n processes can each fit a share and sum their counts."""
     parts = folds(y, min(count, int(torch.bincount(y).min().item())) if len(y) else 1)
     if len(parts) < 2:
+        return None
+    correct = torch.zeros(len(grid), dtype=torch.float64)
+    fits = [(g, held) for g in range(len(grid)) for held in parts]
+    for g, held in fits[share[0]::share[1]]:
+        keep = torch.ones(len(y), dtype=torch.bool)
+        keep[held] = False
+        a, b = standardise(x[keep], x[held])
+        layer = fit_logistic(a, y[keep], classes, grid[g])
+        with torch.no_grad():
+            correct[g] += (layer(b).argmax(1) == y[held]).sum().item()
+    return correct
+
+
+def best_l2(correct: torch.Tensor | None, grid=L2_GRID) -> float:
+    """The penalty of the most correct predictions (the smaller on a tie); the middle one without folds."""
+    if correct is None:
         return grid[len(grid) // 2]
-    scores = []
-    for l2 in grid:
-        correct = 0
-        for held in parts:
-            keep = torch.ones(len(y), dtype=torch.bool)
-            keep[held] = False
-            a, b = standardise(x[keep], x[held])
-            layer = fit_logistic(a, y[keep], classes, l2)
-            with torch.no_grad():
-                correct += (layer(b).argmax(1) == y[held]).sum().item()
-        scores.append(correct / len(y))
-    return grid[max(range(len(grid)), key=lambda i: (scores[i], -i))]
+    return grid[max(range(len(grid)), key=lambda i: (float(correct[i]), -i))]
 
 
-def linear_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor) -> dict:
-    """Logistic regression on standardised frozen features, its L2 penalty chosen by cross-validation on the
-    training split only. -> {"top1", "l2"}."""
+def linear_top1(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                l2: float | None = None) -> dict:
+    """Logistic regression on standardised frozen features, its L2 penalty (unless given) chosen by cross-validation
+    on the training split only. -> {"top1", "l2"}."""
     classes = int(max(train_y.max(), test_y.max())) + 1
-    l2 = choose_l2(train_x.float(), train_y, classes)
+    if l2 is None:
+        l2 = choose_l2(train_x.float(), train_y, classes)
     a, b = standardise(train_x.float(), test_x.float())
     with torch.no_grad():
         pred = fit_logistic(a, train_y, classes, l2)(b).argmax(1)

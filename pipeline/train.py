@@ -95,11 +95,12 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from pipeline import distributed
+    from pipeline.consistency import ConsistencyError
     from pipeline.experiment import experiment_dict
     from pipeline.trainer import CollapseError, Trainer, catch_early_signals
 
     catch_early_signals()  # from here a rank's peers would wait for it in collectives
-    rt = distributed.init_runtime(cfg.parallel.tp, choice, shard=cfg.parallel.shard)
+    rt = distributed.init_runtime(cfg.parallel.tp, choice, cfg.parallel.timeout_s, cfg.parallel.shard)
     try:
         if rt.is_main:
             log.info("layout: %s", " ".join(f"{k}={v}" for k, v in parallel_layout(cfg, rt).items()))
@@ -114,6 +115,10 @@ def main(argv=None) -> int:
         status = trainer.train()
         if rt.is_main:
             log.info("%s at step %d; checkpoints in %s", status, trainer.step, trainer.ckpt_root)
+    except ConsistencyError as exc:  # raised on every rank at the same step, with the same text
+        if rt.is_main:
+            log.error("stopped: %s", exc)
+        return 4
     except CollapseError as exc:
         if rt.is_main:
             log.error("stopped: representation collapse: %s; checkpoint in %s (see collapse.* in --help)",

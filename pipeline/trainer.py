@@ -16,7 +16,7 @@ import torch
 
 from pipeline import checkpoint
 from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
-from pipeline.distributed import (LaggedRead, Runtime, agree_any, all_reduce_mean, all_reduce_sum, build_sharded,
+from pipeline.distributed import (LaggedRead, Runtime, agree_over_tp, all_reduce_mean, all_reduce_sum, build_sharded,
                                   mark_gathered_whole, model_parallel_config, student_ds_config, teacher_ds_config)
 from pipeline.ema import ShardedEMA, shared_encoder, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
@@ -225,8 +225,9 @@ class Trainer:
                  position_stats(all_targets, self.basis, self.modality.valid_positions(batch)), counts]
         stats = torch.cat(parts)
         all_reduce_sum(stats, self.rt.dp_group)
+        stats = agree_over_tp(stats, self.rt)  # every decision below the same on every rank
         loss, target_stats, prediction_stats, position, extra = stats.split([p.numel() for p in parts])
-        flags = agree_any(extra[2:], self.rt)
+        flags = extra[2:]
         # the loss: regression over the global masked count (a batch may, rarely for text, select no position at
         # all) + objective.cls_loss x the CLS loss over the global batch's clone rows
         weights = torch.stack([1.0 / target_stats[0].clamp_min(1.0),
@@ -404,6 +405,20 @@ class Trainer:
         if self.cfg.eval.every:
             self.monitor.load()
 
+    def check_consistency(self, start: bool = False) -> None:
+        """train.check_consistency_every: replicas and tensor-parallel peers still hold equal copies (at the start,
+        after a resume or init.from, and every that many steps); ConsistencyError on every rank if not."""
+        import time
+
+        from pipeline.consistency import check
+        every = self.cfg.train.check_consistency_every
+        if not every or not (start or self.step % every == 0):
+            return
+        began = time.perf_counter()
+        if check(self) and start and self.rt.is_main:
+            log.info("consistency: replicas and tensor-parallel peers hold equal copies (%.0f ms a check; every %d "
+                     "steps: train.check_consistency_every)", 1000 * (time.perf_counter() - began), every)
+
     def barrier(self) -> None:
         import torch.distributed as dist
         if dist.is_initialized():
@@ -448,8 +463,11 @@ class Trainer:
         last = min(t.steps, t.stop_after) if t.stop_after else t.steps
         skips = 0
         try:
+            self.check_consistency(start=True)
             while self.step < last:
                 metrics, stop, requeue = self.train_step(logger, lagged)
+                if not metrics["skipped"]:
+                    self.check_consistency()  # before anything of this step is saved
                 skips = skips + 1 if metrics["skipped"] else 0
                 if skips >= self.cfg.collapse.max_skips:
                     raise CollapseError(f"{skips} consecutive steps skipped (collapse.max_skips)")

@@ -121,7 +121,9 @@ def warm_start(trainer) -> list[str]:
             raise ConfigError(f"init.from={cfg.init.from_}: {name} is {tuple(state[name].shape)} there, but this "
                               f"model's is {shape} on each of {rt.tp} tensor-parallel rank(s): the architecture "
                               f"differs (compare the source's config with encoder.* and model.*)")
-        master[name] = repartition([piece.reshape(-1)], 0, sizes[name], rt.dp_rank)
+        # the partition sizes are the shard group's (parallel.shard): the slice is the one of this rank's place in
+        # it; its replicas (the same place in the other shard groups) take the same slice
+        master[name] = repartition([piece.reshape(-1)], 0, sizes[name], rt.shard_rank)
     unused = sorted(set(state) - set(master))
     if unused:
         raise ConfigError(f"init.from={cfg.init.from_} has parameters this model lacks: {unused[:5]}")

@@ -17,7 +17,7 @@ outer one). What DeepSpeed 0.19.8 and megatron-core 0.16.1 call in a step (the r
 parameter gathers ``all_gather_into_tensor`` (one per fetch or prefetch bucket), its gradient reduction
 ``reduce_scatter_tensor`` (one per reduce bucket), ``all_reduce`` for megatron's row-parallel outputs,
 column-parallel input gradients and vocab-parallel embedding, for our statistics (``Trainer.micro_step``,
-``agree_any``) and for DeepSpeed's gradient-norm scalars. Bytes one rank sends, ring algorithms over a group of
+``agree_over_tp``) and for DeepSpeed's gradient-norm scalars. Bytes one rank sends, ring algorithms over a group of
 n ranks (the planner's convention): all-gather ``input x (n-1)``, reduce-scatter ``input x (n-1)/n``, all-reduce
 ``2 x size x (n-1)/n``, broadcast / reduce / all-to-all ``size x (n-1)/n``, send ``size``.
 
@@ -82,7 +82,7 @@ CATEGORIES = {
     (REDUCE, "tp", "backward"): "TP all-reduce, student backward",
     (REDUCE, "tp", "teacher forward"): "TP all-reduce, teacher forward",
     (REDUCE, "dp", "micro-step"): "statistics all-reduce",
-    (REDUCE, "tp", "micro-step"): "statistics all-reduce",  # agree_any: the stop / requeue flags over TP
+    (REDUCE, "tp", "micro-step"): "statistics all-reduce",  # agree_over_tp: the statistics, the same on TP peers
     (REDUCE, "dp", "step"): GRAD_NORM,
     (REDUCE, "tp", "step"): GRAD_NORM,
     # hybrid sharding (parallel.shard): ZeRO-3 over the shard group, the gradient partitions over the replicas
