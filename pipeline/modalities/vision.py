@@ -17,6 +17,7 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -286,18 +287,36 @@ class PatchEmbedder(nn.Module):
         return x, self.rel_pos_bias()
 
 
-def sincos_positions(dim: int, grid: int) -> torch.Tensor:
-    """(grid*grid, dim) fixed 2-D sin-cos position embedding (MAE's get_2d_sincos_pos_embed, no CLS row): the first
-    half encodes a patch's column, the second its row, each as [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k/(dim/4))."""
-    require(dim % 4 == 0, f"encoder.dim={dim} must be divisible by 4 for 2-D sin-cos positions")
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
-    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
-                                indexing="ij")
+def sincos_table(dim: int, grid: int) -> np.ndarray:
+    """(grid*grid, dim) float64 2-D sin-cos table (MAE's get_2d_sincos_pos_embed, no CLS row): the first half encodes
+    a patch's column, the second its row, each as [sin(p w_k), cos(p w_k)] with w_k = 10000^(-k/(dim/4)).
+
+    numpy, not torch: under ``deepspeed.zero.Init`` torch.arange/tensor/zeros/... return every floating tensor in the
+    config's dtype (bf16 on a GPU), whatever dtype was asked for, so a torch-built table came out of bf16 arithmetic
+    (errors of 1e-2 to 5e-2 at 768 x 14 x 14, where rounding the exact table to bf16 costs 2e-3). numpy is out of
+    DeepSpeed's reach (tests/test_zero_init_tables.py)."""
+    freqs = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
     halves = []
-    for coord in (cols.flatten(), rows.flatten()):
+    for coord in (cols.ravel(), rows.ravel()):
         angles = coord[:, None] * freqs[None, :]
-        halves.append(torch.cat([angles.sin(), angles.cos()], dim=1))
-    return torch.cat(halves, dim=1).float()
+        halves.append(np.concatenate([np.sin(angles), np.cos(angles)], axis=1))
+    return np.concatenate(halves, axis=1)
+
+
+def exact_buffer(table: np.ndarray) -> torch.Tensor:
+    """A float64 numpy table as an fp32 tensor (rounded once), on the device modules are being built on: under
+    zero.Init ``torch.empty`` follows DeepSpeed's device override (the rank's accelerator), as the module's other
+    buffers do, while ``torch.from_numpy`` and ``Tensor.to`` escape its dtype override. The engine keeps fp32 buffers
+    (no ``buffer_dtype`` in our configs); ``forward`` rounds the table once more, to the compute dtype."""
+    return torch.from_numpy(table).float().to(torch.empty(0).device)
+
+
+def sincos_positions(dim: int, grid: int) -> torch.Tensor:
+    """(grid*grid, dim) fp32 fixed 2-D sin-cos positions (``sincos_table``), exact whether or not the model is
+    being built under zero.Init, so training, export and evaluation add the same table."""
+    require(dim % 4 == 0, f"encoder.dim={dim} must be divisible by 4 for 2-D sin-cos positions")
+    return exact_buffer(sincos_table(dim, grid))
 
 
 def xavier_flat(weight: torch.Tensor) -> None:
