@@ -8,6 +8,8 @@ layouts: --save-at K writes a checkpoint into DIR after step K and trains on; --
 the latest checkpoint in DIR (any data-parallel size), writes it again at once under DIR/resaved (so
 the test can compare the two bit for bit) and trains on from the saved step. --shard S: hybrid sharding
 (parallel.shard); a variant with "plain": true runs plain ZeRO-3 over every data-parallel rank in the same launch.
+An init.from override starts the run from those weights (Trainer.warm_start). Every run checks at the start and at each
+train.check_consistency_every that replicas and tensor-parallel peers hold equal copies (pipeline.consistency).
 --config picks the preset
 (configs/vision_tiny_v2.yaml: data2vec 2.0, whose M clones per image mask with inverse blocks). --variants JSON
 runs several configurations one after the other in the same processes (imports and process start are most of a
@@ -87,6 +89,9 @@ def run(args, rt, config: str, overrides: list[str]) -> list[float]:
         trainer.resume(None)
         trainer.ckpt_root = Path(args.ckpt) / "resaved"
         trainer.save()
+    if cfg.init.from_:
+        trainer.warm_start()
+    trainer.check_consistency(start=True)  # train.check_consistency_every: replicas and TP peers hold equal copies
     lo = rt.dp_rank * micro
     batches = global_batches(cfg, args.steps)
     for _ in range(trainer.step):
@@ -98,6 +103,7 @@ def run(args, rt, config: str, overrides: list[str]) -> list[float]:
     while trainer.step < args.steps:
         losses.append(summary_values(trainer.optimizer_step()["summary"])["loss"])
         losses.append(float(trainer.engine.get_global_grad_norm()))  # sensitive to the gradient scale
+        trainer.check_consistency()
         if trainer.step == args.save_at:
             trainer.ckpt_root = Path(args.ckpt)
             trainer.save()
