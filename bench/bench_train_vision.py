@@ -238,10 +238,11 @@ def rates(times: list[float], batch: int, flops_per_sample: float, peak: float) 
     return {"step_s": s["median"], "samples_per_s": samples_per_s, "tflops": tflops, "pct_peak": 100 * tflops / peak}
 
 
-def relaunch_under_torchrun(ranks: int, argv) -> int:
+def relaunch_under_torchrun(ranks: int, argv, script: str = __file__) -> int:
+    """Run ``script`` (default: this one) again under torchrun on ``ranks`` ranks with the same arguments."""
     import subprocess
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           str(Path(__file__).resolve()), *(sys.argv[1:] if argv is None else argv)]
+           str(Path(script).resolve()), *(sys.argv[1:] if argv is None else argv)]
     return subprocess.run(cmd, cwd=REPO_ROOT).returncode
 
 

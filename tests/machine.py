@@ -8,6 +8,7 @@ rank on it:
   None, which changes what ``deepspeed.zero.Init`` builds. ``=1``: a CPU whose oneDNN has fp16.
 - unset: whatever this machine is.
 - ``D2V_FAULT_COLLATE=RANK:AFTER``: a fault, not a machine: collate raises in that rank after AFTER batches.
+- ``D2V_FAULT_FLIP=RANK:STEP``: a fault: that rank flips one bit of a student partition after optimizer step STEP.
 
 The patch is applied before the target runs, in every rank, so the forced answer is the one every
 DeepSpeed code path sees.
@@ -42,6 +43,27 @@ def fail_in_collate(rank: int, after: int) -> None:
     Modality.collate = collate
 
 
+def flip_after_step(rank: int, step: int) -> None:
+    """Rank ``rank`` flips the lowest bit of its first student master partition once optimizer step ``step`` is done
+    (a replica that silently diverges: what train.check_consistency_every must catch)."""
+    import torch
+
+    from pipeline.ema import zero3_master_partition
+    from pipeline.trainer import Trainer
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    original = Trainer.optimizer_step
+
+    def optimizer_step(self):
+        out = original(self)
+        if self.step == step:
+            with torch.no_grad():
+                part = zero3_master_partition(next(self.engine.module.parameters()))
+                part.view(-1)[:1].view(torch.int32).bitwise_xor_(1)
+        return out
+    Trainer.optimizer_step = optimizer_step
+
+
 def apply_from_environment() -> None:
     fp16 = os.environ.get("D2V_MACHINE_CPU_FP16")
     if fp16 is not None:
@@ -50,6 +72,9 @@ def apply_from_environment() -> None:
     if fault:
         rank, after = map(int, fault.split(":"))
         fail_in_collate(rank, after)
+    flip = os.environ.get("D2V_FAULT_FLIP")  # "RANK:STEP"
+    if flip:
+        flip_after_step(*map(int, flip.split(":")))
 
 
 def main(argv: list[str]) -> None:

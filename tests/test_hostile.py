@@ -49,6 +49,23 @@ def test_a_rank_that_fails_in_collate_ends_the_job_fast(tiny_shards, tmp_path):
 
 
 @pytest.mark.distributed
+def test_a_diverged_replica_stops_the_run_without_a_checkpoint(tiny_shards, tmp_path):
+    """Hybrid sharding (parallel.shard=1, 2 replicas): rank 1 flips one bit of a partition after step 5. The check
+    of step 6 (train.check_consistency_every=3) stops both ranks with one line naming the parameter and the ranks;
+    the checkpoint of step 4 stays the latest (the one of step 8 is never written) and nothing logs "done"."""
+    out = tmp_path / "run"
+    args = [*train_args(tiny_shards, out, workers=1), "parallel.shard=1", "train.save_every=4", "train.steps=20",
+            "train.check_consistency_every=3", "train.log_every=1"]
+    rc, seconds, log = run_until_it_ends(args, env={"D2V_FAULT_FLIP": "1:5"})
+    assert rc is not None, f"still running after {FAST} s (hang):\n{log[-3000:]}"
+    print(f"diverged replica: the job ended in {seconds:.1f} s")
+    assert rc != 0 and "consistency: replicas and tensor-parallel peers hold equal copies" in log, log[-3000:]
+    assert "stopped: ranks 0 and 1, hybrid-sharding replicas" in log and "at step 6" in log, log[-3000:]
+    assert "done at step" not in log and "rank 0 of 2 failed" not in log, log[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000004"]
+
+
+@pytest.mark.distributed
 def test_hopeless_data_with_workers_ends_the_job_fast(tiny_shards, tmp_path):
     """Every shard garbage (sizes intact, so start-up accepts them), workers=2: a clear DataError, then exit."""
     shards = tmp_path / "shards"
