@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU check, one command on a machine with a CUDA GPU (about 5-8 minutes on one 80 GB GPU):
+# The GPU check, one command on a machine with a CUDA GPU (about 6-11 minutes on one 80 GB GPU):
 #   bash bench/gpu_check.sh [OUT_DIR]          (default runs/gpu_check)
 # 1. tests/test_gpu.py: device choice (cuda, bf16, nccl); a bf16 student with an fp32 EMA teacher; the real entry
-#    point for vision, speech and text with a checkpoint, a resume from it and layerdrop;
+#    point for vision, speech and text with a checkpoint, a resume from it and layerdrop; a start with LOCAL_RANK=1
+#    and one visible device; the feature monitor on vision (eval.every=1); the sin-cos table under a bf16 zero.Init;
 # 2. bench/bench_gpu_step.py: the full bf16 step of vision/speech/text Base on one GPU: samples/s, TFLOP/s, MFU,
 #    peak memory against pipeline.plan's figure.
 # Writes OUT_DIR/gpu_check.json (one summary: tests passed/failed/skipped, per-preset figures) and the logs beside
@@ -14,7 +15,7 @@ mkdir -p "$out"
 # the interpreter: $PYTHON, else python, else python3 (many GPU images ship python3 alone)
 py="${PYTHON:-$(command -v python || command -v python3)}"
 # each stage's time limit (seconds): a hung stage still leaves the other's figures and the summary
-tests_s="${GPU_CHECK_TESTS_S:-330}" steps_s="${GPU_CHECK_STEPS_S:-270}"
+tests_s="${GPU_CHECK_TESTS_S:-420}" steps_s="${GPU_CHECK_STEPS_S:-270}"
 if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
     echo "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); run it on a GPU machine" >&2
     exit 2

@@ -49,11 +49,24 @@ def test_valid_setup_passes(monkeypatch, tiny_shards):
     (["eval.every=100", "eval.train=[/no/such/dir]", "eval.eval=[/no/such/dir]"], 2,
      "eval input /no/such/dir does not exist (eval.train / eval.eval)"),
     (["eval.probe=svm"], 2, "eval.probe='svm' is not valid; choose one of 'knn', 'both'"),
+    (["parallel.timeout_s=10"], 2, "parallel.timeout_s=10 must be >= 60"),
+    (["train.check_consistency_every=-1"], 2, "train.check_consistency_every must be >= 0"),
 ])
 def test_bad_setup_is_rejected(monkeypatch, tiny_shards, overrides, world, message):
     overrides = [f"data.manifest={tiny_shards}", *overrides] if not overrides[0].startswith("data.manifest") else overrides
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         run_prepare(monkeypatch, overrides, world)
+
+
+def test_zero_offload_with_hybrid_sharding_is_rejected_before_any_process_group(monkeypatch, tiny_shards, tmp_path):
+    """DeepSpeed's offload_optimizer copies gradients to the host before the replicas' all-reduce could run."""
+    ds = json.loads((ROOT / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp_path / "offload.json").write_text(json.dumps(ds))
+    args = [f"data.manifest={tiny_shards}", f"train.ds_config={tmp_path / 'offload.json'}", "data.workers=1"]
+    with pytest.raises(ConfigError, match=r"offload_optimizer \(device cpu\) with parallel\.shard"):
+        run_prepare(monkeypatch, [*args, "parallel.shard=1"])
+    run_prepare(monkeypatch, args)  # plain ZeRO-3: DeepSpeed's own offload path
 
 
 def test_unresumable_checkpoint_is_rejected_before_any_process_group(monkeypatch, tiny_shards, tmp_path):

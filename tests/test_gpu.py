@@ -76,3 +76,52 @@ def test_gpu_layerdrop(tiny_shards, tmp_path):
     """Layerdrop on GPU: skipped blocks' gradients are cleared, the loss stays finite over a few steps."""
     run_entry_point("vision_tiny", tiny_shards, tmp_path, 4, ["encoder.layerdrop=0.5"])
     assert all(math.isfinite(v) for v in losses(tmp_path).values())
+
+
+def test_gpu_one_visible_device_with_local_rank_1(tiny_shards, tmp_path):
+    """As srun --gpus-per-task=1 starts a node's second task: LOCAL_RANK=1 (SLURM_LOCALID) and one visible device.
+    The rank binds device 0 and names it in LOCAL_RANK for DeepSpeed; before, it died with 'invalid device ordinal'
+    (tests/test_gpu_path.py forces the same on a CPU)."""
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.distributed import free_port, source_tree_env
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    env = source_tree_env(ROOT, RANK="0", WORLD_SIZE="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2",
+                          CUDA_VISIBLE_DEVICES=first, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", "configs/vision_tiny.yaml",
+                           f"data.manifest={tiny_shards}", f"train.output_dir={tmp_path}", "train.steps=2",
+                           "train.micro_batch_size=4", "data.workers=1"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "device=cuda:0" in proc.stdout
+
+
+def test_gpu_feature_monitor_on_vision(tiny_shards, tmp_path):
+    """eval.every=1 on a GPU: the monitor pools features on the device (a CPU tensor there raised at the first
+    evaluation, on every rank of a vision or speech run)."""
+    run_entry_point("vision_tiny", tiny_shards, tmp_path, 2,
+                    ["eval.every=1", f"eval.train=[{tiny_shards}]", f"eval.eval=[{tiny_shards.parent / 'raw'}]",
+                     "eval.batch_size=5", "eval.probe=both"])
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval/knn_top1" in r] == [1, 2]
+    assert all(0 <= r["eval/linear_top1"] <= 1 for r in records if "eval/linear_top1" in r)
+
+
+def test_gpu_sincos_positions_exact_under_bf16_zero_init(single_process_group, monkeypatch):
+    """data2vec 2.0's sin-cos table built under a bf16 zero.Init on the GPU, as the trainer builds it: fp32, on the
+    device, within fp32 rounding of the exact table (built in bf16 arithmetic it was 1.1e-2 off)."""
+    import deepspeed
+
+    from pipeline.distributed import skip_shm_comm_build
+    from pipeline.modalities.vision import sincos_positions, sincos_table
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    skip_shm_comm_build()
+    config = {"bf16": {"enabled": True}, "zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        table = sincos_positions(768, 14)
+    exact = torch.from_numpy(sincos_table(768, 14))
+    error = (table.double().cpu() - exact).abs().max().item()
+    print(f"sin-cos table under bf16 zero.Init on {table.device}: max error {error:.3g}")
+    assert table.device.type == "cuda" and table.dtype == torch.float32 and error < 1e-6
