@@ -8,8 +8,8 @@ loads with ``torch.load(weights_only=True)``.
 
 It is reported as saved only after every rank has written and fsync'ed its file and rank 0 has
 written the ``COMPLETE`` marker (which records the TP x DP grid); the ``latest`` pointer is updated
-after that. Resuming picks the newest complete checkpoint, so a job killed mid-save resumes from the
-previous one.
+after that (for people: resuming never reads it). Resuming picks the newest complete checkpoint, so a job killed
+mid-save resumes from the previous one; a resume from an older one sets the newer ones aside.
 
 Because partitions are stored per parameter, a checkpoint can be resumed on a different
 data-parallel size with the same tensor-parallel size: ZeRO-3 splits each flattened parameter into
@@ -128,13 +128,9 @@ def is_complete(ckpt: Path) -> bool:
 
 
 def find_latest(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (the ``latest`` pointer if it is valid)."""
-    root = Path(root)
-    pointer = root / LATEST
-    if pointer.is_file():
-        ckpt = root / pointer.read_text("utf-8").strip()
-        if ckpt.parent == root and is_complete(ckpt):
-            return ckpt
+    """The newest complete checkpoint under ``root``. The ``latest`` pointer is written for people and tools, never
+    read: a job killed between a ``COMPLETE`` and the pointer's update leaves it one behind, and a rollback sets the
+    newer checkpoints aside (``supersede_newer``), so the newest complete one is always this trajectory's."""
     candidates = complete_checkpoints(root)
     return candidates[0] if candidates else None
 
@@ -144,13 +140,24 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in Path(root).glob("step_*") if p.is_dir() and is_complete(p)), reverse=True)
 
 
-def set_aside(ckpt: Path) -> Path:
-    """Rename a damaged checkpoint so that nothing resumes from it or mistakes it for a saved step (a save
-    at that step would otherwise keep it). Kept, not deleted: its other files may still be of use."""
-    aside = ckpt.with_name(f"damaged_{ckpt.name}")  # no longer a step_* directory: never resumed, pruned or reused
-    if not aside.exists():
-        os.replace(ckpt, aside)
+def set_aside(ckpt: Path, reason: str = "damaged") -> Path:
+    """Rename a checkpoint to ``<reason>_step_N`` (``-2``, ``-3``, ... when that name is taken), so that nothing
+    resumes from it, prunes it or takes it for this run's save of that step. Kept, not deleted: damaged, its other
+    files may still be of use; superseded (another trajectory's), it is someone's weights."""
+    aside = ckpt.with_name(f"{reason}_{ckpt.name}")  # no longer a step_* directory
+    count = 1
+    while aside.exists():
+        count += 1
+        aside = ckpt.with_name(f"{reason}_{ckpt.name}-{count}")
+    os.replace(ckpt, aside)
     return aside
+
+
+def supersede_newer(root: Path, step: int) -> list[Path]:
+    """Set aside, as ``superseded_step_N``, the checkpoints under ``root`` past ``step``: after a rollback (a resume
+    from an older checkpoint) they belong to the trajectory left behind. Rank 0 only; returns the new names."""
+    newer = [p for p in Path(root).glob("step_*") if p.is_dir() and p.name > tag_for(step)]
+    return [set_aside(p, "superseded") for p in sorted(newer)]
 
 
 def param_layout(module: torch.nn.Module) -> dict:
@@ -256,17 +263,27 @@ def all_ok(ok: bool, device) -> bool:
     return flag.item() > 0
 
 
-def save(trainer, root: Path, keep: int, config: dict | None = None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory once it is complete. A step
-    that already has a complete checkpoint (e.g. a stop right after a periodic save, or right after a
-    resume) keeps it: its model, optimizer and teacher state are this state, and rewriting it in place
-    would leave no complete checkpoint if the job died during the rewrite."""
+def save(trainer, root: Path, keep: int, config: dict | None = None,
+         own: set[str] = frozenset()) -> tuple[Path, bool]:
+    """Collective: every rank calls it. Returns (the checkpoint directory once it is complete, whether this call
+    wrote it). A complete checkpoint of this step that this run wrote or resumed from (``own``: names) is kept: it
+    holds this state (a stop right after a periodic save or a resume), and rewriting it in place would leave no
+    complete checkpoint if the job died during the rewrite. Any other directory of this step (another trajectory's
+    complete checkpoint, a crashed save's files) is set aside or removed first, never reported as saved."""
     rt = trainer.rt
     root = Path(root)
     tag = tag_for(trainer.step)
     ckpt = root / tag
-    if all_ok(is_complete(ckpt), rt.device):  # every rank must take the same branch
-        return ckpt
+    if tag in own and all_ok(is_complete(ckpt), rt.device):  # every rank must take the same branch
+        return ckpt, False
+    if rt.rank == 0 and ckpt.exists():
+        if is_complete(ckpt):
+            print(f"[rank 0] {ckpt} holds another trajectory's checkpoint of this step: set aside as "
+                  f"{set_aside(ckpt, 'superseded').name}", flush=True)
+        else:
+            shutil.rmtree(ckpt)  # a crashed save's files (perhaps of another world size)
+    if dist.is_initialized():
+        dist.barrier()
     ok, crc = True, -1
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -292,7 +309,7 @@ def save(trainer, root: Path, keep: int, config: dict | None = None) -> Path:
         prune(root, keep, ckpt)
     if dist.is_initialized():
         dist.barrier()
-    return ckpt
+    return ckpt, True
 
 
 def prune(root: Path, keep: int, newest: Path) -> None:

@@ -204,6 +204,13 @@ class TrainConfig:
     resume_damaged: str = doc("a checkpoint whose files fail their CRC-32 (or cannot be read) on resume: 'error' "
                               "(stop, naming the file) or 'previous' (set it aside as damaged_step_N, warn, and "
                               "resume from the newest older complete checkpoint)", "error")
+    nonfinite: str = doc("a step whose gradient norm is not finite (NaN or inf: DeepSpeed then skips its update): "
+                         "'skip' it (not counted: no EMA update, no log record, no checkpoint) and stop after "
+                         "train.nonfinite_limit such steps in a row, as the released fp16 recipes skip overflowed "
+                         "steps until fairseq's loss scale reaches its minimum (about 20 in a row); or 'stop' at the "
+                         "first. Either stop exits non-zero, and no checkpoint holding a non-finite weight is written "
+                         "(so none prunes the last good one)", "skip")
+    nonfinite_limit: int = doc("with train.nonfinite=skip: stop after this many non-finite steps in a row", 20)
     check_consistency_every: int = doc("steps between checks that what must be equal across ranks is (hybrid "
                                        "sharding's replicas: student and teacher partitions; tensor-parallel peers: "
                                        "the parameters they both hold), also once at the start; a difference stops "
@@ -240,6 +247,8 @@ class TrainConfig:
         require(self.save_every >= 0, "train.save_every must be >= 0")
         require(self.keep_checkpoints >= 0, "train.keep_checkpoints must be >= 0")
         require(0 <= self.stop_after, "train.stop_after must be >= 0")
+        one_of("train.nonfinite", self.nonfinite, ("skip", "stop"))
+        require(self.nonfinite_limit >= 1, "train.nonfinite_limit must be >= 1")
         require(self.check_consistency_every >= 0, "train.check_consistency_every must be >= 0 (0: off)")
 
 

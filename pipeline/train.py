@@ -94,10 +94,24 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    lock = None  # the output directory's lock: its descriptor stays open until this process ends
+    if env.rank == 0:  # one run per output directory (the launcher ends the other ranks if this one refuses)
+        from pipeline.run_lock import OutputDirInUse, claim
+        try:
+            lock, warning = claim(cfg.train.output_dir)
+        except OutputDirInUse as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            print(f"error: train.output_dir={cfg.train.output_dir} cannot be written ({exc.strerror}): choose a "
+                  f"writable directory", file=sys.stderr)
+            return 2
+        if warning:
+            log.warning("%s", warning)
     from pipeline import distributed
     from pipeline.consistency import ConsistencyError
     from pipeline.experiment import experiment_dict
-    from pipeline.trainer import CollapseError, Trainer, catch_early_signals
+    from pipeline.trainer import CollapseError, NonFiniteError, Trainer, catch_early_signals
 
     catch_early_signals()  # from here a rank's peers would wait for it in collectives
     rt = distributed.init_runtime(cfg.parallel.tp, choice, cfg.parallel.timeout_s, cfg.parallel.shard)
@@ -119,6 +133,14 @@ def main(argv=None) -> int:
         if rt.is_main:
             log.error("stopped: %s", exc)
         return 4
+    except NonFiniteError as exc:  # every rank at the same step: the norm and the loss are reduced over all
+        if rt.is_main:
+            from pipeline.checkpoint import find_latest
+            good = find_latest(trainer.ckpt_root)
+            log.error("stopped: %s. %s with a lower train.lr or train.grad_clip, or check the data (train.nonfinite "
+                      "in --help)", exc, f"The last checkpoint, {good}, precedes it: resume from it" if good else
+                      "No checkpoint was written before it: start again")
+        return 5
     except CollapseError as exc:
         if rt.is_main:
             log.error("stopped: representation collapse: %s; checkpoint in %s (see collapse.* in --help)",

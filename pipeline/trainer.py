@@ -49,6 +49,10 @@ class CollapseError(RuntimeError):
     pass
 
 
+class NonFiniteError(RuntimeError):
+    """Non-finite gradients or loss (train.nonfinite): the run stops without writing a non-finite checkpoint."""
+
+
 def full_shape(p: torch.nn.Parameter) -> torch.Size:
     return getattr(p, "ds_shape", p.shape)  # ZeRO-3 parameters are empty outside a gather
 
@@ -130,6 +134,8 @@ class Trainer:
         self.batches_consumed, self.stream_positions = 0, [0] * stream_count(cfg.data)
         self.data_seed = tcfg.seed  # seeds the data streams; changes when a resume changes the data layout
         self.stop_requested = False
+        self.nonfinite_run = 0  # steps in a row whose gradients were not finite (train.nonfinite=skip)
+        self.own_checkpoints: set[str] = set()  # checkpoints of this trajectory: saved or resumed from by this run
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
         self.monitor = FeatureMonitor(cfg, rt)  # eval.every
         self.build()
@@ -278,6 +284,27 @@ class Trainer:
         for p in params:
             safe_set_local_grad(p, zeros[:p.ds_tensor.numel()])
 
+    def handle_nonfinite(self) -> None:
+        """A step whose gradients were not finite (DeepSpeed skipped it): train.nonfinite's policy."""
+        self.nonfinite_run += 1
+        t = self.cfg.train
+        what = f"step {self.step + 1}: the gradient norm is not finite (NaN or inf); DeepSpeed skipped the update"
+        if t.nonfinite == "stop":
+            raise NonFiniteError(f"{what} (train.nonfinite=stop)")
+        if self.nonfinite_run >= t.nonfinite_limit:
+            raise NonFiniteError(f"{what}: {self.nonfinite_run} such steps in a row (train.nonfinite_limit)")
+        if self.rt.is_main:
+            log.warning("%s, and no step is counted (train.nonfinite=skip: %d of %d in a row)", what,
+                        self.nonfinite_run, t.nonfinite_limit)
+
+    def weights_finite(self) -> bool:
+        """Every rank's fp32 master partitions are finite (one reduction each, at a save: rare), agreed by all."""
+        from pipeline.checkpoint import all_ok
+        from pipeline.ema import zero3_master_partition
+        parts = [zero3_master_partition(p) for p in self.engine.module.parameters()] + self.ema.teacher_parts
+        finite = torch.stack([torch.isfinite(part).all() for part in parts]).all()
+        return all_ok(bool(finite), self.rt.device)
+
     def handle_collapse(self, alarm: str, step: int) -> None:
         action = self.cfg.collapse.action
         log.warning("step %d: representation collapse alarm: %s (collapse.action=%s)", step, alarm, action)
@@ -302,10 +329,14 @@ class Trainer:
                 if self.micro == self.cfg.train.grad_accum - 1:
                     self.reduce_over_replicas()
                 self.engine.step()
-        if not skipped:
+        # DeepSpeed skipped its update when the gradient norm was not finite (its own host read of the norm, the
+        # same on every rank: the norm is reduced over all of them); the step then does not count
+        nonfinite = not skipped and bool(getattr(self.engine.optimizer, "overflow", False))
+        if not skipped and not nonfinite:
             self.ema.update(tau)
             self.step += 1
-        return {"summary": step_summary(summaries), "lr": lr, "tau": tau, "skipped": skipped}
+        return {"summary": step_summary(summaries), "lr": lr, "tau": tau, "skipped": skipped or nonfinite,
+                "nonfinite": nonfinite}
 
     def reduce_over_replicas(self) -> None:
         """Hybrid sharding (parallel.shard): DeepSpeed reduced the gradients over the shard group into this rank's
@@ -320,6 +351,8 @@ class Trainer:
         """One optimizer step as the loop runs it between log steps: the step, the previous step's summary read
         (stop / requeue flags, collapse alarm), this one's recorded. Waits for the device nowhere."""
         metrics = self.optimizer_step()
+        if metrics["nonfinite"]:
+            self.handle_nonfinite()
         stop, requeue = self.read_previous(lagged, metrics)
         if not metrics["skipped"]:
             logger.record(metrics["summary"], metrics["lr"], metrics["tau"])
@@ -330,11 +363,14 @@ class Trainer:
         all-reduced values, so all stop at the same step, one step after the signal was agreed on) and, unless
         collapse.action=skip checked it already, its collapse alarm."""
         step = self.step if metrics["skipped"] else self.step - 1  # the step this summary belongs to (from 0)
-        seen = lagged.exchange(metrics["summary"], step)
+        seen = lagged.exchange(metrics["summary"], (step, metrics["nonfinite"]))
         if seen is None:
             return False, False
-        seen_step, summary = seen
+        (seen_step, was_nonfinite), summary = seen
         values = summary_values(summary)
+        if not was_nonfinite and not math.isfinite(values["loss"]):  # all-reduced: every rank raises together
+            raise NonFiniteError(f"step {seen_step + 1}: the loss is {values['loss']} while its gradients were finite "
+                                 f"and applied")
         if self.cfg.collapse.action != "skip":
             self.collapse_check(seen_step, summary)
         return values["stop"] > 0, values["requeue"] > 0
@@ -369,6 +405,7 @@ class Trainer:
                                 "checkpoint", exc, checkpoint.set_aside(ckpt).name)
                 self.barrier()
         self.step = state["step"]
+        self.claim_trajectory(ckpt)
         t = self.cfg.train
         self.engine.global_steps, self.engine.micro_steps = self.step, self.step * t.grad_accum
         self.engine.global_samples = self.step * t.micro_batch_size * t.grad_accum * self.rt.dp
@@ -391,6 +428,20 @@ class Trainer:
                         "order restarts from a new shuffle seeded by the step", ckpt, self.step, state["saved_dp"],
                         self.rt.dp, len(saved_streams), len(self.stream_positions))
         return True
+
+    def claim_trajectory(self, ckpt: Path) -> None:
+        """After resuming from ``ckpt``: it is this run's, and the checkpoints of this run's directory past its step
+        (a rollback: --resume from an older one) belong to the trajectory left behind; set aside as
+        superseded_step_N, never resumed from again nor taken for this run's saves."""
+        if ckpt.parent.resolve() == self.ckpt_root.resolve():
+            self.own_checkpoints.add(ckpt.name)
+        if self.rt.is_main:
+            moved = checkpoint.supersede_newer(self.ckpt_root, self.step)
+            if moved:
+                log.warning("resumed from step %d, an older checkpoint than this run's newest: the newer ones belong "
+                            "to the trajectory left behind and are set aside as %s", self.step,
+                            ", ".join(p.name for p in moved))
+        self.barrier()
 
     def warm_start(self) -> None:
         """A new run from init.from's weights (student, and the teacher as its copy)."""
@@ -430,9 +481,15 @@ class Trainer:
                 "stream_positions": list(self.stream_positions)}
 
     def save(self) -> Path:
-        path = checkpoint.save(self, self.ckpt_root, self.cfg.train.keep_checkpoints, experiment_dict(self.cfg))
+        if not self.weights_finite():
+            raise NonFiniteError(f"step {self.step}: a student or teacher weight is not finite; not saved, so the "
+                                 f"checkpoints before it stay")
+        path, written = checkpoint.save(self, self.ckpt_root, self.cfg.train.keep_checkpoints,
+                                        experiment_dict(self.cfg), self.own_checkpoints)
+        self.own_checkpoints.add(path.name)
         if self.rt.is_main:
-            log.info("checkpoint saved: %s", path)
+            log.info("checkpoint saved: %s" if written else "checkpoint %s already holds this state (this run resumed "
+                     "from it or saved it)", path)
         return path
 
     def install_signal_handlers(self) -> None:
@@ -461,14 +518,15 @@ class Trainer:
         lagged = LaggedRead(self.rt.device)  # each step's summary reaches the host one step later, without a wait
         status = "done"
         last = min(t.steps, t.stop_after) if t.stop_after else t.steps
-        skips = 0
+        skips, self.nonfinite_run = 0, 0
         try:
             self.check_consistency(start=True)
             while self.step < last:
                 metrics, stop, requeue = self.train_step(logger, lagged)
                 if not metrics["skipped"]:
                     self.check_consistency()  # before anything of this step is saved
-                skips = skips + 1 if metrics["skipped"] else 0
+                skips = skips + 1 if metrics["skipped"] and not metrics["nonfinite"] else 0
+                self.nonfinite_run = self.nonfinite_run if metrics["nonfinite"] else 0
                 if skips >= self.cfg.collapse.max_skips:
                     raise CollapseError(f"{skips} consecutive steps skipped (collapse.max_skips)")
                 if not metrics["skipped"]:

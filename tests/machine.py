@@ -8,7 +8,8 @@ rank on it:
   None, which changes what ``deepspeed.zero.Init`` builds. ``=1``: a CPU whose oneDNN has fp16.
 - unset: whatever this machine is.
 - ``D2V_FAULT_COLLATE=RANK:AFTER``: a fault, not a machine: collate raises in that rank after AFTER batches.
-- ``D2V_FAULT_FLIP=RANK:STEP``: a fault: that rank flips one bit of a student partition after optimizer step STEP.
+- ``D2V_FAULT_FLIP=RANK:STEP``: a fault: that rank flips one bit of a student partition after optimizer step STEP;
+  ``D2V_FAULT_INF=RANK:STEP`` sets a value of it to inf instead.
 
 The patch is applied before the target runs, in every rank, so the forced answer is the one every
 DeepSpeed code path sees.
@@ -43,9 +44,10 @@ def fail_in_collate(rank: int, after: int) -> None:
     Modality.collate = collate
 
 
-def flip_after_step(rank: int, step: int) -> None:
+def flip_after_step(rank: int, step: int, value: float | None = None) -> None:
     """Rank ``rank`` flips the lowest bit of its first student master partition once optimizer step ``step`` is done
-    (a replica that silently diverges: what train.check_consistency_every must catch)."""
+    (a replica that silently diverges: what train.check_consistency_every must catch), or sets its first element to
+    ``value`` (inf: a weight that is no longer finite)."""
     import torch
 
     from pipeline.ema import zero3_master_partition
@@ -59,7 +61,10 @@ def flip_after_step(rank: int, step: int) -> None:
         if self.step == step:
             with torch.no_grad():
                 part = zero3_master_partition(next(self.engine.module.parameters()))
-                part.view(-1)[:1].view(torch.int32).bitwise_xor_(1)
+                if value is None:
+                    part.view(-1)[:1].view(torch.int32).bitwise_xor_(1)
+                else:
+                    part.view(-1)[0] = value
         return out
     Trainer.optimizer_step = optimizer_step
 
@@ -75,6 +80,9 @@ def apply_from_environment() -> None:
     flip = os.environ.get("D2V_FAULT_FLIP")  # "RANK:STEP"
     if flip:
         flip_after_step(*map(int, flip.split(":")))
+    inf = os.environ.get("D2V_FAULT_INF")  # "RANK:STEP"
+    if inf:
+        flip_after_step(*map(int, inf.split(":")), value=float("inf"))
 
 
 def main(argv: list[str]) -> None:

@@ -65,6 +65,47 @@ def test_a_diverged_replica_stops_the_run_without_a_checkpoint(tiny_shards, tmp_
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_")) == ["step_00000004"]
 
 
+def step_dirs(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("policy, limit, steps_seen", [("skip", 3, 3), ("stop", 20, 1)])
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoint(tiny_shards, tmp_path, policy, limit,
+                                                                       steps_seen):
+    """train.lr=1e30: step 1 applies a huge (finite) update, every later loss is NaN and DeepSpeed skips each
+    update. Before: no alarm, every step counted, checkpoints of NaN steps written (pruning deleting the good ones)
+    and the run ended "done" with rc 0. Now: train.nonfinite=skip skips train.nonfinite_limit steps in a row and then
+    stops; =stop stops at the first; both exit non-zero with one line naming the last good checkpoint, which
+    stays the latest."""
+    out = tmp_path / "run"
+    args = [*train_args(tiny_shards, out, workers=1), "train.lr=1e30", "train.save_every=1", "train.steps=20",
+            "train.log_every=1", f"train.nonfinite={policy}", f"train.nonfinite_limit={limit}"]
+    rc, seconds, log = run_until_it_ends(args)
+    assert rc is not None, f"still running after {FAST} s (hang):\n{log[-3000:]}"
+    assert rc != 0 and "done at step" not in log, log[-3000:]
+    assert log.count("DeepSpeed skipped the update") == steps_seen, log[-3000:]
+    assert f"stopped: step 2: the gradient norm is not finite" in log, log[-3000:]
+    assert f"The last checkpoint, {out / 'checkpoints' / 'step_00000001'}, precedes it" in log, log[-3000:]
+    assert step_dirs(out) == ["step_00000001"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]  # skipped steps are not recorded
+
+
+@pytest.mark.distributed
+def test_a_non_finite_weight_is_never_saved(tiny_shards, tmp_path):
+    """A weight turns inf on rank 1 after step 4 (D2V_FAULT_INF): the save of step 4 is refused on every rank, the
+    run exits non-zero naming step_2 as the last good checkpoint, and step_2 is not pruned (keep_checkpoints=1)."""
+    out = tmp_path / "run"
+    args = [*train_args(tiny_shards, out, workers=1), "train.save_every=2", "train.steps=20",
+            "train.keep_checkpoints=1"]
+    rc, seconds, log = run_until_it_ends(args, env={"D2V_FAULT_INF": "1:4"})
+    assert rc is not None, f"still running after {FAST} s (hang):\n{log[-3000:]}"
+    assert rc != 0 and "stopped: step 4: a student or teacher weight is not finite; not saved" in log, log[-3000:]
+    assert f"The last checkpoint, {out / 'checkpoints' / 'step_00000002'}, precedes it" in log, log[-3000:]
+    assert step_dirs(out) == ["step_00000002"]
+
+
 @pytest.mark.distributed
 def test_hopeless_data_with_workers_ends_the_job_fast(tiny_shards, tmp_path):
     """Every shard garbage (sizes intact, so start-up accepts them), workers=2: a clear DataError, then exit."""
