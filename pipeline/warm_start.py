@@ -11,12 +11,15 @@ a teacher) keep their own initialisation.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.config import ConfigError, doc, one_of, require
+
+log = logging.getLogger("pipeline")
 
 
 @dataclass
@@ -26,7 +29,11 @@ class InitConfig:
                      "data2vec model saved with save_pretrained) or a consolidated export (.pt, --format pt). "
                      "Student and teacher start from them at any parallel.tp and data-parallel size; the optimizer, "
                      "schedule and data start fresh. Empty: random initialisation", "", key="from")
-    weights: str = doc("with a .pt export: start from its 'student' (default) or its EMA 'teacher'", "student")
+    weights: str = doc("with a .pt export: start from its 'student' (default) or its EMA 'teacher' (an HF directory "
+                       "holds the one set it was exported with)", "student")
+    strict: bool = doc("every backbone parameter must come from init.from, and nothing there may be left unused "
+                       "(an HF task model's wrapper prefix and head are understood); false: load what matches, keep "
+                       "the rest of this model's initialisation, and log both counts at WARNING", True)
 
     def __post_init__(self):
         one_of("init.weights", self.weights, ("student", "teacher"))
@@ -56,10 +63,75 @@ def check_source(cfg) -> None:
                               f"Set encoder.* / model.* to match it")
         require(any((path / name).is_file() for name in HF_WEIGHT_FILES),
                 f"init.from={source} has no {' or '.join(HF_WEIGHT_FILES)}")
+        require(cfg.init.weights == "student",
+                f"init.weights={cfg.init.weights} applies to .pt exports, which hold student and teacher; the HF "
+                f"directory {source} holds the one set it was exported with (python -m pipeline.export --format hf "
+                f"--weights teacher|student): drop init.weights")
+        check_hf_keys(cfg, hf_weight_keys(path), source)
         return
     require(path.is_file() and path.suffix == ".pt",
             f"init.from={source} is neither a transformers model directory nor a .pt export "
             f"(python -m pipeline.export CKPT --format hf|pt writes them)")
+    check_export(cfg, path)
+
+
+# modality -> the prefix of the backbone in transformers' task models (Data2VecVisionForImageClassification, ...)
+HF_TASK_PREFIX = {"vision": "data2vec_vision.", "speech": "data2vec_audio.", "text": "data2vec_text."}
+HF_UNUSED = {"text": ("pooler.",)}  # parts of an HF base model that a data2vec backbone has not (RoBERTa's pooler)
+
+
+def hf_weight_keys(path: Path) -> list[str]:
+    """The tensor names of an HF directory's weights, without reading the tensors (safetensors' header)."""
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            return list(f.keys())
+    return list(torch.load(path / "pytorch_model.bin", map_location="meta", weights_only=True))
+
+
+def unwrap_hf(cfg, state: dict) -> tuple[dict, list[str]]:
+    """An HF state (or its key set, as a dict) as its base model's: a task model's backbone prefix stripped.
+    -> (the base model's entries, the names left out: a task model's head, the base model's unused parts)."""
+    prefix = HF_TASK_PREFIX[cfg.modality]
+    wrapped = any(k.startswith(prefix) for k in state)
+    base = {k[len(prefix):] if wrapped else k: v for k, v in state.items() if not wrapped or k.startswith(prefix)}
+    unused = HF_UNUSED.get(cfg.modality, ())
+    left = sorted(k for k in state if wrapped and not k.startswith(prefix)) + sorted(k for k in base
+                                                                                       if k.startswith(unused))
+    return {k: v for k, v in base.items() if not k.startswith(unused)}, left
+
+
+def check_hf_keys(cfg, keys: list[str], source: str) -> None:
+    """Before any process group: the HF weights map onto every backbone parameter, and every tensor is used (or
+    init.strict=false)."""
+    from pipeline import hf
+    base, _ = unwrap_hf(cfg, dict.fromkeys(keys))
+    expected = set(hf.name_map(cfg).values()) | ({hf.TEXT_TOKEN_TYPES} if cfg.modality == "text" else set())
+    report_mismatch(cfg, source, sorted(expected - set(base) - {hf.TEXT_TOKEN_TYPES}), sorted(set(base) - expected))
+
+
+def report_mismatch(cfg, source: str, missing: list[str], unexpected: list[str]) -> None:
+    """ConfigError naming what does not map, unless init.strict=false (then the caller loads what matches)."""
+    if (missing or unexpected) and cfg.init.strict:
+        raise ConfigError(f"init.from={source} does not map onto this model: {len(missing)} parameter(s) missing "
+                          f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}. Check that it is a "
+                          f"{cfg.modality} data2vec model of this architecture, or set init.strict=false to load what "
+                          f"matches and keep this model's own initialisation for the rest")
+
+
+def check_export(cfg, path: Path) -> None:
+    """Before any process group: a .pt export of this modality that holds init.weights."""
+    try:
+        exported = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load's errors never name the file
+        raise ConfigError(f"init.from={path} cannot be read as a .pt export ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:150]})") from None
+    require(isinstance(exported, dict) and isinstance(exported.get(cfg.init.weights), dict),
+            f"init.from={path} holds no {cfg.init.weights!r} weights (python -m pipeline.export writes 'student' and "
+            f"'teacher'); set init.weights or export again")
+    theirs = (exported.get("config") or {}).get("modality")
+    require(theirs in (None, cfg.modality), f"init.from={path} is a {theirs} model; this run is modality="
+                                            f"{cfg.modality}")
 
 
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -71,7 +143,7 @@ def source_state(cfg, padded_vocab: int) -> dict[str, torch.Tensor]:
     from pipeline import hf
     path = Path(cfg.init.from_)
     if path.is_dir():
-        state = read_hf_weights(path)
+        state, _ = unwrap_hf(cfg, read_hf_weights(path))  # a task model's head is left out
         backbone = hf.from_hf(cfg, state, padded_vocab=padded_vocab, strict=False)
         return {f"backbone.{k}": v for k, v in backbone.items()}
     exported = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # every rank reads it: share pages
@@ -109,6 +181,11 @@ def warm_start(trainer) -> list[str]:
     state = source_state(cfg, padded)
     student = trainer.engine.module
     sizes = partition_sizes(student)
+    head_optional = Path(cfg.init.from_).is_dir() or cfg.init.weights == "teacher"  # backbone-only sources
+    missing = [n for n, _ in student.named_parameters()
+               if n not in state and (n.startswith("backbone.") or not head_optional)]
+    unused = sorted(set(state) - {n for n, _ in student.named_parameters()})
+    report_mismatch(cfg, cfg.init.from_, missing, unused)  # every rank reads the same files: all raise alike
     master, kept = {}, []
     for name, p in student.named_parameters():
         if name not in state:
@@ -124,9 +201,10 @@ def warm_start(trainer) -> list[str]:
         # the partition sizes are the shard group's (parallel.shard): the slice is the one of this rank's place in
         # it; its replicas (the same place in the other shard groups) take the same slice
         master[name] = repartition([piece.reshape(-1)], 0, sizes[name], rt.shard_rank)
-    unused = sorted(set(state) - set(master))
-    if unused:
-        raise ConfigError(f"init.from={cfg.init.from_} has parameters this model lacks: {unused[:5]}")
+    if (missing or unused) and trainer.rt.is_main:  # init.strict=false (report_mismatch refuses them otherwise)
+        log.warning("init.from=%s, init.strict=false: %d of this model's parameters are not there and keep their own "
+                    "initialisation %s; %d tensors there are not used %s", cfg.init.from_, len(missing), missing[:5],
+                    len(unused), unused[:5])
     set_student_state(trainer.engine, trainer.scheduler.optimizer, master, {}, {})
     trainer.ema.copy_student()
     return kept
