@@ -93,14 +93,15 @@ def file_crc32(path: Path, chunk: int = 1 << 24) -> int:
 
 
 def verify_rank_file(ckpt: Path, marker: dict, rank: int) -> None:
-    """The rank file's bytes against the CRC-32 its ``COMPLETE`` marker records (markers written before
-    checksums existed carry none: nothing to check)."""
-    crcs = marker.get("crc32")
-    if crcs is None:
-        return
+    """The rank file's bytes against the CRC-32 its ``COMPLETE`` marker records; a marker written before checksums
+    existed carries none: the file must then exist and open as a checkpoint (its index read, no tensor)."""
     path = rank_file(ckpt, rank)
     if not path.is_file():
         raise DamagedCheckpoint(f"{path} is missing from a complete checkpoint")
+    crcs = marker.get("crc32")
+    if crcs is None:
+        read_rank_file(path)
+        return
     got = file_crc32(path)
     if got != crcs[rank]:
         raise DamagedCheckpoint(f"{path} is damaged: its CRC-32 is {got:08x}, {COMPLETE} recorded {crcs[rank]:08x}. "
@@ -335,6 +336,12 @@ def read_complete(ckpt: Path) -> dict:
     if not isinstance(marker, dict) or not {"tp", "dp", "world_size"} <= set(marker):
         raise DamagedCheckpoint(f"{ckpt / COMPLETE} does not hold a checkpoint marker ({str(marker)[:60]!r}); resume "
                                 f"from an earlier checkpoint (--resume DIR, or train.resume_damaged=previous)")
+    crcs = marker.get("crc32")
+    if crcs is not None and not (isinstance(crcs, list) and len(crcs) == marker["world_size"]
+                                 and all(isinstance(c, int) for c in crcs)):
+        raise DamagedCheckpoint(f"{ckpt / COMPLETE} is damaged: its crc32 list should hold {marker['world_size']} "
+                                f"integers, one per rank file ({str(crcs)[:60]}); resume from an earlier checkpoint "
+                                f"(--resume DIR, or train.resume_damaged=previous)")
     return marker
 
 
@@ -415,9 +422,9 @@ def verify_before_loading(ckpt: Path, marker: dict, ranks: list[int], rt) -> Non
     if dist.is_initialized():
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
     if first.item() < len(marker["grid"]):
-        raise DamagedCheckpoint(f"{rank_file(ckpt, int(first.item()))} does not match the CRC-32 in {ckpt / COMPLETE} "
-                                f"(damaged or missing). Resume from an earlier checkpoint (--resume DIR, or "
-                                f"train.resume_damaged=previous)")
+        check = f"does not match the CRC-32 in {ckpt / COMPLETE}" if "crc32" in marker else "cannot be read"
+        raise DamagedCheckpoint(f"{rank_file(ckpt, int(first.item()))} {check} (damaged or missing). Resume from an "
+                                f"earlier checkpoint (--resume DIR, or train.resume_damaged=previous)")
 
 
 def restore_schedule(scheduler, saved: dict) -> None:

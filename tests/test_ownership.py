@@ -96,3 +96,39 @@ def test_a_rollback_resume_writes_its_own_checkpoints(tiny_shards, tmp_path):
     assert md5s(ckpts / "superseded_step_00000009") == theirs != md5s(ckpts / "step_00000009")
     assert json.loads((ckpts / "step_00000009/config.json").read_text())["train"]["lr"] == 1e-4
     assert checkpoint.find_latest(ckpts).name == "step_00000009"
+
+
+def test_a_malformed_crc32_list_is_one_clear_line(tmp_path):
+    """Before: an IndexError traceback at resume."""
+    (tmp_path / checkpoint.COMPLETE).write_text(json.dumps({"step": 1, "tp": 1, "dp": 2, "world_size": 2,
+                                                            "grid": [[0, 0], [0, 1]], "crc32": [12345]}))
+    with pytest.raises(checkpoint.DamagedCheckpoint, match=r"its crc32 list should hold 2 integers, one per rank"):
+        checkpoint.read_complete(tmp_path)
+
+
+@pytest.mark.distributed
+def test_an_old_marker_with_a_missing_rank_file_is_agreed_on_by_every_rank(tiny_shards, tmp_path):
+    """A COMPLETE without crc32 (the older format) and rank 1's file gone. Before: with resume_damaged=previous rank 1
+    fell back while rank 0 loaded step 6 and trained (a 600 s hang); with error, rank 1 exited without naming the
+    file. Now every rank checks the files it reads and all act on the first problem found."""
+    import shutil
+    out = tmp_path / "run"
+    common = ["-m", "pipeline.train", "--config", "configs/vision_tiny.yaml", f"data.manifest={tiny_shards}",
+              "train.save_every=3", "train.micro_batch_size=2", "data.workers=1", "parallel.timeout_s=60"]
+    first = torchrun([*common, f"train.output_dir={out}", "train.steps=6"])
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    step6 = out / "checkpoints/step_00000006"
+    marker = json.loads((step6 / checkpoint.COMPLETE).read_text())
+    del marker["crc32"]
+    (step6 / checkpoint.COMPLETE).write_text(json.dumps(marker))
+    (step6 / "d2v_rank00001.pt").unlink()
+    shutil.copytree(out, tmp_path / "copy")
+    stopped = torchrun([*common, f"train.output_dir={out}", "train.steps=8"], timeout=150)
+    log = stopped.stdout + stopped.stderr
+    assert stopped.returncode != 0 and f"cannot resume: {step6 / 'd2v_rank00001.pt'} cannot be read" in log, log[-3000:]
+    fallback = torchrun([*common, f"train.output_dir={tmp_path / 'copy'}", "train.steps=8",
+                         "train.resume_damaged=previous"], timeout=150)
+    log = fallback.stdout + fallback.stderr
+    assert fallback.returncode == 0, log[-3000:]
+    assert "set aside as damaged_step_00000006" in log and "resumed from" in log and "step_00000003 at step 3" in log
+    assert checkpoint.find_latest(tmp_path / "copy/checkpoints").name == "step_00000008"
