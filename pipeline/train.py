@@ -108,13 +108,15 @@ def main(argv=None) -> int:
             return 2
         if warning:
             log.warning("%s", warning)
-    from pipeline import distributed
+    from pipeline import distributed, heartbeat
     from pipeline.consistency import ConsistencyError
     from pipeline.experiment import experiment_dict
     from pipeline.trainer import CollapseError, NonFiniteError, Trainer, catch_early_signals
 
     catch_early_signals()  # from here a rank's peers would wait for it in collectives
     rt = distributed.init_runtime(cfg.parallel.tp, choice, cfg.parallel.timeout_s, cfg.parallel.shard)
+    timeout = cfg.parallel.timeout_s
+    beat = heartbeat.start(rt.rank, rt.world_size, timeout, lambda why: silent_peer(rt, why, timeout))
     try:
         if rt.is_main:
             log.info("layout: %s", " ".join(f"{k}={v}" for k, v in parallel_layout(cfg, rt).items()))
@@ -150,6 +152,8 @@ def main(argv=None) -> int:
         log.exception("rank %d of %d failed: %r", rt.rank, rt.world_size, exc)
         fail_fast(1)
     finally:
+        if beat is not None:
+            beat.stop()
         distributed.shutdown()
     # SIGUSR2 (SLURM's warning before the time limit): the checkpoint is complete, the rest runs after a requeue
     if status == "requeue" and trainer.step < cfg.train.steps and rt.is_main:
@@ -181,6 +185,14 @@ def start(trainer, args, cfg, rt, log) -> None:
         trainer.load_eval_inputs()
     except (ValueError, OSError) as exc:
         raise StartError(f"cannot evaluate during training (eval.*): {exc}") from exc
+
+
+def silent_peer(rt, why: str, timeout_s: int) -> None:
+    """The heartbeat found a peer (or the rendezvous store) silent for half of parallel.timeout_s: say which, and
+    end this rank now (the launcher ends the rest) rather than wait out the collectives' timeout."""
+    logging.getLogger("pipeline").error("rank %d of %d: %s; ending the job (a peer silent for half of "
+                                        "parallel.timeout_s=%d)", rt.rank, rt.world_size, why, timeout_s)
+    fail_fast(1)
 
 
 def fail_fast(code: int) -> None:

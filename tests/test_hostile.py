@@ -423,3 +423,38 @@ def test_a_truncated_rank_file_error_names_the_file(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(DamagedCheckpoint, match=str(path)):
         read_rank_file(path)
+
+
+@pytest.mark.distributed
+def test_a_frozen_rank_is_named_within_half_the_timeout(tiny_shards, tmp_path):
+    """SIGSTOP on rank 1 mid-run. Before: the job ended only after the 600 s process-group timeout, and nothing named
+    the frozen rank. Now rank 0's heartbeat finds rank 1 silent after parallel.timeout_s / 2 (30 s here), names it
+    with its host and pid, and ends the job."""
+    import os
+    import signal
+
+    import psutil
+    out = tmp_path / "run"
+    args = [*train_args(tiny_shards, out, workers=1), "train.steps=100000", "parallel.timeout_s=60", "train.log_every=1"]
+    from pipeline.distributed import local_launch_command, source_tree_env
+    proc = subprocess.Popen(local_launch_command(2, args), cwd=ROOT, env=source_tree_env(ROOT, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # wait for the first logged step
+            lines.append(line)
+            if " step 2/" in line:
+                break
+        ranks = {int(p.environ()["RANK"]): p for p in psutil.Process(proc.pid).children()}  # the launcher's own
+        frozen = ranks[1].pid
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+        rest, _ = proc.communicate(timeout=FAST)
+        seconds = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = "".join(lines) + rest
+    print(f"frozen rank: named and the job ended {seconds:.1f} s after SIGSTOP")
+    assert proc.returncode != 0 and seconds < 90, log[-3000:]
+    assert f"rank 0 of 2: rank 1 (" in log and f"pid {frozen}) has not answered for" in log, log[-3000:]
