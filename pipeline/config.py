@@ -338,6 +338,8 @@ def load_yaml(path: str | Path) -> dict:
     try:
         reject_duplicate_keys(yaml.compose(text, Loader=yaml.SafeLoader), path)
         raw = yaml.safe_load(text) or {}
+    except RecursionError:
+        raise ConfigError(f"{path}: invalid YAML: an anchor refers to itself (a recursive alias)") from None
     except yaml.YAMLError as exc:  # syntax errors, and tags such as !!python/object, which safe_load refuses
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{path}, line {mark.line + 1}" if mark else str(path)

@@ -346,12 +346,12 @@ def init_worker(_worker_id: int) -> None:
     die_with_parent()
 
 
-def die_with_parent() -> None:
-    """prctl(PR_SET_PDEATHSIG, SIGKILL): this process is killed when its parent exits (Linux only)."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """prctl(PR_SET_PDEATHSIG, sig): this process gets ``sig`` when its parent exits (Linux only)."""
     if sys.platform.startswith("linux"):
         import ctypes
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        libc.prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before the call: nobody will read our batches
             os._exit(0)
 

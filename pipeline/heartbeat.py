@@ -40,7 +40,7 @@ class Heartbeat(threading.Thread):
         me = f"{socket.gethostname()} pid {os.getpid()}"
         seen: dict[int, tuple[bytes, float]] = {}  # rank -> (its last beat, when this rank first saw it)
         beat = 0
-        started = time.monotonic()
+        started = answered = time.monotonic()
         while not self.halt.is_set():
             try:
                 self.store = self.store or self.connect()
@@ -48,13 +48,17 @@ class Heartbeat(threading.Thread):
                 self.store.set(f"{PREFIX}/{self.rank}", f"{beat} {me}")
                 keys = [f"{PREFIX}/{r}" for r in range(self.world)]
                 values = self.store.multi_get(keys) if self.store.check(keys) else None
-            except Exception as exc:  # noqa: BLE001 - a store that no longer answers is the finding itself
-                if self.halt.is_set():
+                answered = time.monotonic()
+            except Exception as exc:  # noqa: BLE001 - a store silent for long is the finding itself
+                self.store = None  # reconnect at the next beat; the ranks go on meanwhile (a stop can still save)
+                if time.monotonic() - answered > self.silent_after and not self.halt.is_set():
+                    self.on_silence(f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
+                                    f"{os.environ.get('MASTER_PORT')} (the launcher's agent, or rank 0 under srun) "
+                                    f"has not answered for {time.monotonic() - answered:.0f} s ({type(exc).__name__}): "
+                                    f"its host or process is frozen or lost")
                     return
-                self.on_silence(f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:"
-                                f"{os.environ.get('MASTER_PORT')} (the launcher's agent, or rank 0 under srun) does "
-                                f"not answer ({type(exc).__name__}): its host is frozen or lost")
-                return
+                self.halt.wait(self.period)
+                continue
             now = time.monotonic()
             if values is None:  # a peer has not beaten yet: allow start-up the same grace
                 if now - started > self.silent_after:

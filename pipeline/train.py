@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -114,6 +115,9 @@ def main(argv=None) -> int:
     from pipeline.trainer import CollapseError, NonFiniteError, Trainer, catch_early_signals
 
     catch_early_signals()  # from here a rank's peers would wait for it in collectives
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun rank: its parent is the launcher's agent
+        from pipeline.data import die_with_parent
+        die_with_parent(signal.SIGTERM)  # the agent killed: stop with a checkpoint (a preemption), not train on alone
     rt = distributed.init_runtime(cfg.parallel.tp, choice, cfg.parallel.timeout_s, cfg.parallel.shard)
     timeout = cfg.parallel.timeout_s
     beat = heartbeat.start(rt.rank, rt.world_size, timeout, lambda why: silent_peer(rt, why, timeout))

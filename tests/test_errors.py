@@ -69,6 +69,24 @@ def test_zero_offload_with_hybrid_sharding_is_rejected_before_any_process_group(
     run_prepare(monkeypatch, args)  # plain ZeRO-3: DeepSpeed's own offload path
 
 
+def test_a_recursive_yaml_anchor_is_one_line(tmp_path):
+    from pipeline.experiment import load_experiment
+    (tmp_path / "loop.yaml").write_text("modality: vision\ntrain: &t {again: *t}\n")
+    with pytest.raises(ConfigError, match="an anchor refers to itself"):
+        load_experiment(tmp_path / "loop.yaml")
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    from pipeline.checkpoint import atomic_write
+
+    def full_disk(f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "d2v_rank00000.pt", full_disk)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unresumable_checkpoint_is_rejected_before_any_process_group(monkeypatch, tiny_shards, tmp_path):
     ckpt = tmp_path / "checkpoints/step_00000004"
     ckpt.mkdir(parents=True)

@@ -458,3 +458,33 @@ def test_a_frozen_rank_is_named_within_half_the_timeout(tiny_shards, tmp_path):
     print(f"frozen rank: named and the job ended {seconds:.1f} s after SIGSTOP")
     assert proc.returncode != 0 and seconds < 90, log[-3000:]
     assert f"rank 0 of 2: rank 1 (" in log and f"pid {frozen}) has not answered for" in log, log[-3000:]
+
+
+@pytest.mark.distributed
+def test_ranks_stop_with_a_checkpoint_when_their_launcher_is_killed(tiny_shards, tmp_path):
+    """kill -9 of the torchrun agent. Before: the ranks trained on and saved, orphaned. Now each rank gets SIGTERM
+    from the kernel when its parent dies (PR_SET_PDEATHSIG): they agree on a step, save there and exit."""
+    import os
+    import signal
+
+    import psutil
+    out = tmp_path / "run"
+    args = [*train_args(tiny_shards, out, workers=1), "train.steps=100000", "train.log_every=1"]
+    from pipeline.distributed import local_launch_command, source_tree_env
+    proc = subprocess.Popen(local_launch_command(2, args), cwd=ROOT, env=source_tree_env(ROOT, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ranks = []
+    try:
+        for line in proc.stdout:
+            if " step 2/" in line:
+                break
+        ranks = psutil.Process(proc.pid).children()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(ranks, timeout=FAST)
+    finally:
+        for p in psutil.Process(os.getpid()).children(recursive=True):
+            if p.pid in {r.pid for r in ranks}:
+                p.kill()
+    assert len(ranks) == 2 and not alive, alive
+    assert step_dirs(out), "no checkpoint was saved"
