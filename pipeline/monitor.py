@@ -133,7 +133,7 @@ class FeatureMonitor:
     def run(self, trainer) -> dict[str, float]:
         """Score the live model: {"eval/knn_top1", ["eval/linear_top1"], "eval/seconds"} (rank 0's figures)."""
         from pipeline.distributed import all_gather_rows, all_reduce_sum
-        from pipeline.probes import knn_predict, linear_top1
+        from pipeline.probes import knn_predict
         start = time.perf_counter()
         if self.splits is None:
             self.load()

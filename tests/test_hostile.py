@@ -85,7 +85,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoint(tiny_shar
     assert rc is not None, f"still running after {FAST} s (hang):\n{log[-3000:]}"
     assert rc != 0 and "done at step" not in log, log[-3000:]
     assert log.count("DeepSpeed skipped the update") == steps_seen, log[-3000:]
-    assert f"stopped: step 2: the gradient norm is not finite" in log, log[-3000:]
+    assert "stopped: step 2: the gradient norm is not finite" in log, log[-3000:]
     assert f"The last checkpoint, {out / 'checkpoints' / 'step_00000001'}, precedes it" in log, log[-3000:]
     assert step_dirs(out) == ["step_00000001"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -457,7 +457,7 @@ def test_a_frozen_rank_is_named_within_half_the_timeout(tiny_shards, tmp_path):
     log = "".join(lines) + rest
     print(f"frozen rank: named and the job ended {seconds:.1f} s after SIGSTOP")
     assert proc.returncode != 0 and seconds < 90, log[-3000:]
-    assert f"rank 0 of 2: rank 1 (" in log and f"pid {frozen}) has not answered for" in log, log[-3000:]
+    assert "rank 0 of 2: rank 1 (" in log and f"pid {frozen}) has not answered for" in log, log[-3000:]
 
 
 @pytest.mark.distributed

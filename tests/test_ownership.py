@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -36,9 +35,8 @@ def test_the_output_directory_lock_names_its_holder_and_dies_with_it(tiny_shards
     try:
         with pytest.raises(OutputDirInUse, match=rf"in use by another run \(pid {holder.pid} on "):
             claim(tmp_path)
-        # the entry point refuses before any process group, in about the time of its config checks
+        # the entry point refuses before any process group
         env = source_tree_env(ROOT, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", "configs/vision_tiny.yaml",
                                f"data.manifest={tiny_shards}", f"train.output_dir={tmp_path}"], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
@@ -132,3 +130,14 @@ def test_an_old_marker_with_a_missing_rank_file_is_agreed_on_by_every_rank(tiny_
     assert fallback.returncode == 0, log[-3000:]
     assert "set aside as damaged_step_00000006" in log and "resumed from" in log and "step_00000003 at step 3" in log
     assert checkpoint.find_latest(tmp_path / "copy/checkpoints").name == "step_00000008"
+
+
+@pytest.mark.parametrize("where", ["/dev/null", "/proc/d2v-output"])
+def test_an_unwritable_output_directory_is_refused_before_any_process_group(tiny_shards, where):
+    """Before: found only after the process group started (by the first save, or the metrics log)."""
+    env = source_tree_env(ROOT, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "--config", "configs/vision_tiny.yaml",
+                           f"data.manifest={tiny_shards}", f"train.output_dir={where}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"train.output_dir={where} cannot be written" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "layout:" not in proc.stdout
