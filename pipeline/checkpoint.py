@@ -159,10 +159,13 @@ def set_aside(ckpt: Path, reason: str = "damaged") -> Path:
 
 
 def supersede_newer(root: Path, step: int) -> list[Path]:
-    """Set aside, as ``superseded_step_N``, the checkpoints under ``root`` past ``step``: after a rollback (a resume
-    from an older checkpoint) they belong to the trajectory left behind. Rank 0 only; returns the new names."""
-    newer = [p for p in Path(root).glob("step_*") if p.is_dir() and p.name > tag_for(step)]
-    return [set_aside(p, "superseded") for p in sorted(newer)]
+    """Set aside, as ``superseded_step_N``, the complete checkpoints under ``root`` past ``step``: after a rollback (a
+    resume from an older checkpoint) they belong to the trajectory left behind. Incomplete ones past it (a save that
+    crashed) are removed, as ``prune`` removes older ones. Rank 0 only; returns the new names."""
+    newer = sorted(p for p in Path(root).glob("step_*") if p.is_dir() and p.name > tag_for(step))
+    for crashed in (p for p in newer if not is_complete(p)):
+        shutil.rmtree(crashed, ignore_errors=True)
+    return [set_aside(p, "superseded") for p in newer if p.exists()]
 
 
 def param_layout(module: torch.nn.Module) -> dict:
@@ -279,7 +282,7 @@ def save(trainer, root: Path, keep: int, config: dict | None = None,
     root = Path(root)
     tag = tag_for(trainer.step)
     ckpt = root / tag
-    if tag in own and all_ok(is_complete(ckpt), rt.device):  # every rank must take the same branch
+    if all_ok(tag in own and is_complete(ckpt), rt.device):  # every rank takes the same branch
         return ckpt, False
     if rt.rank == 0 and ckpt.exists():
         if is_complete(ckpt):

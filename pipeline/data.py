@@ -346,14 +346,17 @@ def init_worker(_worker_id: int) -> None:
     die_with_parent()
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """prctl(PR_SET_PDEATHSIG, sig): this process gets ``sig`` when its parent exits (Linux only)."""
+def die_with_parent(sig: int = signal.SIGKILL, parent: int | None = None, orphan_exit: int = 0) -> None:
+    """prctl(PR_SET_PDEATHSIG, sig): this process gets ``sig`` when its parent exits (Linux only). If the parent
+    (``parent``: its pid as read at start; default: now) is already gone, exit with ``orphan_exit``. A parent that is
+    PID 1 itself (torchrun as a container's entry point) is a live parent, not a sign of orphaning."""
     if sys.platform.startswith("linux"):
         import ctypes
+        parent = os.getppid() if parent is None else parent
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, sig, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before the call: nobody will read our batches
-            os._exit(0)
+        if os.getppid() != parent:  # the parent died before the call: nobody will read our batches
+            os._exit(orphan_exit)
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import socket
 import sys
@@ -468,7 +469,7 @@ def init_runtime(tp: int, choice: DeviceChoice, timeout_s: float = 600.0, shard:
     # megatron's groups: the world group's timeout, and none of the gloo side groups it would otherwise create
     # (three per rank, unused here; at 512 ranks they cost start-up time and memory)
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False,
-                                 distributed_timeout_minutes=max(1, round(timeout_s / 60)))
+                                 distributed_timeout_minutes=math.ceil(timeout_s / 60))  # whole minutes, not less
     device = torch.device(accel.device_name(index) if choice.device_type != "cpu" else "cpu")
     dp, dp_rank, dp_group = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank(), ps.get_data_parallel_group()
     shard_group, replica_group = hybrid_groups(size, timeout_s) if size < dp else (dp_group, None)

@@ -50,6 +50,13 @@ def zero3_partition(param: nn.Parameter) -> torch.Tensor:
     return param.ds_tensor.data
 
 
+def owned_elements(part: torch.Tensor, param: nn.Parameter, rank: int) -> torch.Tensor:
+    """The elements of a ZeRO-3 partition (rank ``rank`` of its shard group) that hold the parameter: ZeRO-3 pads the
+    last partitions to equal sizes, with values it never initialises (they differ between replicas, and may be NaN)."""
+    n = part.numel()
+    return part.reshape(-1)[:max(0, min(n, param.ds_numel - rank * n))]
+
+
 def zero3_master_partition(param: nn.Parameter) -> torch.Tensor:
     """This rank's fp32 master partition of a ZeRO-3 student parameter (no communication)."""
     from deepspeed.utils import safe_get_local_fp32_param

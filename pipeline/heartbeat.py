@@ -4,21 +4,21 @@ A rank that stops (SIGSTOP, a hung driver, a node that drops off the network) le
 collective until the process-group timeout, which then names no one. Here each rank runs a daemon thread that, every
 ``period`` seconds, bumps its own counter in the store the ranks met through (MASTER_ADDR:MASTER_PORT: torchrun's
 agent or rank 0's TCPStore) and reads everyone's. A peer whose counter has not moved for ``silent_after`` seconds (of
-this rank's clock: no clock is compared across nodes), or a store that stops answering, is reported in one line
-naming the rank, its host and pid, and this rank then ends (the launcher ends the others). The thread keeps beating
-while its own rank computes, saves or waits in a collective: only a stopped process, or a lost node, falls silent.
+this rank's clock: no clock is compared across nodes), or a store that stops answering for that long, is reported in
+one line naming the rank, its host and pid, and this rank then ends (the launcher ends the others). The thread keeps
+beating while its own rank computes, saves or waits in a collective: only a stopped process, or a lost node, falls
+silent. Under torchrun the store lives in the launcher's agent: after the agent dies the ranks have that long to save
+(the SIGTERM it leaves them; train.main) before their heartbeat ends them.
 """
 
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import socket
 import threading
 import time
 
-log = logging.getLogger("pipeline")
 PREFIX = "d2v/heartbeat"
 
 
@@ -48,6 +48,7 @@ class Heartbeat(threading.Thread):
                 self.store.set(f"{PREFIX}/{self.rank}", f"{beat} {me}")
                 keys = [f"{PREFIX}/{r}" for r in range(self.world)]
                 values = self.store.multi_get(keys) if self.store.check(keys) else None
+                missing = [] if values is not None else [r for r, k in enumerate(keys) if not self.store.check([k])]
                 answered = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - a store silent for long is the finding itself
                 self.store = None  # reconnect at the next beat; the ranks go on meanwhile (a stop can still save)
@@ -61,8 +62,7 @@ class Heartbeat(threading.Thread):
                 continue
             now = time.monotonic()
             if values is None:  # a peer has not beaten yet: allow start-up the same grace
-                if now - started > self.silent_after:
-                    missing = [r for r in range(self.world) if not self.store.check([f"{PREFIX}/{r}"])]
+                if missing and now - started > self.silent_after:
                     self.on_silence(f"rank {missing[0]} never sent a heartbeat in {self.silent_after:.0f} s")
                     return
             else:
@@ -70,7 +70,7 @@ class Heartbeat(threading.Thread):
                     if rank not in seen or seen[rank][0] != value:
                         seen[rank] = (value, now)
                     elif now - seen[rank][1] > self.silent_after:
-                        count, _, where = value.decode("utf-8", "replace").partition(" ")
+                        where = value.decode("utf-8", "replace").partition(" ")[2]
                         self.on_silence(f"rank {rank} ({where}) has not answered for {now - seen[rank][1]:.0f} s: "
                                         f"it is stopped, frozen or its node is lost")
                         return

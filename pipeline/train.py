@@ -87,6 +87,7 @@ def check_resumable(args, cfg) -> None:
 
 
 def main(argv=None) -> int:
+    launcher = os.getppid()  # torchrun's agent for a torchrun rank (it may be PID 1 in a container)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     log = logging.getLogger("pipeline")
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     catch_early_signals()  # from here a rank's peers would wait for it in collectives
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun rank: its parent is the launcher's agent
         from pipeline.data import die_with_parent
-        die_with_parent(signal.SIGTERM)  # the agent killed: stop with a checkpoint (a preemption), not train on alone
+        die_with_parent(signal.SIGTERM, launcher, orphan_exit=1)  # the agent killed: stop with a checkpoint
     rt = distributed.init_runtime(cfg.parallel.tp, choice, cfg.parallel.timeout_s, cfg.parallel.shard)
     timeout = cfg.parallel.timeout_s
     beat = heartbeat.start(rt.rank, rt.world_size, timeout, lambda why: silent_peer(rt, why, timeout))
@@ -142,7 +143,7 @@ def main(argv=None) -> int:
     except NonFiniteError as exc:  # every rank at the same step: the norm and the loss are reduced over all
         if rt.is_main:
             from pipeline.checkpoint import find_latest
-            good = find_latest(trainer.ckpt_root)
+            good = find_latest(trainer.ckpt_root) or trainer.resumed_from
             log.error("stopped: %s. %s with a lower train.lr or train.grad_clip, or check the data (train.nonfinite "
                       "in --help)", exc, f"The last checkpoint, {good}, precedes it: resume from it" if good else
                       "No checkpoint was written before it: start again")

@@ -18,6 +18,7 @@ from pipeline import checkpoint
 from pipeline.data import STREAM_KEY, make_loader, stream_count, to_device
 from pipeline.distributed import (LaggedRead, Runtime, agree_over_tp, all_reduce_mean, all_reduce_sum, build_sharded,
                                   mark_gathered_whole, model_parallel_config, student_ds_config, teacher_ds_config)
+from pipeline.consistency import check_due
 from pipeline.ema import ShardedEMA, shared_encoder, tau_at
 from pipeline.experiment import ExperimentConfig, experiment_dict
 from pipeline.gather import GatheredForward
@@ -25,6 +26,7 @@ from pipeline.metrics import MetricsLogger, step_summary, summary_values
 from pipeline.model.data2vec import Backbone, teacher_parameter_name
 from pipeline.model.transformer import layerdrop_choice
 from pipeline.monitor import FeatureMonitor
+from pipeline.nonfinite import NonFiniteError, nonfinite_step, weights_finite
 from pipeline.objective import (class_targets, collapse_alarm, moment_stats, position_share, position_stats, projection,
                                 regression_loss, std_from_stats, teacher_targets)
 
@@ -47,10 +49,6 @@ EXEMPT_SUFFIXES = {"beit": (".bias", "cls_token"),  # + every 1-D parameter (BEi
 
 class CollapseError(RuntimeError):
     pass
-
-
-class NonFiniteError(RuntimeError):
-    """Non-finite gradients or loss (train.nonfinite): the run stops without writing a non-finite checkpoint."""
 
 
 def full_shape(p: torch.nn.Parameter) -> torch.Size:
@@ -136,6 +134,7 @@ class Trainer:
         self.stop_requested = False
         self.nonfinite_run = 0  # steps in a row whose gradients were not finite (train.nonfinite=skip)
         self.own_checkpoints: set[str] = set()  # checkpoints of this trajectory: saved or resumed from by this run
+        self.resumed_from: Path | None = None
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
         self.monitor = FeatureMonitor(cfg, rt)  # eval.every
         self.build()
@@ -284,27 +283,6 @@ class Trainer:
         for p in params:
             safe_set_local_grad(p, zeros[:p.ds_tensor.numel()])
 
-    def handle_nonfinite(self) -> None:
-        """A step whose gradients were not finite (DeepSpeed skipped it): train.nonfinite's policy."""
-        self.nonfinite_run += 1
-        t = self.cfg.train
-        what = f"step {self.step + 1}: the gradient norm is not finite (NaN or inf); DeepSpeed skipped the update"
-        if t.nonfinite == "stop":
-            raise NonFiniteError(f"{what} (train.nonfinite=stop)")
-        if self.nonfinite_run >= t.nonfinite_limit:
-            raise NonFiniteError(f"{what}: {self.nonfinite_run} such steps in a row (train.nonfinite_limit)")
-        if self.rt.is_main:
-            log.warning("%s, and no step is counted (train.nonfinite=skip: %d of %d in a row)", what,
-                        self.nonfinite_run, t.nonfinite_limit)
-
-    def weights_finite(self) -> bool:
-        """Every rank's fp32 master partitions are finite (one reduction each, at a save: rare), agreed by all."""
-        from pipeline.checkpoint import all_ok
-        from pipeline.ema import zero3_master_partition
-        parts = [zero3_master_partition(p) for p in self.engine.module.parameters()] + self.ema.teacher_parts
-        finite = torch.stack([torch.isfinite(part).all() for part in parts]).all()
-        return all_ok(bool(finite), self.rt.device)
-
     def handle_collapse(self, alarm: str, step: int) -> None:
         action = self.cfg.collapse.action
         log.warning("step %d: representation collapse alarm: %s (collapse.action=%s)", step, alarm, action)
@@ -352,7 +330,8 @@ class Trainer:
         (stop / requeue flags, collapse alarm), this one's recorded. Waits for the device nowhere."""
         metrics = self.optimizer_step()
         if metrics["nonfinite"]:
-            self.handle_nonfinite()
+            self.nonfinite_run = nonfinite_step(self.cfg.train, self.step, self.nonfinite_run + 1,
+                                                self.rt.is_main)
         stop, requeue = self.read_previous(lagged, metrics)
         if not metrics["skipped"]:
             logger.record(metrics["summary"], metrics["lr"], metrics["tau"])
@@ -363,12 +342,12 @@ class Trainer:
         all-reduced values, so all stop at the same step, one step after the signal was agreed on) and, unless
         collapse.action=skip checked it already, its collapse alarm."""
         step = self.step if metrics["skipped"] else self.step - 1  # the step this summary belongs to (from 0)
-        seen = lagged.exchange(metrics["summary"], (step, metrics["nonfinite"]))
+        seen = lagged.exchange(metrics["summary"], (step, metrics["skipped"]))
         if seen is None:
             return False, False
-        (seen_step, was_nonfinite), summary = seen
+        (seen_step, was_skipped), summary = seen
         values = summary_values(summary)
-        if not was_nonfinite and not math.isfinite(values["loss"]):  # all-reduced: every rank raises together
+        if not was_skipped and not math.isfinite(values["loss"]):  # all-reduced: every rank raises together
             raise NonFiniteError(f"step {seen_step + 1}: the loss is {values['loss']} while its gradients were finite "
                                  f"and applied")
         if self.cfg.collapse.action != "skip":
@@ -433,6 +412,7 @@ class Trainer:
         """After resuming from ``ckpt``: it is this run's, and the checkpoints of this run's directory past its step
         (a rollback: --resume from an older one) belong to the trajectory left behind; set aside as
         superseded_step_N, never resumed from again nor taken for this run's saves."""
+        self.resumed_from = ckpt
         if ckpt.parent.resolve() == self.ckpt_root.resolve():
             self.own_checkpoints.add(ckpt.name)
         if self.rt.is_main:
@@ -456,20 +436,6 @@ class Trainer:
         if self.cfg.eval.every:
             self.monitor.load()
 
-    def check_consistency(self, start: bool = False) -> None:
-        """train.check_consistency_every: replicas and tensor-parallel peers still hold equal copies (at the start,
-        after a resume or init.from, and every that many steps); ConsistencyError on every rank if not."""
-        import time
-
-        from pipeline.consistency import check
-        every = self.cfg.train.check_consistency_every
-        if not every or not (start or self.step % every == 0):
-            return
-        began = time.perf_counter()
-        if check(self) and start and self.rt.is_main:
-            log.info("consistency: replicas and tensor-parallel peers hold equal copies (%.0f ms a check; every %d "
-                     "steps: train.check_consistency_every)", 1000 * (time.perf_counter() - began), every)
-
     def barrier(self) -> None:
         import torch.distributed as dist
         if dist.is_initialized():
@@ -481,7 +447,7 @@ class Trainer:
                 "stream_positions": list(self.stream_positions)}
 
     def save(self) -> Path:
-        if not self.weights_finite():
+        if not weights_finite(self):
             raise NonFiniteError(f"step {self.step}: a student or teacher weight is not finite; not saved, so the "
                                  f"checkpoints before it stay")
         path, written = checkpoint.save(self, self.ckpt_root, self.cfg.train.keep_checkpoints,
@@ -520,11 +486,11 @@ class Trainer:
         last = min(t.steps, t.stop_after) if t.stop_after else t.steps
         skips, self.nonfinite_run = 0, 0
         try:
-            self.check_consistency(start=True)
+            check_due(self, start=True)
             while self.step < last:
                 metrics, stop, requeue = self.train_step(logger, lagged)
                 if not metrics["skipped"]:
-                    self.check_consistency()  # before anything of this step is saved
+                    check_due(self)  # before anything of this step is saved
                 skips = skips + 1 if metrics["skipped"] and not metrics["nonfinite"] else 0
                 self.nonfinite_run = self.nonfinite_run if metrics["nonfinite"] else 0
                 if skips >= self.cfg.collapse.max_skips:
@@ -540,7 +506,7 @@ class Trainer:
                     self.save()
                     status = "requeue" if requeue else "preempted"
                     break
-                if not skips and t.save_every and self.step % t.save_every == 0 and self.step < last:
+                if not metrics["skipped"] and t.save_every and self.step % t.save_every == 0 and self.step < last:
                     self.save()
             else:
                 self.save()

@@ -67,7 +67,7 @@ def check_source(cfg) -> None:
                 f"init.weights={cfg.init.weights} applies to .pt exports, which hold student and teacher; the HF "
                 f"directory {source} holds the one set it was exported with (python -m pipeline.export --format hf "
                 f"--weights teacher|student): drop init.weights")
-        check_hf_keys(cfg, hf_weight_keys(path), source)
+        check_hf_keys(cfg, hf_weight_keys(path), source, theirs)
         return
     require(path.is_file() and path.suffix == ".pt",
             f"init.from={source} is neither a transformers model directory nor a .pt export "
@@ -77,7 +77,10 @@ def check_source(cfg) -> None:
 
 # modality -> the prefix of the backbone in transformers' task models (Data2VecVisionForImageClassification, ...)
 HF_TASK_PREFIX = {"vision": "data2vec_vision.", "speech": "data2vec_audio.", "text": "data2vec_text."}
-HF_UNUSED = {"text": ("pooler.",)}  # parts of an HF base model that a data2vec backbone has not (RoBERTa's pooler)
+# parts of an HF base model that a data2vec backbone has not: RoBERTa's pooler; BEiT's mean-pooling LayerNorm
+# (use_mean_pooling=True, fine-tuned models: fc_norm), whose model then has no final LayerNorm of its own
+HF_UNUSED = {"text": ("pooler.",), "vision": ("pooler.",)}
+HF_POOLED_AWAY = {"vision": ("layernorm.weight", "layernorm.bias")}  # absent with use_mean_pooling=True
 
 
 def hf_weight_keys(path: Path) -> list[str]:
@@ -101,13 +104,20 @@ def unwrap_hf(cfg, state: dict) -> tuple[dict, list[str]]:
     return {k: v for k, v in base.items() if not k.startswith(unused)}, left
 
 
-def check_hf_keys(cfg, keys: list[str], source: str) -> None:
+def optional_hf_names(cfg, theirs: dict) -> set[str]:
+    """HF names a source may lack by its own architecture: with use_mean_pooling=True (BEiT's fine-tuning) the
+    final LayerNorm is the pooler's, left out; ours then keeps its initialisation, as BEiT's fc_norm starts fresh."""
+    return set(HF_POOLED_AWAY.get(cfg.modality, ())) if theirs.get("use_mean_pooling") else set()
+
+
+def check_hf_keys(cfg, keys: list[str], source: str, theirs: dict) -> None:
     """Before any process group: the HF weights map onto every backbone parameter, and every tensor is used (or
     init.strict=false)."""
     from pipeline import hf
     base, _ = unwrap_hf(cfg, dict.fromkeys(keys))
     expected = set(hf.name_map(cfg).values()) | ({hf.TEXT_TOKEN_TYPES} if cfg.modality == "text" else set())
-    report_mismatch(cfg, source, sorted(expected - set(base) - {hf.TEXT_TOKEN_TYPES}), sorted(set(base) - expected))
+    missing = expected - set(base) - {hf.TEXT_TOKEN_TYPES} - optional_hf_names(cfg, theirs)
+    report_mismatch(cfg, source, sorted(missing), sorted(set(base) - expected))
 
 
 def report_mismatch(cfg, source: str, missing: list[str], unexpected: list[str]) -> None:
@@ -181,9 +191,15 @@ def warm_start(trainer) -> list[str]:
     state = source_state(cfg, padded)
     student = trainer.engine.module
     sizes = partition_sizes(student)
-    head_optional = Path(cfg.init.from_).is_dir() or cfg.init.weights == "teacher"  # backbone-only sources
+    source = Path(cfg.init.from_)
+    head_optional = source.is_dir() or cfg.init.weights == "teacher"  # backbone-only sources
+    optional = set()
+    if source.is_dir():  # names the HF architecture itself leaves out, in our terms
+        from pipeline import hf
+        absent = optional_hf_names(cfg, json.loads((source / "config.json").read_text("utf-8")))
+        optional = {f"backbone.{ours}" for ours, theirs in hf.name_map(cfg).items() if theirs in absent}
     missing = [n for n, _ in student.named_parameters()
-               if n not in state and (n.startswith("backbone.") or not head_optional)]
+               if n not in state and n not in optional and (n.startswith("backbone.") or not head_optional)]
     unused = sorted(set(state) - {n for n, _ in student.named_parameters()})
     report_mismatch(cfg, cfg.init.from_, missing, unused)  # every rank reads the same files: all raise alike
     master, kept = {}, []

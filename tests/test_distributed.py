@@ -213,11 +213,12 @@ def test_consistency_check_finds_one_flipped_bit_and_tp_peers_agree(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
     cases = reports[0]["cases"]
-    assert len(cases) == 4 and all(r["cases"] == cases for r in reports)
+    assert len(cases) == 5 and all(r["cases"] == cases for r in reports)
     expected = {"replica master": ("ranks 0 and 2", "replicas", "student master"),
                 "replica working": ("ranks 0 and 2", "replicas", "student working"),
                 "replica teacher": ("ranks 1 and 3", "replicas", "teacher"),
-                "tp master": ("ranks 0 and 1", "tensor-parallel peers", "student master")}
+                "tp master": ("ranks 0 and 1", "tensor-parallel peers", "student master"),
+                "tp scaled master": ("ranks 0 and 1", "tensor-parallel peers", "student master")}
     for case, message in cases.items():
         kind, name = case.rsplit(" ", 1)
         assert message is not None, case

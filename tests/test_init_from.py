@@ -27,7 +27,8 @@ def prepared(monkeypatch, tmp_path, shards, *overrides):
     return prepare(Namespace(config=TINY, overrides=args, resume=None, no_resume=False))
 
 
-def save_hf_model(directory, model_class="Data2VecVisionForImageClassification", drop=(), extra=None):
+def save_hf_model(directory, model_class="Data2VecVisionForImageClassification", drop=(), extra=None,
+                  mean_pooling=False):
     """A transformers model of vision_tiny's architecture saved as an HF directory, optionally without the tensors
     whose names contain one of ``drop`` or with ``extra`` tensors."""
     from safetensors.torch import load_file, save_file
@@ -36,6 +37,7 @@ def save_hf_model(directory, model_class="Data2VecVisionForImageClassification",
     cfg = load_experiment(TINY)
     config = hf.hf_config(cfg)
     config.num_labels = 3
+    config.use_mean_pooling = mean_pooling
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(config)
     model.save_pretrained(directory)
@@ -58,6 +60,17 @@ def test_an_hf_task_model_starts_its_backbone(monkeypatch, tmp_path, tiny_shards
     assert len(ours) == len(names) > 0
     for name, hf_name in names.items():
         assert torch.equal(ours[f"backbone.{name}"], theirs[hf_name]), name
+
+
+def test_a_mean_pooling_task_model_starts_all_but_the_final_norm(monkeypatch, tmp_path, tiny_shards):
+    """use_mean_pooling=True (BEiT fine-tuning, the released -ft1k models): the final LayerNorm is the pooler's, which
+    a data2vec backbone has not; it is left out and ours keeps its initialisation, as BEiT's fc_norm starts fresh."""
+    save_hf_model(tmp_path / "pooled", mean_pooling=True)
+    prepared(monkeypatch, tmp_path, tiny_shards, f"init.from={tmp_path / 'pooled'}")
+    cfg = load_experiment(TINY, [f"init.from={tmp_path / 'pooled'}"])
+    from pipeline import hf
+    absent = {f"backbone.{ours}" for ours, theirs in hf.name_map(cfg).items() if theirs.startswith("layernorm.")}
+    assert len(absent) == 2 and set(source_state(cfg, 0)) == {f"backbone.{n}" for n in hf.name_map(cfg)} - absent
 
 
 @pytest.mark.parametrize("drop, extra, message", [

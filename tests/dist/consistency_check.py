@@ -3,7 +3,8 @@
 1. Three optimizer steps with train.check_consistency_every=1: replicas hold equal partitions and the parameters
    megatron does not split stay bit-identical on tensor-parallel peers (no error).
 2. One bit flipped in one copy at a time (a student master, working or teacher partition on one replica; a duplicated
-   parameter on one TP rank of both replicas): every rank raises ConsistencyError with the same line.
+   parameter on one TP rank of both replicas), compared bit for bit; and a duplicated parameter scaled by 1.01 on one
+   TP rank, compared to the run-time tolerance (TP_RTOL): every rank raises ConsistencyError with the same line.
 3. collapse.action=skip at TP 2 where one TP rank's targets are half the other's and the threshold lies between: both
    TP peers take the same decision (before the statistics were agreed over TP, one skipped while its peer went into
    the backward's collectives, and the job hung until the process-group timeout).
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dp_equivalence import GLOBAL_BATCH, global_batches  # tests/dist, this script's directory
-from pipeline.consistency import ConsistencyError, check
+from pipeline.consistency import TP_RTOL, ConsistencyError, check
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.ema import zero3_master_partition
 from pipeline.experiment import load_experiment
@@ -54,6 +55,7 @@ def corruption_cases(trainer) -> dict:
         f"replica working {whole}": ((2,), lambda: params[whole].ds_tensor.data),
         f"replica teacher {split}": ((3,), lambda: teacher[split.removeprefix("backbone.")]),
         f"tp master {whole}": ((1, 3), lambda: zero3_master_partition(params[whole])),
+        f"tp scaled master {whole}": ((1, 3), lambda: zero3_master_partition(params[whole])),  # beyond TP_RTOL
     }
 
 
@@ -71,6 +73,7 @@ def main() -> None:
     for _ in range(3):
         trainer.optimizer_step()
         trainer.check_consistency()
+    check(trainer, tp_rtol=0)  # the parameters TP peers both hold: bit-identical after the steps (gloo)
     began = time.perf_counter()
     for _ in range(5):
         check(trainer)
@@ -78,10 +81,12 @@ def main() -> None:
     for case, (ranks, partition) in corruption_cases(trainer).items():
         part = partition().detach()
         kept = part.clone()
-        if rt.rank in ranks:
+        if rt.rank in ranks and "scaled" in case:
+            part.mul_(1.01)
+        elif rt.rank in ranks:
             flip_lowest_bit(part)
         try:
-            check(trainer)
+            check(trainer, tp_rtol=0 if "scaled" not in case else TP_RTOL)
             report["cases"][case] = None
         except ConsistencyError as exc:
             report["cases"][case] = str(exc)
