@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dp_equivalence import GLOBAL_BATCH, global_batches  # tests/dist, this script's directory
-from pipeline.consistency import TP_RTOL, ConsistencyError, check
+from pipeline.consistency import TP_RTOL, ConsistencyError, check, check_due
 from pipeline.distributed import choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.ema import zero3_master_partition
 from pipeline.experiment import load_experiment
@@ -69,10 +69,10 @@ def main() -> None:
     cfg.train.micro_batch_size = GLOBAL_BATCH // rt.dp
     trainer = Trainer(cfg, rt, load_ds_config(cfg.train.ds_config), [])
     feed(trainer, cfg, rt, 8)
-    trainer.check_consistency(start=True)
+    check_due(trainer, start=True)
     for _ in range(3):
         trainer.optimizer_step()
-        trainer.check_consistency()
+        check_due(trainer)
     check(trainer, tp_rtol=0)  # the parameters TP peers both hold: bit-identical after the steps (gloo)
     began = time.perf_counter()
     for _ in range(5):

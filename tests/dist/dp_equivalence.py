@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.consistency import check_due
 from pipeline.distributed import MegatronMPU, choose_device, init_runtime, load_ds_config, shutdown
 from pipeline.experiment import load_experiment
 from pipeline.metrics import summary_values
@@ -91,7 +92,7 @@ def run(args, rt, config: str, overrides: list[str]) -> list[float]:
         trainer.save()
     if cfg.init.from_:
         trainer.warm_start()
-    trainer.check_consistency(start=True)  # train.check_consistency_every: replicas and TP peers hold equal copies
+    check_due(trainer, start=True)  # train.check_consistency_every: replicas and TP peers hold equal copies
     lo = rt.dp_rank * micro
     batches = global_batches(cfg, args.steps)
     for _ in range(trainer.step):
@@ -103,7 +104,7 @@ def run(args, rt, config: str, overrides: list[str]) -> list[float]:
     while trainer.step < args.steps:
         losses.append(summary_values(trainer.optimizer_step()["summary"])["loss"])
         losses.append(float(trainer.engine.get_global_grad_norm()))  # sensitive to the gradient scale
-        trainer.check_consistency()
+        check_due(trainer)
         if trainer.step == args.save_at:
             trainer.ckpt_root = Path(args.ckpt)
             trainer.save()
