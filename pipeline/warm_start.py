@@ -85,11 +85,15 @@ HF_POOLED_AWAY = {"vision": ("layernorm.weight", "layernorm.bias")}  # absent wi
 
 def hf_weight_keys(path: Path) -> list[str]:
     """The tensor names of an HF directory's weights, without reading the tensors (safetensors' header)."""
-    if (path / "model.safetensors").is_file():
-        from safetensors import safe_open
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            return list(f.keys())
-    return list(torch.load(path / "pytorch_model.bin", map_location="meta", weights_only=True))
+    try:
+        if (path / "model.safetensors").is_file():
+            from safetensors import safe_open
+            with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+                return list(f.keys())
+        return list(torch.load(path / "pytorch_model.bin", map_location="meta", weights_only=True))
+    except Exception as exc:  # noqa: BLE001 - their errors never name the file
+        raise ConfigError(f"init.from={path}: its weights file cannot be read ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:150] if str(exc) else 'empty or damaged'})") from None
 
 
 def unwrap_hf(cfg, state: dict) -> tuple[dict, list[str]]:

@@ -43,7 +43,17 @@ class Started(Exception):
     """Raised by the stand-in init_distributed: the test has seen what DeepSpeed would read."""
 
 
-def test_one_visible_gpu_per_task_names_device_0_everywhere_deepspeed_looks(monkeypatch):
+@pytest.fixture
+def restored_environ():
+    """init_runtime writes the launch variables into os.environ itself (export_rendezvous, bind_device): put the
+    whole environment back, or a later test's subprocess would start as rank 3 of 4 and wait for its peers."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_one_visible_gpu_per_task_names_device_0_everywhere_deepspeed_looks(restored_environ, monkeypatch):
     """srun --gpus-per-task=1: SLURM_LOCALID=3 but one visible device. Before DeepSpeed starts its process group, the
     device is set to 0 and LOCAL_RANK (what DeepSpeed reads for init_process_group's device_id, zero.Init's local
     device and the engine's set_device) names it: left at 3, every rank but the first dies with 'invalid device
@@ -78,8 +88,8 @@ def test_one_visible_gpu_per_task_names_device_0_everywhere_deepspeed_looks(monk
     assert seen["timeout"] == datetime.timedelta(seconds=1234)  # parallel.timeout_s reaches the process group
     # all devices visible (one task per node sees 4): the device is the local rank
     accel.device_count = lambda: 4
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # what the first start exported from SLURM's variables
-        monkeypatch.delenv(key)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # what the first start exported (restored_environ undoes it)
+        os.environ.pop(key)
     with pytest.raises(Started):
         distributed.init_runtime(1, DeviceChoice("cuda", torch.bfloat16, "nccl"))
     assert accel.current == 3 and seen["local_rank"] == "3"

@@ -198,6 +198,10 @@ def test_init_from_is_checked_before_any_process_group(tmp_path):
     with pytest.raises(ConfigError, match="has no model.safetensors"):
         check_source(load_experiment(ROOT / "configs/text_tiny.yaml", [f"init.from={tmp_path / 'text'}"]))
     (tmp_path / "text" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="its weights file cannot be read"):
+        check_source(load_experiment(ROOT / "configs/text_tiny.yaml", [f"init.from={tmp_path / 'text'}"]))
+    import transformers
+    transformers.Data2VecTextModel(hf.hf_config(text)).save_pretrained(tmp_path / "text")
     check_source(load_experiment(ROOT / "configs/text_tiny.yaml", [f"init.from={tmp_path / 'text'}"]))
     with pytest.raises(ConfigError, match="holds a 'data2vec-text' model; modality=vision"):
         check_source(load_experiment(ROOT / "configs/vision_tiny.yaml", [f"init.from={tmp_path / 'text'}"]))
