@@ -778,7 +778,7 @@ def communication(cfg, p: Plan, student_sim: GatherSim, teacher_sim: GatherSim, 
         "TP all-reduce, student forward": (2 * enc.depth * student_sbd + embed * sbd) * cb * reduce,
         "TP all-reduce, student backward": (4 + recompute) * enc.depth * student_sbd * cb * reduce,
         "TP all-reduce, teacher forward": (2 * enc.depth + embed) * tb * sbd * reduce,
-        "statistics all-reduce": statistics_floats(cfg) * 4 * reduce,  # agreed over TP (agree_over_tp)
+        "statistics all-reduce over TP": statistics_floats(cfg) * 4 * reduce,  # agreed there (agree_over_tp)
         "EMA update": 0,
     }
     groups = [(over_shard, shard_inter_node_share(p)), (over_dp, ring_inter_node_share(dp, p.nodes)),

@@ -82,7 +82,7 @@ CATEGORIES = {
     (REDUCE, "tp", "backward"): "TP all-reduce, student backward",
     (REDUCE, "tp", "teacher forward"): "TP all-reduce, teacher forward",
     (REDUCE, "dp", "micro-step"): "statistics all-reduce",
-    (REDUCE, "tp", "micro-step"): "statistics all-reduce",  # agree_over_tp: the statistics, the same on TP peers
+    (REDUCE, "tp", "micro-step"): "statistics all-reduce over TP",  # agree_over_tp: the same on TP peers
     (REDUCE, "dp", "step"): GRAD_NORM,
     (REDUCE, "tp", "step"): GRAD_NORM,
     # hybrid sharding (parallel.shard): ZeRO-3 over the shard group, the gradient partitions over the replicas
