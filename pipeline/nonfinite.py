@@ -35,17 +35,13 @@ def nonfinite_step(train_cfg, step: int, in_a_row: int, is_main: bool) -> int:
 
 
 def weights_finite(trainer) -> bool:
-    """Every rank's fp32 master and teacher partitions are finite (their own elements, not ZeRO-3's padding), agreed
-    by all ranks. One parameter at a time (an offloaded optimizer's master is a device copy); at saves: rare."""
+    """Every rank's student (master and working) and teacher partitions are finite (their own elements, not ZeRO-3's
+    padding), agreed by all ranks. One parameter at a time (an offloaded optimizer's master is a device copy), through
+    the readers the consistency check uses; at saves: rare."""
     from pipeline.checkpoint import all_ok
-    from pipeline.ema import owned_elements, zero3_master_partition
-    from pipeline.model.data2vec import teacher_parameter_name
-    teacher = dict(zip(trainer.ema.names, trainer.ema.teacher_parts))
-    rank = trainer.rt.shard_rank
+    from pipeline.consistency import partitions
     finite = torch.ones((), dtype=torch.bool, device=trainer.rt.device)
-    for name, p in trainer.engine.module.named_parameters():
-        finite &= torch.isfinite(owned_elements(zero3_master_partition(p), p, rank)).all().to(finite.device)
-        taught = teacher.get(teacher_parameter_name(name))
-        if taught is not None:
-            finite &= torch.isfinite(owned_elements(taught, p, rank)).all().to(finite.device)
+    for _, _, readers, _ in partitions(trainer):
+        for read in readers:
+            finite &= torch.isfinite(read()).all().to(finite.device)
     return all_ok(bool(finite), trainer.rt.device)
