@@ -697,7 +697,20 @@ def read_manifest(path_or_dir: str | os.PathLike, *, verify: bool = False) -> di
     manifest = _load_manifest(path)
     base = path.parent.resolve()
     shards = [{**s, "path": str(_shard_path(base, s, path, verify))} for s in manifest["shards"]]
+    _refuse_aliases(shards, path)
     return {**manifest, "shards": shards, "dir": str(base)}
+
+
+def _refuse_aliases(shards: list[dict], manifest_path: Path) -> None:
+    """Two names of one file (a symlink or a hard link) would be read twice as often as the other shards."""
+    seen: dict[tuple[int, int], str] = {}
+    for s in shards:
+        st = os.stat(s["path"])
+        first = seen.setdefault((st.st_dev, st.st_ino), s["name"])
+        if first != s["name"]:
+            raise ValueError(f"{manifest_path}: shards {first!r} and {s['name']!r} are the same file (a link): it "
+                             f"would be read twice per pass; remove one of the two entries from the manifest, or re-create "
+                             f"it with data_prep")
 
 
 def _load_manifest(path: Path) -> dict:

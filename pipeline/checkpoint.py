@@ -3,7 +3,8 @@
 A checkpoint directory ``<output>/checkpoints/step_XXXXXXXX`` holds one ``d2v_rankNNNNN.pt`` per rank
 with that rank's ZeRO-3 partitions of the student's fp32 master weights, of every Adam moment and of
 the EMA teacher, plus the parameter layout, the trainer's position (step, data position, LR
-schedule) and the RNG state; rank 0 adds ``config.json``. Nothing in it needs unpickling: every file
+schedule) and the RNG state; rank 0 adds ``config.json`` (and for text the tokenizer: ``tokenizer.json``, its
+identity, and ``spm.model``, see pipeline/vocab.py). Nothing in it needs unpickling: every file
 loads with ``torch.load(weights_only=True)``.
 
 It is reported as saved only after every rank has written and fsync'ed its file and rank 0 has
@@ -271,7 +272,7 @@ def all_ok(ok: bool, device) -> bool:
     return flag.item() > 0
 
 
-def save(trainer, root: Path, keep: int, config: dict | None = None,
+def save(trainer, root: Path, keep: int, files: dict[str, bytes] | None = None,
          own: set[str] = frozenset()) -> tuple[Path, bool]:
     """Collective: every rank calls it. Returns (the checkpoint directory once it is complete, whether this call
     wrote it). A complete checkpoint of this step that this run wrote or resumed from (``own``: names) is kept: it
@@ -308,8 +309,8 @@ def save(trainer, root: Path, keep: int, config: dict | None = None,
         missing = [r for r in range(rt.world_size) if not rank_file(ckpt, r).is_file()]
         if missing:
             raise CheckpointError(f"checkpoint {ckpt} lacks the files of ranks {missing}")
-        if config is not None:  # readable without torch (and by python -m pipeline.export)
-            atomic_write_bytes(ckpt / "config.json", json.dumps(config, indent=1).encode())
+        for name, data in (files or {}).items():  # config.json, a text run's tokenizer: readable without torch
+            atomic_write_bytes(ckpt / name, data)
         marker = {"step": trainer.step, "world_size": rt.world_size, "tp": rt.tp, "dp": rt.dp, "shard": rt.shard,
                   "grid": grid, "crc32": crcs}
         atomic_write_bytes(ckpt / COMPLETE, json.dumps(marker).encode())

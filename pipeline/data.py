@@ -60,10 +60,20 @@ def resolve_shards(manifest: str, modality: Modality | None = None) -> list[str]
         problem = modality.check_manifest(info)
         if problem:
             raise ConfigError(f"data.manifest={manifest}: {problem}")
+    listed_empty = [s["name"] for s in info["shards"] if s["samples"] == 0 and tar_has_members(s["path"])]
+    if listed_empty:  # data_prep lists a shard whose every input was skipped with 0 samples: it is an empty tar
+        raise ConfigError(f"data.manifest={manifest} lists {listed_empty[:3]} with 0 samples, but the file holds "
+                          f"samples: the manifest is stale or was edited. Re-create it with data_prep")
     shards = [s["path"] for s in info["shards"] if s["samples"] > 0]
     if not shards:
         raise ConfigError(f"data.manifest={manifest} lists no shards: the data prep produced no samples")
     return shards
+
+
+def tar_has_members(path: str) -> bool:
+    """Whether a tar holds any member: its first 512-byte block is a header, not the end-of-archive zeros."""
+    with open(path, "rb") as f:
+        return any(f.read(512))
 
 
 def check_shard_count(num_shards: int, dp: int, workers: int) -> None:
@@ -95,6 +105,31 @@ def check_shared_memory(cfg: DataConfig, sample_bytes: int, batch_size: int, ran
             f"prefetched batch(es) + 1, of {batch_size} x {sample_bytes / mib:.2f} MiB, per rank). Give the "
             f"container more shared memory (docker run --shm-size=...), or lower data.workers / data.prefetch "
             f"(data.workers=0 needs none)")
+
+
+MEMINFO = "/proc/meminfo"
+
+
+def check_host_memory(cfg: DataConfig, sample_bytes: int, batch_size: int, ranks_on_node: int,
+                      meminfo: str | None = None) -> None:
+    """Every rank holds decoded batches in host memory (with data.workers=0 as well, where /dev/shm plays no
+    part): the one being made, the one training and each worker's prefetched ones. Refuse a micro-batch size
+    that cannot fit in the node's available memory now, rather than have the kernel kill a rank mid-run.
+    No /proc/meminfo (not Linux): nothing to check."""
+    try:
+        with open(meminfo or MEMINFO, encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return
+    need = ranks_on_node * (cfg.workers * cfg.prefetch + 2) * batch_size * sample_bytes
+    if need > available:
+        gib = 2 ** 30
+        raise ConfigError(
+            f"micro-batches of {batch_size} x {sample_bytes / 2 ** 20:.2f} MiB need about {need / gib:.1f} GiB of host "
+            f"memory on this node ({ranks_on_node} rank(s) x {cfg.workers * cfg.prefetch + 2} batches in flight), but "
+            f"{available / gib:.1f} GiB is available: lower train.micro_batch_size (raise train.grad_accum to keep "
+            f"the global batch) or data.workers / data.prefetch")
 
 
 def raw_samples(paths: list[str], verify=None) -> Iterator[dict]:

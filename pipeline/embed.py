@@ -24,17 +24,11 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-init", action="store_true",
                         help="the same architecture untrained (the checkpoint's config, seeded init): the baseline")
     parser.add_argument("--spm-model", default=None,
-                        help="text: the sentencepiece model (default: spm.model next to the run's data.manifest)")
+                        help="text: the sentencepiece model (default: the one the checkpoint or HF directory "
+                             "carries, else spm.model next to the run's data.manifest); checked against the "
+                             "tokenizer the model records")
     parser.add_argument("--label-field", default="label", help="jsonl inputs: the field holding the label")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def spm_for(cfg, given: str | None) -> str | None:
-    if given or cfg.modality != "text":
-        return given
-    from pipeline.export import default_spm_model
-    found = default_spm_model(cfg)
-    return str(found) if found else None
 
 
 def main(argv=None) -> int:
@@ -48,10 +42,12 @@ def main(argv=None) -> int:
     import numpy as np
 
     from pipeline.features import examples, load_backbone, read_features
+    from pipeline.vocab import model_for
     try:
         cfg, model = load_backbone(args.checkpoint, args.weights, args.random_init)
-        found = read_features(model, cfg, examples(args.input, cfg, spm_for(cfg, args.spm_model), args.label_field),
-                              args.layers, progress=not args.quiet)
+        spm = model_for(cfg, Path(args.checkpoint), args.spm_model, args.input)  # text: the model's own tokenizer
+        found = read_features(model, cfg, examples(args.input, cfg, spm, args.label_field), args.layers,
+                              progress=not args.quiet)
     except (ValueError, OSError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

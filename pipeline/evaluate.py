@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
-from pipeline.embed import common_arguments, spm_for
+from pipeline.embed import common_arguments
 
 
 def labelled(found: dict, classes: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -39,7 +40,8 @@ def evaluate(args) -> dict:
     from pipeline.features import examples, load_backbone, read_features
     from pipeline.probes import knn_top1, linear_top1
     cfg, model = load_backbone(args.checkpoint, args.weights, args.random_init)
-    spm = spm_for(cfg, args.spm_model)
+    from pipeline.vocab import model_for
+    spm = model_for(cfg, Path(args.checkpoint), args.spm_model, [*args.train, *args.eval])  # text: its own tokenizer
     read = lambda paths: read_features(model, cfg, examples(paths, cfg, spm, args.label_field),  # noqa: E731
                                        progress=not args.quiet)
     train_x, train_y, classes = labelled(read(args.train))

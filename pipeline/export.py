@@ -104,6 +104,9 @@ def consolidated(ckpt: Path) -> dict:
     result = {"student": consolidate(states, "student"), "teacher": consolidate(states, "teacher"),
               "config": json.loads(config_path.read_text("utf-8")) if config_path.is_file() else None,
               "step": next(iter(states.values()))["step"]}
+    from pipeline.vocab import IDENTITY_FILE, read_identity_file
+    if (ckpt / IDENTITY_FILE).is_file():  # a text run's tokenizer: init.from / embed of the .pt compare it
+        result["tokenizer"] = read_identity_file(ckpt / IDENTITY_FILE).to_dict()
     return result
 
 
@@ -113,13 +116,6 @@ def backbone_state(result: dict, weights: str) -> dict[str, torch.Tensor]:
         return dict(result["teacher"])
     prefix = "backbone."
     return {k[len(prefix):]: v for k, v in result["student"].items() if k.startswith(prefix)}
-
-
-def default_spm_model(cfg) -> Path | None:
-    """The sentencepiece model data_prep.text wrote next to the run's shards (OUT/spm.model)."""
-    manifest = Path(cfg.data.manifest)
-    path = (manifest if manifest.is_dir() else manifest.parent) / "spm.model"
-    return path if path.is_file() else None
 
 
 def export_hf(ckpt: Path, output: Path, weights: str = "student", spm_model: Path | None = None) -> dict:
@@ -132,11 +128,13 @@ def export_hf(ckpt: Path, output: Path, weights: str = "student", spm_model: Pat
     if result["config"] is None:
         raise ExportError(f"{ckpt} has no config.json: cannot tell the model's architecture")
     cfg = build_experiment(result["config"])
-    if cfg.modality == "text":
-        spm_model = spm_model or default_spm_model(cfg)
+    if cfg.modality == "text":  # the checkpoint's own copy of its tokenizer, or one that matches its record
+        from pipeline.vocab import model_for
+        spm_model = model_for(cfg, ckpt, spm_model and str(spm_model))
         if spm_model is None:
-            raise ExportError(f"no sentencepiece model next to data.manifest={cfg.data.manifest}: pass --spm-model "
-                              f"PATH (the spm.model data_prep.text wrote with the shards)")
+            raise ExportError(f"{ckpt} carries no sentencepiece model and none is next to data.manifest="
+                              f"{cfg.data.manifest}: pass --spm-model PATH (the spm.model data_prep.text wrote with "
+                              f"the shards)")
     output.mkdir(parents=True, exist_ok=True)
     hf.save_hf(cfg, backbone_state(result, weights), output, spm_model)
     from pipeline.features import OUR_CONFIG  # our config too: pipeline.embed / evaluate read the directory
@@ -157,8 +155,9 @@ def main(argv=None) -> int:
                         help="--format hf: export the student (default; what the data2vec releases fine-tune "
                              "from) or the EMA teacher")
     parser.add_argument("--spm-model", type=Path, default=None,
-                        help="--format hf, text: the sentencepiece model of the shards (default: spm.model next "
-                             "to the run's data.manifest)")
+                        help="--format hf, text: the sentencepiece model to ship (default: the checkpoint's own "
+                             "copy, else spm.model next to the run's data.manifest); refused unless it is the "
+                             "tokenizer the checkpoint records")
     args = parser.parse_args(argv)
     try:
         if args.format == "hf":

@@ -67,8 +67,10 @@ def check_inputs(cfg) -> None:
 
 
 def spm_model(cfg) -> str | None:
-    from pipeline.embed import spm_for
-    return spm_for(cfg, cfg.eval.spm_model or None)
+    """Text eval inputs' sentencepiece model: eval.spm_model, else the shards' (compared before launch: vocab)."""
+    from pipeline.vocab import beside_manifest
+    found = cfg.eval.spm_model or beside_manifest(cfg.data.manifest)
+    return str(found) if found else None
 
 
 class FeatureMonitor:

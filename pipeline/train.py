@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError
 from pipeline.monitor import check_inputs
+from pipeline.vocab import check_run
 from pipeline.warm_start import check_source
 
 
@@ -37,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare(args):
     """Everything that can be checked without a process group: config, layout, DeepSpeed JSON, shards."""
-    from pipeline.data import check_shard_count, check_shared_memory, resolve_shards
+    from pipeline.data import check_host_memory, check_shard_count, check_shared_memory, resolve_shards
     from pipeline.distributed import (check_layout, choose_device, launch_env, load_ds_config, shard_size,
                                       student_ds_config)
     from pipeline.experiment import load_experiment
@@ -57,14 +58,19 @@ def prepare(args):
     if cfg.data.max_tokens:  # a bucketed batch holds at most max_tokens samples: as many full-length clips
         clips = -(-cfg.data.max_tokens // cfg.model.max_samples)
     check_shared_memory(cfg.data, modality.sample_bytes(), clips, env.local_world_size)
-    check_resumable(args, cfg)
+    check_host_memory(cfg.data, modality.sample_bytes(), clips, env.local_world_size)
+    ckpt = check_resumable(args, cfg)
     check_source(cfg)
     check_inputs(cfg)
+    try:
+        check_run(cfg, ckpt)  # text: every model and input meets the shards' tokenizer
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg, choice, ds_base, shards, env
 
 
-def check_resumable(args, cfg) -> None:
-    """The checkpoint this run would resume from exists, is complete and has this run's TP size."""
+def check_resumable(args, cfg) -> Path | None:
+    """The checkpoint this run would resume from (None: none) exists, is complete and has this run's TP size."""
     from pipeline import checkpoint
     if args.resume and not Path(args.resume).is_dir():
         raise ConfigError(f"--resume {args.resume}: no such checkpoint directory")
@@ -74,7 +80,7 @@ def check_resumable(args, cfg) -> None:
         if existing is not None:
             raise ConfigError(f"--no-resume: {root} already holds checkpoints of another run (latest {existing.name}); "
                               f"a fresh run there would mix with them. Use a new train.output_dir, or move them away")
-        return
+        return None
     ckpt = Path(args.resume) if args.resume else checkpoint.find_latest(root)
     if ckpt is not None:
         try:
@@ -84,6 +90,7 @@ def check_resumable(args, cfg) -> None:
                 raise ConfigError(str(exc)) from None
         except (checkpoint.CheckpointError, OSError, ValueError, KeyError) as exc:
             raise ConfigError(str(exc)) from None
+    return ckpt
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,7 @@ the EMA state) and gathered for its forward by pipeline.gather, without an engin
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -29,6 +30,7 @@ from pipeline.monitor import FeatureMonitor
 from pipeline.nonfinite import NonFiniteError, nonfinite_step, weights_finite
 from pipeline.objective import (class_targets, collapse_alarm, moment_stats, position_share, position_stats, projection,
                                 regression_loss, std_from_stats, teacher_targets)
+from pipeline.vocab import checkpoint_files
 
 log = logging.getLogger("pipeline")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -137,6 +139,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
         self.monitor = FeatureMonitor(cfg, rt)  # eval.every
+        self.tokenizer_files = checkpoint_files(cfg)  # text: what each checkpoint records of the shards' tokenizer
         self.build()
 
     # -- construction -------------------------------------------------------------------------
@@ -450,8 +453,9 @@ class Trainer:
         if not weights_finite(self):
             raise NonFiniteError(f"step {self.step}: a student or teacher weight is not finite; not saved, so the "
                                  f"checkpoints before it stay")
-        path, written = checkpoint.save(self, self.ckpt_root, self.cfg.train.keep_checkpoints,
-                                        experiment_dict(self.cfg), self.own_checkpoints)
+        files = {"config.json": json.dumps(experiment_dict(self.cfg), indent=1).encode(), **self.tokenizer_files}
+        path, written = checkpoint.save(self, self.ckpt_root, self.cfg.train.keep_checkpoints, files,
+                                        self.own_checkpoints)
         self.own_checkpoints.add(path.name)
         if self.rt.is_main:
             log.info("checkpoint saved: %s" if written else "checkpoint %s already holds this state (this run resumed "

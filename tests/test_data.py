@@ -97,3 +97,45 @@ def test_a_modality_that_drops_every_sample_is_a_clear_error_not_a_hang(tiny_sha
     modality.example = lambda sample, rng: None  # e.g. every clip shorter than model.min_samples
     with pytest.raises(DataError, match=r"none of the 32 samples of a whole pass gave a training example"):
         take(resolve_shards(str(tiny_shards)), 1, modality=modality)
+
+
+def copied_manifest(tiny_shards: Path, tmp_path: Path) -> tuple[Path, dict]:
+    import json
+    data = tmp_path / "shards"
+    shutil.copytree(tiny_shards, data)
+    return data, json.loads((data / "manifest.json").read_text())
+
+
+def test_a_shard_listed_with_no_samples_that_holds_some_is_refused(tiny_shards, tmp_path):
+    """samples: 0 is what data_prep writes for a shard whose every input was skipped (an empty tar); an edited or
+    stale entry that says so of a full shard would silently drop it."""
+    import json
+    from pipeline.config import ConfigError
+    data, manifest = copied_manifest(tiny_shards, tmp_path)
+    manifest["shards"][2]["samples"] = 0
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=rf"lists \['{manifest['shards'][2]['name']}'\] with 0 samples, but the "
+                                          rf"file holds samples.*Re-create it with data_prep"):
+        resolve_shards(str(data), vision())
+    # a truly empty shard (every input skipped) is left out, as before
+    empty = data / manifest["shards"][2]["name"]
+    with tarfile.open(empty, "w"):
+        pass
+    manifest["shards"][2]["bytes"] = empty.stat().st_size
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    assert len(resolve_shards(str(data), vision())) == len(manifest["shards"]) - 1
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_a_shard_listed_under_two_names_is_refused(tiny_shards, tmp_path, link):
+    """A second name of one shard file (a link beside it, listed as another shard) would be read twice per pass."""
+    import json
+    from pipeline.config import ConfigError
+    data, manifest = copied_manifest(tiny_shards, tmp_path)
+    first = manifest["shards"][0]
+    alias = data / "alias-000.tar"
+    (alias.symlink_to if link == "symlink" else alias.hardlink_to)(data / first["name"])
+    manifest["shards"].append({**first, "name": alias.name})
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=rf"shards '{first['name']}' and 'alias-000.tar' are the same file"):
+        resolve_shards(str(data), vision())

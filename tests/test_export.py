@@ -16,7 +16,7 @@ from pipeline import hf
 from pipeline.data import raw_samples, resolve_shards
 from pipeline.distributed import model_parallel_config
 from pipeline.experiment import build_experiment
-from pipeline.export import default_spm_model
+from pipeline.vocab import beside_manifest
 from pipeline.model.data2vec import Backbone, Student
 from pipeline.objective import teacher_targets
 from test_hf_parity import assert_layers_equal, our_hidden_states
@@ -136,7 +136,7 @@ def end_to_end_inputs(cfg, directory, sample, transformers):
         return modality.eval_inputs(sample), {"input_values": values}
     import sentencepiece
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(default_spm_model(cfg)))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(beside_manifest(cfg.data.manifest)))
     ids = np.frombuffer(sample["u16"], dtype="<u2").astype(np.int64)
     text = sp.decode([int(i) for i in ids if i != cfg.model.pad_id])  # the block's text
     encoded = tokenizer(text, return_tensors="pt")["input_ids"]

@@ -160,3 +160,22 @@ def test_packages_on_the_users_pythonpath_reach_every_launched_process(tmp_path,
                           env=source_tree_env(ROOT, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "True", proc.stdout
+
+
+def test_a_micro_batch_the_hosts_memory_cannot_hold_is_refused_with_no_workers(tiny_shards, tmp_path, monkeypatch,
+                                                                               capsys):
+    """data.workers=0 passes nothing through /dev/shm, but the rank still holds its batches: a node with 2 GiB
+    available refuses 4096 images of 224 px (about 2.3 GiB each batch) before any process group."""
+    from pipeline import data, distributed, train
+    monkeypatch.setattr(distributed, "init_runtime", lambda *a, **k: pytest.fail("a process group was started"))
+    small = tmp_path / "meminfo"
+    small.write_text("MemTotal:        4000000 kB\nMemAvailable:    2097152 kB\n")
+    monkeypatch.setattr(data, "MEMINFO", str(small))
+    base = ["--config", "configs/vision_base.yaml", f"data.manifest={tiny_shards}", f"train.output_dir={tmp_path}",
+            "data.workers=0", "train.micro_batch_size=4096", "model.image_size=224"]
+    assert train.main(base) == 2
+    err = capsys.readouterr().err
+    assert "2.0 GiB is available" in err and "lower train.micro_batch_size" in err, err
+    # the same node holds a batch of 64 (and a node without /proc/meminfo is not checked)
+    data.check_host_memory(data.DataConfig(workers=0), 602112, 64, 1, meminfo=str(small))
+    data.check_host_memory(data.DataConfig(workers=0), 602112, 4096, 1, meminfo=str(tmp_path / "absent"))

@@ -217,6 +217,12 @@ class Text(Modality):
         if problem is None and tok.get("vocab_size") != self.cfg.vocab_size:
             problem = (f"the shards' sentencepiece model has {tok.get('vocab_size')} pieces but model.vocab_size="
                        f"{self.cfg.vocab_size}: set model.vocab_size={tok.get('vocab_size')}")
+        if problem is None:  # the special ids the shards hold (<pad> fills, <s> / </s> delimit) are the model's
+            from pipeline.vocab import TokenizerMismatch, check_config, of_manifest
+            try:
+                check_config(self.cfg, of_manifest(manifest, "the shards' manifest"), "the shards' tokenizer")
+            except TokenizerMismatch as exc:
+                problem = str(exc)
         if problem is None and manifest.get("block_size", 0) > self.cfg.max_positions:
             problem = (f"blocks of {manifest['block_size']} tokens exceed model.max_positions={self.cfg.max_positions}")
         return problem
