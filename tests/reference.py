@@ -215,6 +215,38 @@ def fairseq_inverse_block_mask(batch, patches, mask_prob, block, adjust, gen):
     return 1 - mask
 
 
+def fairseq_block_mask_1d(shape, mask_prob, mask_length, mask_prob_adjust, gen):
+    """fairseq data_utils.compute_block_mask_1d(require_same_masks=True, inverse_mask=False, expand_adjcent=False,
+    mask_dropout=0, non_overlapping=False), as the audio dataset calls it, on torch RNG: (B, L) float, 1 = masked."""
+    B, L = shape
+    mask = torch.zeros((B, L))
+    mask_inds = torch.randint(0, L, size=(B, int(L * ((mask_prob + mask_prob_adjust) / mask_length))), generator=gen)
+    mask.view(B, -1).scatter_(1, mask_inds, 1)
+    centers = mask.nonzero(as_tuple=True)
+    inds = ([], [])
+    offset = mask_length // 2
+    for i in range(mask_length):
+        k1 = i - offset
+        inds[0].append(centers[0])
+        inds[1].append(centers[1] + k1)
+    i0 = torch.cat(inds[0])
+    i1 = torch.cat(inds[1]).clamp_(min=0, max=L - 1)
+    mask[(i0, i1)] = 1
+    mask = mask.view(B, -1)
+    n_masks = mask.sum(dim=-1)
+    final_target_len = int(L * mask_prob)
+    for i in range(len(mask)):
+        n = n_masks[i]
+        m = mask[i]
+        if n > final_target_len:
+            to_unmask = torch.multinomial(m, int(n - final_target_len), replacement=False, generator=gen)
+            m[to_unmask] = 0
+        elif n < final_target_len:
+            to_mask = torch.multinomial((1 - m), int(final_target_len - n), replacement=False, generator=gen)
+            m[to_mask] = 1
+    return mask
+
+
 def keep_rows(x, visible):
     """(B, T, ...) -> (R, K, ...): row r is clone r % M of sample r // M, keeping positions visible[r] (loops)."""
     clones = visible.shape[0] // x.shape[0]

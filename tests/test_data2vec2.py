@@ -71,8 +71,49 @@ def test_inverse_block_masks_match_fairseq(ratio, adjust, masked):
     assert per_patch.mean() < 0.03  # the same spatial distribution (borders are kept less: clamped blocks)
 
 
+def run_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """Histogram of the lengths of the runs of masked frames (index: length; longer than 40 counted at 40)."""
+    edges = torch.diff(torch.nn.functional.pad(mask.int(), (1, 1)), dim=1)  # +1 where a run starts, -1 after it
+    lengths = edges.eq(-1).nonzero()[:, 1] - edges.eq(1).nonzero()[:, 1]  # row-major order pairs them up
+    hist = torch.bincount(lengths.clamp(max=40), minlength=41).float()
+    return hist / hist.sum()
+
+
+@pytest.mark.parametrize("frames, prob, adjust", [(499, 0.5, 0.05), (999, 0.55, 0.1), (74, 0.5, 0.05)],
+                         ids=["base-10s", "large-20s", "tiny"])
+def test_speech_block_masks_match_fairseq(frames, prob, adjust):
+    """data2vec 2.0 audio masks (fairseq compute_block_mask_1d as its audio dataset calls it): exactly
+    int(T x mask_prob) frames in every row, and the same run-length histogram and per-frame frequency (the ends
+    are masked less: clipped spans) as a port of fairseq's own function over 2048 rows."""
+    from pipeline.modalities.speech import block_mask_1d
+    ours = block_mask_1d(2048, frames, prob, 5, adjust, torch.Generator().manual_seed(1))
+    theirs = ref.fairseq_block_mask_1d((2048, frames), prob, 5, adjust, torch.Generator().manual_seed(2)).bool()
+    assert (ours.sum(1) == int(frames * prob)).all() and (theirs.sum(1) == int(frames * prob)).all()
+    ours_runs, their_runs = run_lengths(ours), run_lengths(theirs)
+    assert (ours_runs - their_runs).abs().sum() / 2 < 0.03, (ours_runs[:12], their_runs[:12])  # total variation
+    assert their_runs[5:].sum() > 0.3  # spans of 5 and longer: not scattered frames
+    ours_freq, their_freq = ours.float().mean(0), theirs.float().mean(0)
+    assert (ours_freq - their_freq).abs().mean() < 0.02  # sampling noise alone: about 0.0125
+    ends = [0, 1, -2, -1]
+    assert (ours_freq[ends].mean() - their_freq[ends].mean()).abs() < 0.03
+    assert their_freq[ends].mean() < prob - 0.05  # the ends' deficit is real, and ours has it too
+
+
+@pytest.mark.parametrize("preset", ["speech_tiny_v2", "speech_base_v2", "speech_large_v2"])
+def test_speech_v2_presets_mask_the_released_share_whatever_the_batch(preset):
+    """Half the frames (0.55 for Large) of every clone row, for one clip or many: where span thinning to the
+    batch's smallest row masked 34-39%, falling as the batch grew."""
+    cfg = load_experiment(ROOT / f"configs/{preset}.yaml")
+    mod = cfg.make_modality()
+    for clips in (1, 8):
+        mask = mod.frame_mask(clips, 499, seed=clips)
+        assert mask.shape == (clips * cfg.model.clone_batch, 499)
+        assert (mask.sum(1) == int(499 * cfg.model.mask_prob)).all()
+    assert mod.masked_share() == cfg.model.mask_prob
+
+
 def test_every_clone_row_masks_the_same_count():
-    """Vision (inverse blocks), speech (spans, thinned to the batch's smallest row), text (exact removal): the
+    """Vision (inverse blocks), speech (exact block masks), text (exact removal): the
     student's (B x M, K) visible index needs one count per row."""
     vision = tiny("vision")
     _, _, batch = host_batch(vision, vision_examples(vision, 3))

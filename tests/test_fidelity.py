@@ -302,6 +302,8 @@ FS = "facebookresearch/fairseq@3d262bb25690e4eb2e7d3c1309b1e9c406ca4b99"
 AUDIO = f"{FS}:examples/data2vec/config/audio/pretraining/base_librispeech.yaml"
 TEXT = f"{FS}:examples/data2vec/config/text/pretraining/base.yaml"
 W2V = f"{FS}:fairseq/models/wav2vec/wav2vec2.py"
+AB2 = f"{FS}:examples/data2vec/config/v2/base_audio_only_task.yaml"
+AL2 = f"{FS}:examples/data2vec/config/v2/large_audio_only_task.yaml"
 DV = "facebookresearch/data2vec_vision@af9a36349aaed59ae66e69b5dabeef2d62fdc5da"
 RD = f"{DV}:beit/README.md"
 RC = f"{DV}:beit/run_cyclical.py"
@@ -395,6 +397,17 @@ RELEASED = [
     ("text_base", "train.weight_decay", 0.01, f"{TEXT}:37 weight_decay"),
     ("text_base", "train.betas", [0.9, 0.98], f"{TEXT}:38 adam_betas"),
     ("text_base", "train.eps", 1e-6, f"{TEXT}:39 adam_eps"),
+    # data2vec 2.0 audio: the dataset precomputes the masks (compute_block_mask_1d)
+    ("speech_base_v2", "model.masking", "blocks", f"{AB2}:24 precompute_mask_config {{}}"),
+    ("speech_base_v2", "model.mask_prob", 0.5, f"{AB2}:95 mask_prob"),
+    ("speech_base_v2", "model.mask_prob_adjust", 0.05, f"{AB2}:96 mask_prob_adjust"),
+    ("speech_base_v2", "model.mask_length", 5, f"{AB2}:98 mask_length"),
+    ("speech_base_v2", "model.clone_batch", 8, f"{AB2}:71 clone_batch"),
+    ("speech_large_v2", "model.masking", "blocks", f"{AL2}:24 precompute_mask_config {{}}"),
+    ("speech_large_v2", "model.mask_prob", 0.55, f"{AL2}:104 mask_prob"),
+    ("speech_large_v2", "model.mask_prob_adjust", 0.1, f"{AL2}:105 mask_prob_adjust"),
+    ("speech_large_v2", "model.mask_length", 5, f"{AL2}:107 mask_length"),
+    ("speech_large_v2", "model.clone_batch", 12, f"{AL2}:80 clone_batch"),
 ]
 
 

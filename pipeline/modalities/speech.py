@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import EncoderConfig, doc, require
+from pipeline.config import EncoderConfig, doc, one_of, require
 from pipeline.modalities.base import Modality, visible_rows
 
 AUDIO_KEYS = ("flac", "wav")
@@ -40,7 +40,14 @@ class SpeechConfig:
     pos_conv_groups: int = doc("positional convolution groups", 16)
     max_samples: int = doc("utterances longer than this are randomly cropped to it (samples at 16 kHz)", 320000)
     min_samples: int = doc("utterances shorter than this are skipped", 32000)
-    mask_prob: float = doc("span-start probability x span length: fraction of frames before overlaps", 0.65)
+    masking: str = doc("'spans' (data2vec v1, fairseq compute_mask_indices: span starts, overlaps merged, rows thinned "
+                       "to one count) or 'blocks' (data2vec 2.0, fairseq compute_block_mask_1d: span centres drawn at "
+                       "mask_prob + mask_prob_adjust, then exactly int(frames x mask_prob) masked frames per row)",
+                       "spans")
+    mask_prob: float = doc("spans: span-start probability x span length (fraction of frames before overlaps); "
+                           "blocks: the exact fraction of frames masked in every row", 0.65)
+    mask_prob_adjust: float = doc("blocks: added to mask_prob when drawing span centres, to make up for overlaps "
+                                  "(data2vec 2.0: 0.05 Base, 0.1 Large)", 0.0)
     mask_length: int = doc("span length in frames (data2vec 2.0: 5)", 10)
     clone_batch: int = doc("masked clones of each clip sharing one teacher pass (data2vec 2.0: 8)", 1)
     normalize: bool = doc("normalise each waveform to zero mean and unit variance", True)
@@ -53,6 +60,9 @@ class SpeechConfig:
                 f"model.min_samples={self.min_samples} is shorter than one frame ({self.receptive_field} samples)")
         require(self.max_samples >= self.min_samples, "model.max_samples must be >= model.min_samples")
         require(0 < self.mask_prob < 1 and self.mask_length >= 1, "model.mask_prob in (0, 1), model.mask_length >= 1")
+        one_of("model.masking", self.masking, ("spans", "blocks"))
+        require(0 <= self.mask_prob_adjust < 1 and (self.masking == "blocks" or not self.mask_prob_adjust),
+                "model.mask_prob_adjust must be in [0, 1) and applies to model.masking=blocks only")
         require(1 <= self.clone_batch <= 256, f"model.clone_batch={self.clone_batch} must be in [1, 256]")
         require(frames_for(self.conv_layers, self.min_samples) > self.mask_length,
                 f"model.min_samples={self.min_samples} gives too few frames for model.mask_length={self.mask_length}")
@@ -99,6 +109,21 @@ def span_mask(batch: int, frames: int, mask_prob: float, span: int, rng: random.
     for i, row in enumerate(rows):
         mask[i, rng.sample(row, count) if len(row) > count else row] = True
     return mask
+
+
+def block_mask_1d(rows: int, frames: int, mask_prob: float, span: int, adjust: float,
+                  gen: torch.Generator) -> torch.Tensor:
+    """(rows, frames) bool: data2vec 2.0's audio mask (fairseq compute_block_mask_1d, require_same_masks, as its
+    audio dataset computes it). int(frames x (mask_prob + adjust) / span) span centres per row, drawn uniformly
+    with replacement; each masks ``span`` frames from span // 2 before it (clipped at the ends). Then every row is
+    brought to exactly int(frames x mask_prob) masked frames: a uniform random subset of its masked frames is kept,
+    or uniform random unmasked frames are added."""
+    centres = torch.randint(0, frames, (rows, int(frames * (mask_prob + adjust) / span)), generator=gen)
+    covered = (centres.unsqueeze(-1) + torch.arange(span) - span // 2).clamp_(0, frames - 1).flatten(1)
+    spans = torch.zeros(rows, frames, dtype=torch.bool).scatter_(1, covered, True)
+    # rank each row's frames: its masked frames in random order, then its unmasked ones in random order
+    ranked = (torch.rand(rows, frames, generator=gen) + (~spans).float()).argsort(dim=1)
+    return torch.zeros_like(spans).scatter_(1, ranked[:, :int(frames * mask_prob)], True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,10 +272,16 @@ class Speech(Modality):
             start = random.Random(ex["seed"]).randrange(ex["audio"].numel() - length + 1)
             crops.append(ex["audio"][start:start + length])
         frames = frames_for(self.cfg.conv_layers, length)
-        rng = random.Random(examples[0]["seed"] ^ 0x5EED)
-        # clone c of clip b is row b x M + c; every row masks the same count
-        mask = span_mask(len(examples) * self.cfg.clone_batch, frames, self.cfg.mask_prob, self.cfg.mask_length, rng)
-        return {"audio": torch.stack(crops), "mask": mask}
+        return {"audio": torch.stack(crops), "mask": self.frame_mask(len(examples), frames, examples[0]["seed"])}
+
+    def frame_mask(self, clips: int, frames: int, seed: int) -> torch.Tensor:
+        """(clips x M, frames) bool: clone c of clip b is row b x M + c; every row masks the same count."""
+        m = self.cfg
+        rows = clips * m.clone_batch
+        if m.masking == "blocks":
+            gen = torch.Generator().manual_seed(seed ^ 0x5EED)
+            return block_mask_1d(rows, frames, m.mask_prob, m.mask_length, m.mask_prob_adjust, gen)
+        return span_mask(rows, frames, m.mask_prob, m.mask_length, random.Random(seed ^ 0x5EED))
 
     def token_batches(self, examples: list[dict], max_tokens: int) -> list[list[dict]]:
         """Examples grouped by length into batches of at most ``max_tokens`` audio samples (``length_batches``)."""
@@ -264,7 +295,9 @@ class Speech(Modality):
         return frames_for(self.cfg.conv_layers, self.cfg.max_samples)
 
     def masked_share(self):
-        return 1.0 - math.exp(-self.cfg.mask_prob)  # overlapping spans: ~48% of frames at 0.65, ~39% at 0.5
+        if self.cfg.masking == "blocks":
+            return self.cfg.mask_prob  # exact per row
+        return 1.0 - math.exp(-self.cfg.mask_prob)  # overlapping spans: ~48% of frames at 0.65
 
     def sample_bytes(self):
         return 4 * self.cfg.max_samples + self.tokens_per_sample() * self.cfg.clone_batch  # fp32 waveform + masks
