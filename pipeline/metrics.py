@@ -15,8 +15,9 @@ import torch
 log = logging.getLogger("pipeline")
 # What a step reports, as one small device tensor (all ranks agree on it): read on the host only at log steps
 # (and one step late for the stop flags and the collapse alarm), so the step never waits for the device.
-SUMMARY = ("loss", "target_std", "prediction_std", "position_share", "samples", "positions", "stop", "requeue")
-AVERAGED = SUMMARY[:4]  # over micro-batches and over the log interval; samples and positions add up
+SUMMARY = ("loss", "target_std", "prediction_std", "position_share", "masked_fraction", "samples", "positions",
+           "stop", "requeue")
+AVERAGED = SUMMARY[:5]  # over micro-batches and over the log interval; samples and positions add up
 
 
 def summary_values(summary: torch.Tensor | list[float]) -> dict[str, float]:
@@ -28,7 +29,8 @@ def summary_values(summary: torch.Tensor | list[float]) -> dict[str, float]:
 def step_summary(micro: list[torch.Tensor]) -> torch.Tensor:
     """An optimizer step's SUMMARY from its micro-batches': means, sums, and any flag."""
     stacked = torch.stack(micro)
-    return torch.cat([stacked[:, :4].mean(0), stacked[:, 4:6].sum(0), stacked[:, 6:].amax(0)])
+    n = len(AVERAGED)
+    return torch.cat([stacked[:, :n].mean(0), stacked[:, n:n + 2].sum(0), stacked[:, n + 2:].amax(0)])
 
 
 def drop_records_after(path: Path, step: int) -> None:
@@ -102,9 +104,9 @@ class MetricsLogger:
         rec.update(step=step, samples_per_s=samples / elapsed, tokens_per_s=positions / elapsed,
                    tflops=flops / elapsed / 1e12, tflops_per_device=flops / elapsed / 1e12 / self.devices)
         log.info("step %d/%d | loss %s | lr %.3e | tau %.5f | target_std %s | pred_std %s | pos_share %s | "
-                 "%.1f samples/s | %.0f tokens/s | %.3f TFLOP/s (%.3f per device)%s",
+                 "masked %s | %.1f samples/s | %.0f tokens/s | %.3f TFLOP/s (%.3f per device)%s",
                  step, total_steps, shown(rec["loss"], 4), rec["lr"], rec["tau"], shown(rec["target_std"]),
-                 shown(rec["prediction_std"]), shown(rec["position_share"]),
+                 shown(rec["prediction_std"]), shown(rec["position_share"]), shown(rec["masked_fraction"]),
                  rec["samples_per_s"], rec["tokens_per_s"], rec["tflops"], rec["tflops_per_device"],
                  "".join(f" | {k} {v:.4f}" for k, v in rec.items() if "/" in k))
         self.jsonl.write(json.dumps(rec) + "\n")

@@ -130,6 +130,16 @@ def position_stats(targets: torch.Tensor, basis: torch.Tensor, valid: torch.Tens
     return torch.cat([counts, sums.flatten(), y.pow(2).sum().view(1)])
 
 
+def mask_stats(mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """[masked positions, input positions] of a micro-batch's (R, T) mask rows (R = B x clones), padding (``valid``
+    (B, T) False) left out; for an all-reduce. masked / input is the ``masked_fraction`` metrics.jsonl logs."""
+    mask = mask.bool()
+    if valid is None:
+        return torch.stack([mask.sum().float(), mask.new_full((), mask.numel(), dtype=torch.float32)])
+    valid = valid.bool().repeat_interleave(mask.shape[0] // valid.shape[0], 0)
+    return torch.stack([(mask & valid).sum().float(), valid.sum().float()])
+
+
 def position_share(stats: torch.Tensor) -> torch.Tensor:
     """Share of the target variance explained by position (omega squared of a one-way ANOVA with positions as
     groups, unbiased for the batch size): 0 = position says nothing, 1 = the targets are a function of

@@ -28,8 +28,8 @@ from pipeline.model.data2vec import Backbone, teacher_parameter_name
 from pipeline.model.transformer import layerdrop_choice
 from pipeline.monitor import FeatureMonitor
 from pipeline.nonfinite import NonFiniteError, nonfinite_step, weights_finite
-from pipeline.objective import (class_targets, collapse_alarm, moment_stats, position_share, position_stats, projection,
-                                regression_loss, std_from_stats, teacher_targets)
+from pipeline.objective import (class_targets, collapse_alarm, mask_stats, moment_stats, position_share, position_stats,
+                                projection, regression_loss, std_from_stats, teacher_targets)
 from pipeline.vocab import checkpoint_files
 
 log = logging.getLogger("pipeline")
@@ -139,7 +139,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
         self.monitor = FeatureMonitor(cfg, rt)  # eval.every
-        self.tokenizer_files = checkpoint_files(cfg)  # text: what each checkpoint records of the shards' tokenizer
+        self.tokenizer_files = None  # text: the shards' tokenizer, as each checkpoint records it (at the first save)
         self.build()
 
     # -- construction -------------------------------------------------------------------------
@@ -229,19 +229,21 @@ class Trainer:
         samples = mask.shape[0] // self.modality.clones
         counts = torch.tensor([samples, samples * mask.shape[1], self.stop_requested, self.requeue_requested],
                               dtype=torch.float32).to(targets.device, non_blocking=True)
+        valid = self.modality.valid_positions(batch)
         parts = [loss_sums.detach().float(), moment_stats(targets), moment_stats(predictions.masked),
-                 position_stats(all_targets, self.basis, self.modality.valid_positions(batch)), counts]
+                 position_stats(all_targets, self.basis, valid), mask_stats(mask, valid), counts]
         stats = torch.cat(parts)
         all_reduce_sum(stats, self.rt.dp_group)
         stats = agree_over_tp(stats, self.rt)  # every decision below the same on every rank
-        loss, target_stats, prediction_stats, position, extra = stats.split([p.numel() for p in parts])
+        loss, target_stats, prediction_stats, position, masked, extra = stats.split([p.numel() for p in parts])
         flags = extra[2:]
         # the loss: regression over the global masked count (a batch may, rarely for text, select no position at
         # all) + objective.cls_loss x the CLS loss over the global batch's clone rows
         weights = torch.stack([1.0 / target_stats[0].clamp_min(1.0),
                                self.cfg.objective.cls_loss / (extra[0] * self.modality.clones)])
         summary = torch.stack([(loss * weights).sum(), std_from_stats(target_stats), std_from_stats(prediction_stats),
-                               position_share(position), extra[0], extra[1], flags[0], flags[1]])
+                               position_share(position), masked[0] / masked[1].clamp_min(1.0), extra[0], extra[1],
+                               flags[0], flags[1]])
         skip_rule = self.cfg.collapse.action == "skip" and self.step >= self.cfg.collapse.after_steps
         if skip_rule and self.collapse_check(self.step, summary.tolist()):
             return summary, True
@@ -453,6 +455,8 @@ class Trainer:
         if not weights_finite(self):
             raise NonFiniteError(f"step {self.step}: a student or teacher weight is not finite; not saved, so the "
                                  f"checkpoints before it stay")
+        if self.tokenizer_files is None:
+            self.tokenizer_files = checkpoint_files(self.cfg)
         files = {"config.json": json.dumps(experiment_dict(self.cfg), indent=1).encode(), **self.tokenizer_files}
         path, written = checkpoint.save(self, self.ckpt_root, self.cfg.train.keep_checkpoints, files,
                                         self.own_checkpoints)

@@ -351,3 +351,14 @@ def test_attention_dropout_has_a_stream_per_tensor_parallel_rank(single_process_
         outputs[rank], after[rank] = out, torch.rand(3)
     assert not torch.equal(outputs[0], outputs[1])
     assert torch.equal(after[0], after[1])
+
+
+def test_mask_stats_count_the_masked_share_of_input_positions():
+    """metrics.jsonl's masked_fraction: masked / input positions over every clone row, padding left out."""
+    from pipeline.objective import mask_stats
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[:, :5] = True
+    assert mask_stats(mask).tolist() == [20.0, 40.0]
+    valid = torch.ones(2, 10, dtype=torch.bool)  # 2 samples x 2 clones; the second sample padded after 4
+    valid[1, 4:] = False
+    assert mask_stats(mask, valid).tolist() == [5 + 5 + 4 + 4, 10 + 10 + 4 + 4]

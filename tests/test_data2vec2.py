@@ -363,6 +363,9 @@ def test_text_run_exports_its_encoder_to_transformers(single_process_group, tiny
                      f"train.output_dir={out}", "train.steps=2", "train.micro_batch_size=4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "step 2/2 | loss" in proc.stdout
+    import json
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.3 < record["masked_fraction"] < 0.7, record  # 48% of each clone's positions, fewer of the padded
     ckpt, directory = out / "checkpoints/step_00000002", tmp_path / "hf"
     cli = subprocess.run([sys.executable, "-m", "pipeline.export", str(ckpt), "--format", "hf", "--output",
                           str(directory)], cwd=ROOT, capture_output=True, text=True, timeout=300)
