@@ -99,6 +99,20 @@ def test_speech_block_masks_match_fairseq(frames, prob, adjust):
     assert their_freq[ends].mean() < prob - 0.05  # the ends' deficit is real, and ours has it too
 
 
+def test_the_text_decoder_projection_starts_as_fairseqs():
+    """fairseq applies init_bert_params (normal(0.02), bias 0) to the whole model; the image and audio encoders then
+    reset their decoder's Linear layers to PyTorch's default, the text encoder does not."""
+    torch.manual_seed(0)
+    text = ConvDecoder(DecoderConfig(dim=256, projection_layers=2, init="bert"), 256)
+    for layer in (m for m in text.proj if isinstance(m, torch.nn.Linear)):
+        assert abs(layer.weight.std().item() - 0.02) < 0.001 and not layer.bias.any()
+    audio = ConvDecoder(DecoderConfig(dim=256), 256)
+    assert abs(audio.proj[0].weight.std().item() - 1 / (3 * 256) ** 0.5) < 0.001  # kaiming_uniform(a=sqrt(5))
+    for preset, want in [("text_base_v2", "bert"), ("text_large_v2", "bert"), ("speech_base_v2", "torch"),
+                         ("vision_base_v2", "torch")]:
+        assert load_experiment(ROOT / f"configs/{preset}.yaml").decoder.init == want, preset
+
+
 @pytest.mark.parametrize("preset", ["speech_tiny_v2", "speech_base_v2", "speech_large_v2"])
 def test_speech_v2_presets_mask_the_released_share_whatever_the_batch(preset):
     """Half the frames (0.55 for Large) of every clone row, for one clip or many: where span thinning to the

@@ -408,6 +408,13 @@ RELEASED = [
     ("speech_large_v2", "model.mask_prob_adjust", 0.1, f"{AL2}:105 mask_prob_adjust"),
     ("speech_large_v2", "model.mask_length", 5, f"{AL2}:107 mask_length"),
     ("speech_large_v2", "model.clone_batch", 12, f"{AL2}:80 clone_batch"),
+    # initialisation the code does, not the YAML: the conv feature encoder (both releases build wav2vec 2.0's) and the
+    # text decoder's projection (init_bert_params, which only the text encoder does not reset)
+    ("speech_base", "model.conv_init", "kaiming", f"{W2V}:867 nn.init.kaiming_normal_(conv.weight)"),
+    ("speech_base_v2", "model.conv_init", "kaiming", f"{W2V}:867 nn.init.kaiming_normal_(conv.weight)"),
+    ("speech_base_v2", "decoder.init", "torch", f"{FS}:examples/data2vec/models/modalities/audio.py:191-192"),
+    ("text_base_v2", "decoder.init", "bert", f"{FS}:examples/data2vec/models/data2vec2.py:245, modalities/text.py:95"),
+    ("text_large_v2", "decoder.init", "bert", f"{FS}:examples/data2vec/models/data2vec2.py:245, modalities/text.py:95"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import random
 
 import numpy as np
@@ -28,6 +29,20 @@ def test_frame_count_formula_matches_the_conv_stack():
             out = convs(torch.zeros(1, length)).shape[-1]
             assert frames_for(WAV2VEC_CONV, length) == out, length
     assert frames_for(WAV2VEC_CONV, 399) == 0 and SpeechConfig().receptive_field == 400
+
+
+def test_conv_feature_encoder_starts_as_wav2vec2s():
+    """wav2vec 2.0's ConvFeatureExtractionModel (both data2vec releases) draws each conv with kaiming_normal_:
+    std sqrt(2 / fan_in), fan_in = in_channels x kernel; PyTorch's default is about 2.4x smaller."""
+    torch.manual_seed(0)
+    convs = FeatureEncoder(WAV2VEC_CONV).conv_layers
+    for layer, (_, kernel, _) in zip(convs, WAV2VEC_CONV):
+        w = layer["conv"].weight
+        want = math.sqrt(2.0 / (w.shape[1] * kernel))
+        assert abs(w.std().item() / want - 1) < 0.05 and abs(w.mean().item()) < 0.1 * want, (w.shape, want)
+    torch_default = FeatureEncoder(WAV2VEC_CONV, init="torch").conv_layers[1]["conv"].weight
+    assert 2.2 < math.sqrt(2.0 / (512 * 3)) / torch_default.std().item() < 2.6
+    assert SpeechConfig().conv_init == "kaiming"
 
 
 def test_span_masks_same_count_per_row_about_half_masked():

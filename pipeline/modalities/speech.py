@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from pipeline.config import EncoderConfig, doc, one_of, require
 from pipeline.modalities.base import Modality, visible_rows
+from pipeline.model.transformer import InitConv1d
 
 AUDIO_KEYS = ("flac", "wav")
 SAMPLE_RATE = 16000
@@ -51,6 +52,9 @@ class SpeechConfig:
     mask_length: int = doc("span length in frames (data2vec 2.0: 5)", 10)
     clone_batch: int = doc("masked clones of each clip sharing one teacher pass (data2vec 2.0: 8)", 1)
     normalize: bool = doc("normalise each waveform to zero mean and unit variance", True)
+    conv_init: str = doc("the conv feature encoder's weights: 'kaiming' (kaiming_normal_, fan in, as wav2vec 2.0's "
+                         "ConvFeatureExtractionModel in both data2vec releases) or 'torch' (PyTorch's Conv1d default, "
+                         "about 2.4x smaller)", "kaiming")
 
     def __post_init__(self):
         require(len(self.conv_layers) > 0 and all(len(c) == 3 and min(c) > 0 for c in self.conv_layers),
@@ -61,6 +65,7 @@ class SpeechConfig:
         require(self.max_samples >= self.min_samples, "model.max_samples must be >= model.min_samples")
         require(0 < self.mask_prob < 1 and self.mask_length >= 1, "model.mask_prob in (0, 1), model.mask_length >= 1")
         one_of("model.masking", self.masking, ("spans", "blocks"))
+        one_of("model.conv_init", self.conv_init, ("kaiming", "torch"))
         require(0 <= self.mask_prob_adjust < 1 and (self.masking == "blocks" or not self.mask_prob_adjust),
                 "model.mask_prob_adjust must be in [0, 1) and applies to model.masking=blocks only")
         require(1 <= self.clone_batch <= 256, f"model.clone_batch={self.clone_batch} must be in [1, 256]")
@@ -158,12 +163,13 @@ class ChannelNorm(nn.LayerNorm):
 class FeatureEncoder(nn.Module):
     """Conv1d (no bias) -> LayerNorm over channels -> GELU, per layer: (B, L) -> (B, C, T)."""
 
-    def __init__(self, conv_layers: list):
+    def __init__(self, conv_layers: list, init: str = "kaiming"):
         super().__init__()
         layers, in_ch = [], 1
         for ch, kernel, stride in conv_layers:
-            layers.append(nn.ModuleDict({"conv": nn.Conv1d(in_ch, ch, kernel, stride, bias=False),
-                                         "layer_norm": ChannelNorm(ch)}))
+            conv = (InitConv1d(in_ch, ch, kernel, stride, bias=False, init=nn.init.kaiming_normal_)
+                    if init == "kaiming" else nn.Conv1d(in_ch, ch, kernel, stride, bias=False))
+            layers.append(nn.ModuleDict({"conv": conv, "layer_norm": ChannelNorm(ch)}))
             in_ch = ch
         self.conv_layers = nn.ModuleList(layers)
 
@@ -198,7 +204,7 @@ class SpeechEmbedder(nn.Module):
     def __init__(self, cfg: SpeechConfig, enc: EncoderConfig):
         super().__init__()
         channels = cfg.conv_layers[-1][0]
-        self.feature_extractor = FeatureEncoder(cfg.conv_layers)
+        self.feature_extractor = FeatureEncoder(cfg.conv_layers, cfg.conv_init)
         self.feature_norm = nn.LayerNorm(channels, eps=enc.layer_norm_eps)
         self.projection = nn.Linear(channels, enc.dim)
         self.mask_emb = nn.Parameter(torch.empty(enc.dim).uniform_())

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import doc, require
+from pipeline.config import doc, one_of, require
+from pipeline.model.transformer import InitLinear, weight_init
 
 
 @dataclass
@@ -31,6 +32,9 @@ class DecoderConfig:
     projection_layers: int = doc("linear layers mapping decoder.dim back to encoder.dim (GELU between)", 1)
     projection_ratio: float = doc("with projection_layers > 1: the first hidden width is decoder.dim x this", 2.0)
     mask_noise_std: float = doc("std of the noise that fills the masked slots", 0.01)
+    init: str = doc("the projection's Linear weights: 'torch' (PyTorch's default, as fairseq's image and audio decoders "
+                    "reset them) or 'bert' (normal(0.02), bias 0: fairseq's text decoder keeps init_bert_params)",
+                    "torch")
 
     def __post_init__(self):
         require(self.dim > 0 and self.layers >= 1 and self.kernel >= 1 and self.groups >= 1,
@@ -40,6 +44,7 @@ class DecoderConfig:
         require(self.projection_layers >= 1 and self.projection_ratio > 0,
                 "decoder.projection_layers must be >= 1 and decoder.projection_ratio > 0")
         require(self.mask_noise_std >= 0, "decoder.mask_noise_std must be >= 0")
+        one_of("decoder.init", self.init, ("torch", "bert"))
 
 
 def projection_widths(cfg: DecoderConfig, dim: int) -> list[int]:
@@ -79,7 +84,7 @@ class ConvDecoder(nn.Module):
         layers = []
         for i, (a, b) in enumerate(zip(widths, widths[1:])):
             layers += [nn.GELU()] if i else []
-            layers.append(nn.Linear(a, b))
+            layers.append(InitLinear(a, b, init=weight_init("bert")) if cfg.init == "bert" else nn.Linear(a, b))
         self.proj = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

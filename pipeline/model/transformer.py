@@ -68,6 +68,10 @@ class InitConv2d(OwnInit, nn.Conv2d):
     """BEiT's patch embedding (``_init_weights`` covers Conv2d)."""
 
 
+class InitConv1d(OwnInit, nn.Conv1d):
+    """wav2vec 2.0's conv feature encoder (``ConvFeatureExtractionModel``: kaiming_normal_)."""
+
+
 class DenseAtTP1:
     """Mixin for megatron's parallel linears: with one tensor-parallel rank there is nothing to split or reduce, so
     the layer is ``F.linear`` (one fused matmul + bias, as torch's nn.Linear); megatron's autograd function, which
