@@ -415,6 +415,19 @@ RELEASED = [
     ("speech_base_v2", "decoder.init", "torch", f"{FS}:examples/data2vec/models/modalities/audio.py:191-192"),
     ("text_base_v2", "decoder.init", "bert", f"{FS}:examples/data2vec/models/data2vec2.py:245, modalities/text.py:95"),
     ("text_large_v2", "decoder.init", "bert", f"{FS}:examples/data2vec/models/data2vec2.py:245, modalities/text.py:95"),
+    # collapse: the audio and 2.0 models raise past 5000 updates below min_target_var 0.1 / min_pred_var 0.01 (a mean
+    # per-dimension std, fairseq's compute_var); the 2.0 image recipe sets both to 0; v1 text and vision never check
+    ("speech_base", "collapse.action", "stop", f"{FS}:examples/data2vec/models/data2vec_audio.py:482-492"),
+    ("speech_base", "collapse.min_target_std", 0.1, f"{FS}:examples/data2vec/models/data2vec_audio.py:78-79"),
+    ("speech_base", "collapse.min_prediction_std", 0.01, f"{FS}:examples/data2vec/models/data2vec_audio.py:81-83"),
+    ("speech_base", "collapse.after_steps", 5000, f"{FS}:examples/data2vec/models/data2vec_audio.py:482"),
+    ("speech_base_v2", "collapse.action", "stop", f"{FS}:examples/data2vec/models/data2vec2.py:669-684"),
+    ("text_base_v2", "collapse.action", "stop", f"{FS}:examples/data2vec/models/data2vec2.py:669-684"),
+    ("text_base_v2", "collapse.min_target_std", 0.1, f"{FS}:examples/data2vec/models/data2vec2.py:128-129"),
+    ("text_base_v2", "collapse.min_prediction_std", 0.01, f"{FS}:examples/data2vec/models/data2vec2.py:131-133"),
+    ("vision_base_v2", "collapse.min_target_std", 0.0, f"{FS}:examples/data2vec/config/v2/base_images_only_task.yaml:86"),
+    ("vision_base_v2", "collapse.min_prediction_std", 0.0,
+     f"{FS}:examples/data2vec/config/v2/base_images_only_task.yaml:87"),
 ]
 
 
