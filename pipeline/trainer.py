@@ -158,6 +158,8 @@ class Trainer:
         groups = param_groups(student, t.weight_decay, decay_rule(cfg))
         optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.betas), eps=t.eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+        from deepspeed.utils import nvtx
+        nvtx.enable_nvtx = t.nvtx  # read at each call of DeepSpeed's instrumented functions
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=student, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_student, mpu=rt.mpu)
         # the teacher's forward gathers its partitions without a DeepSpeed engine (it never trains: pipeline.gather)
