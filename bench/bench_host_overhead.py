@@ -173,6 +173,8 @@ def peer_targets(cfg, teacher, inputs: dict) -> torch.Tensor:
 
 def build_peer_step(cfg, batch: dict, clip: float | None):
     import torch.nn.functional as F
+
+    from bench.bench_train_vision import peer_update
     torch.manual_seed(cfg.train.seed)
     obj, t = cfg.objective, cfg.train
     student = PeerStudent(cfg, peer_model(cfg)).train()
@@ -193,14 +195,7 @@ def build_peer_step(cfg, batch: dict, clip: float | None):
         else:
             loss = F.smooth_l1_loss(prediction.float(), targets, reduction="none", beta=obj.beta).sum(-1)
         loss = loss.sum() / mask.sum() / (targets.shape[-1] ** 0.5 if obj.scale == "inv_sqrt_dim" else 1.0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        with torch.no_grad():
-            torch._foreach_mul_(t_params, tau)
-            torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
+        peer_update(loss, optimizer, params, clip, t_params, s_params, tau)
         return float(loss.detach())
 
     return step

@@ -197,17 +197,23 @@ def build_peer_step(cfg, batch: dict, device: str, dtype, clip: float | None, dd
         with autocast():
             prediction = model(image, mask)
         loss = F.smooth_l1_loss(prediction, targets, reduction="none", beta=obj.beta).mean(-1).sum() / mask.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        optimizer.step()
-        with torch.no_grad():
-            torch._foreach_mul_(t_params, tau)
-            torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
+        peer_update(loss, optimizer, params, clip, t_params, s_params, tau)
         return loss.item()
 
     return step
+
+
+def peer_update(loss, optimizer, params: list, clip: float | None, t_params: list, s_params: list, tau: float) -> None:
+    """A plain-PyTorch peer's update after its loss: backward, gradient clipping, AdamW step, EMA of the teacher."""
+    import torch
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+    with torch.no_grad():
+        torch._foreach_mul_(t_params, tau)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - tau)
 
 
 # ---------------------------------------------------------------------------------------------
