@@ -63,11 +63,11 @@ def synthetic_batch(cfg, modality: str) -> dict:
     import torch
     gen, rng, batch = torch.Generator().manual_seed(0), random.Random(0), cfg.train.micro_batch_size
     if modality == "speech":
-        from pipeline.modalities.speech import frames_for, span_mask
+        from pipeline.modalities.speech import frames_for
         samples = cfg.model.max_samples
         frames = frames_for(cfg.model.conv_layers, samples)
         return {"audio": torch.randn(batch, samples, generator=gen),
-                "mask": span_mask(batch, frames, cfg.model.mask_prob, cfg.model.mask_length, rng)}
+                "mask": cfg.make_modality().frame_mask(batch, frames, seed=0)}  # the preset's masking, its clones
     from pipeline.modalities.text import corrupt
     tokens = torch.randint(5, cfg.model.vocab_size, (batch, cfg.model.max_positions), generator=gen)
     pairs = [corrupt(t, cfg.model, rng) for t in tokens]

@@ -706,6 +706,8 @@ def _refuse_aliases(shards: list[dict], manifest_path: Path) -> None:
     seen: dict[tuple[int, int], str] = {}
     for s in shards:
         st = os.stat(s["path"])
+        if st.st_ino == 0:  # a file system without inode numbers (some FUSE and SMB mounts): nothing to compare
+            continue
         first = seen.setdefault((st.st_dev, st.st_ino), s["name"])
         if first != s["name"]:
             raise ValueError(f"{manifest_path}: shards {first!r} and {s['name']!r} are the same file (a link): it "

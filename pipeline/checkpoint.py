@@ -3,7 +3,7 @@
 A checkpoint directory ``<output>/checkpoints/step_XXXXXXXX`` holds one ``d2v_rankNNNNN.pt`` per rank
 with that rank's ZeRO-3 partitions of the student's fp32 master weights, of every Adam moment and of
 the EMA teacher, plus the parameter layout, the trainer's position (step, data position, LR
-schedule) and the RNG state; rank 0 adds ``config.json`` (and for text the tokenizer: ``tokenizer.json``, its
+schedule) and the RNG state; rank 0 adds ``config.json`` (and for text the tokenizer: ``d2v_tokenizer.json``, its
 identity, and ``spm.model``, see pipeline/vocab.py). Nothing in it needs unpickling: every file
 loads with ``torch.load(weights_only=True)``.
 

@@ -72,8 +72,11 @@ def resolve_shards(manifest: str, modality: Modality | None = None) -> list[str]
 
 def tar_has_members(path: str) -> bool:
     """Whether a tar holds any member: its first 512-byte block is a header, not the end-of-archive zeros."""
-    with open(path, "rb") as f:
-        return any(f.read(512))
+    try:
+        with open(path, "rb") as f:
+            return any(f.read(512))
+    except OSError as exc:
+        raise ConfigError(f"shard {path} cannot be read ({exc.strerror or exc})") from None
 
 
 def check_shard_count(num_shards: int, dp: int, workers: int) -> None:
@@ -108,19 +111,36 @@ def check_shared_memory(cfg: DataConfig, sample_bytes: int, batch_size: int, ran
 
 
 MEMINFO = "/proc/meminfo"
+CGROUP_MEMORY = "/sys/fs/cgroup"  # cgroup v2: memory.max and memory.current of this process's group (SLURM, docker)
 
 
-def check_host_memory(cfg: DataConfig, sample_bytes: int, batch_size: int, ranks_on_node: int,
-                      meminfo: str | None = None) -> None:
-    """Every rank holds decoded batches in host memory (with data.workers=0 as well, where /dev/shm plays no
-    part): the one being made, the one training and each worker's prefetched ones. Refuse a micro-batch size
-    that cannot fit in the node's available memory now, rather than have the kernel kill a rank mid-run.
-    No /proc/meminfo (not Linux): nothing to check."""
+def available_memory(meminfo: str | None = None, cgroup: str | None = None) -> int | None:
+    """Bytes this job can still allocate: the node's MemAvailable, or less under a cgroup v2 memory limit (a SLURM
+    allocation, docker --memory). None: unknown (not Linux)."""
     try:
         with open(meminfo or MEMINFO, encoding="ascii") as f:
             fields = dict(line.split(":", 1) for line in f if ":" in line)
         available = int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
+        return None
+    try:
+        group = Path(cgroup or CGROUP_MEMORY)
+        limit = (group / "memory.max").read_text("ascii").strip()
+        if limit != "max":
+            available = min(available, int(limit) - int((group / "memory.current").read_text("ascii")))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read
+    return available
+
+
+def check_host_memory(cfg: DataConfig, sample_bytes: int, batch_size: int, ranks_on_node: int,
+                      meminfo: str | None = None, cgroup: str | None = None) -> None:
+    """Every rank holds decoded batches in host memory (with data.workers=0 as well, where /dev/shm plays no
+    part): the one being made, the one training and each worker's prefetched ones. Refuse a micro-batch size
+    that cannot fit in the node's available memory now, rather than have the kernel kill a rank mid-run.
+    No /proc/meminfo (not Linux): nothing to check."""
+    available = available_memory(meminfo, cgroup)
+    if available is None:
         return
     need = ranks_on_node * (cfg.workers * cfg.prefetch + 2) * batch_size * sample_bytes
     if need > available:
@@ -128,7 +148,7 @@ def check_host_memory(cfg: DataConfig, sample_bytes: int, batch_size: int, ranks
         raise ConfigError(
             f"micro-batches of {batch_size} x {sample_bytes / 2 ** 20:.2f} MiB need about {need / gib:.1f} GiB of host "
             f"memory on this node ({ranks_on_node} rank(s) x {cfg.workers * cfg.prefetch + 2} batches in flight), but "
-            f"{available / gib:.1f} GiB is available: lower train.micro_batch_size (raise train.grad_accum to keep "
+            f"{available / gib:.1f} GiB is available (MemAvailable, or the job's cgroup limit): lower train.micro_batch_size (raise train.grad_accum to keep "
             f"the global batch) or data.workers / data.prefetch")
 
 

@@ -64,7 +64,7 @@ def prepare(args):
     check_inputs(cfg)
     try:
         check_run(cfg, ckpt)  # text: every model and input meets the shards' tokenizer
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
     return cfg, choice, ds_base, shards, env
 

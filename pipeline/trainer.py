@@ -139,7 +139,7 @@ class Trainer:
         self.resumed_from: Path | None = None
         self.requeue_requested = False  # SIGUSR2: stop with a checkpoint and ask SLURM to requeue the job
         self.monitor = FeatureMonitor(cfg, rt)  # eval.every
-        self.tokenizer_files = None  # text: the shards' tokenizer, as each checkpoint records it (at the first save)
+        self.tokenizer_files = checkpoint_files(cfg)  # text: the shards' tokenizer, as each checkpoint records it
         self.build()
 
     # -- construction -------------------------------------------------------------------------
@@ -457,8 +457,6 @@ class Trainer:
         if not weights_finite(self):
             raise NonFiniteError(f"step {self.step}: a student or teacher weight is not finite; not saved, so the "
                                  f"checkpoints before it stay")
-        if self.tokenizer_files is None:
-            self.tokenizer_files = checkpoint_files(self.cfg)
         files = {"config.json": json.dumps(experiment_dict(self.cfg), indent=1).encode(), **self.tokenizer_files}
         path, written = checkpoint.save(self, self.ckpt_root, self.cfg.train.keep_checkpoints, files,
                                         self.own_checkpoints)

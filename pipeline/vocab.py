@@ -5,7 +5,7 @@ same size (BPE against unigram, or another corpus) gives other ids to the same t
 model file's sha256, its vocabulary size and its special ids (pad, bos, eos, unk, mask).
 
 - data_prep.text records it in the shards' manifest (``tokenizer``), with the model as ``spm.model``;
-- a text run writes it into every checkpoint (``tokenizer.json``) with a copy of the model (``spm.model``);
+- a text run writes it into every checkpoint (``d2v_tokenizer.json``) with a copy of the model (``spm.model``);
 - ``export --format pt`` keeps it as the ``tokenizer`` entry, ``--format hf`` ships the model as
   ``spiece.model`` (its sha256 is the identity's);
 - resume, ``init.from``, ``embed``, ``evaluate``, ``export`` and the eval inputs compare the identities
@@ -24,7 +24,7 @@ from pathlib import Path
 
 log = logging.getLogger("pipeline")
 
-IDENTITY_FILE = "tokenizer.json"  # in a checkpoint directory
+IDENTITY_FILE = "d2v_tokenizer.json"  # in a checkpoint directory (not HF's tokenizer.json)
 MODEL_FILE = "spm.model"  # the model: next to a manifest (data_prep.text) and copied into each checkpoint
 HF_MODEL_FILES = ("spiece.model", "sentencepiece.bpe.model", MODEL_FILE)  # what an HF directory may ship
 ROLES = {"<pad>": "pad", "<s>": "bos", "</s>": "eos", "<unk>": "unk", "<mask>": "mask"}  # piece -> role
@@ -70,7 +70,11 @@ def of_model_bytes(data: bytes, origin: str) -> Identity:
 
 
 def of_model_file(path: Path) -> Identity:
-    return of_model_bytes(Path(path).read_bytes(), str(path))
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise TokenizerMismatch(f"{path}: cannot read the sentencepiece model ({exc.strerror or exc})") from None
+    return of_model_bytes(data, str(path))
 
 
 def of_manifest(info: dict, origin: str) -> Identity | None:
@@ -91,10 +95,14 @@ def of_config(model_cfg) -> dict:
 def run_tokenizer(manifest: str) -> tuple[Identity | None, bytes | None]:
     """(identity, model bytes) of a run's text shards: the manifest's record, checked against the spm.model beside
     it (which a checkpoint copies). No model file there: (the record, None)."""
-    from data_prep.core import read_manifest
-    info = read_manifest(manifest)
+    where = Path(manifest)
+    where = where / "manifest.json" if where.is_dir() else where
+    try:  # the JSON alone: the shards were checked before launch (resolve_shards)
+        info = json.loads(where.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TokenizerMismatch(f"data.manifest={manifest} cannot be read: {exc}") from None
     recorded = of_manifest(info, f"data.manifest={manifest}")
-    path = Path(info["dir"]) / MODEL_FILE  # a fixed name: nothing from the manifest names a file to read
+    path = where.parent / MODEL_FILE  # a fixed name: nothing from the manifest names a file to read
     if recorded is None or not path.is_file():
         return recorded, None
     data = path.read_bytes()
@@ -116,8 +124,8 @@ def check(a: Identity | None, a_name: str, b: Identity | None, b_name: str, what
     identities were recorded)."""
     if a is None or b is None:
         if a is not None or b is not None:
-            log.warning("tokenizer not compared: %s records no tokenizer identity (made before they were recorded)",
-                        a_name if a is None else b_name)
+            log.warning("tokenizer not compared: %s records no sentencepiece identity (made before identities were "
+                        "recorded, or another kind of tokenizer)", a_name if a is None else b_name)
         return
     problem = mismatch(a, a_name, b, b_name)
     if problem:
@@ -125,7 +133,7 @@ def check(a: Identity | None, a_name: str, b: Identity | None, b_name: str, what
 
 
 def check_config(model_cfg, ident: Identity | None, origin: str) -> None:
-    """model.*_id and model.vocab_size agree with the tokenizer's (the special ids the shards hold)."""
+    """model.*_id agree with the tokenizer's (the special ids the shards hold); vocab_size: Modality.check_manifest."""
     if ident is None:
         return
     ours = of_config(model_cfg)
@@ -140,7 +148,7 @@ def check_config(model_cfg, ident: Identity | None, origin: str) -> None:
 # --------------------------------------------------------------------------------- what a source records
 
 def of_source(source: Path) -> Identity | None:
-    """The identity a model source records: a checkpoint directory (tokenizer.json), a .pt export (its
+    """The identity a model source records: a checkpoint directory (d2v_tokenizer.json), a .pt export (its
     ``tokenizer`` entry) or an HF directory (the sentencepiece model it ships). None: it records none."""
     source = Path(source)
     if source.is_dir():
@@ -177,6 +185,9 @@ def checkpoint_files(cfg) -> dict[str, bytes]:
     itself when it is beside the manifest (export ships it). Other modalities: none."""
     if cfg.modality != "text":
         return {}
+    if not cfg.data.manifest or not Path(cfg.data.manifest).exists():  # pipeline.train refuses this before launch:
+        log.warning("data.manifest=%s does not exist: checkpoints will record no tokenizer", cfg.data.manifest)
+        return {}  # a Trainer fed its batches directly (benchmarks, tests)
     identity, model = run_tokenizer(cfg.data.manifest)
     files = {}
     if identity is not None:
@@ -188,7 +199,7 @@ def checkpoint_files(cfg) -> dict[str, bytes]:
 
 # --------------------------------------------------------------------------------- before a run starts
 
-REMAKE = "re-make the shards with it (python -m data_prep.text --spm-model {model})"
+REMAKE = "re-make the shards with the model it was trained with (python -m data_prep.text --spm-model {model})"
 
 
 def check_run(cfg, resume: Path | None) -> None:

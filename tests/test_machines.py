@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, torchrun
+from pipeline.config import ConfigError
 from pipeline.distributed import source_tree_env
 
 ASCII_LOCALE = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
@@ -171,6 +172,7 @@ def test_a_micro_batch_the_hosts_memory_cannot_hold_is_refused_with_no_workers(t
     small = tmp_path / "meminfo"
     small.write_text("MemTotal:        4000000 kB\nMemAvailable:    2097152 kB\n")
     monkeypatch.setattr(data, "MEMINFO", str(small))
+    monkeypatch.setattr(data, "CGROUP_MEMORY", str(tmp_path / "no-cgroup"))  # this machine's own limit left out
     base = ["--config", "configs/vision_base.yaml", f"data.manifest={tiny_shards}", f"train.output_dir={tmp_path}",
             "data.workers=0", "train.micro_batch_size=4096", "model.image_size=224"]
     assert train.main(base) == 2
@@ -179,3 +181,13 @@ def test_a_micro_batch_the_hosts_memory_cannot_hold_is_refused_with_no_workers(t
     # the same node holds a batch of 64 (and a node without /proc/meminfo is not checked)
     data.check_host_memory(data.DataConfig(workers=0), 602112, 64, 1, meminfo=str(small))
     data.check_host_memory(data.DataConfig(workers=0), 602112, 4096, 1, meminfo=str(tmp_path / "absent"))
+    # a job's cgroup v2 limit (SLURM, docker --memory) binds below the node's MemAvailable: 1 GiB, half of it used
+    group = tmp_path / "cgroup"
+    group.mkdir()
+    (group / "memory.max").write_text(f"{2 ** 30}\n")
+    (group / "memory.current").write_text(f"{2 ** 29}\n")
+    assert data.available_memory(str(small), str(group)) == 2 ** 29
+    with pytest.raises(ConfigError, match="0.5 GiB is available"):
+        data.check_host_memory(data.DataConfig(workers=0), 602112, 1024, 1, meminfo=str(small), cgroup=str(group))
+    (group / "memory.max").write_text("max\n")
+    assert data.available_memory(str(small), str(group)) == 2097152 * 1024
