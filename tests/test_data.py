@@ -139,3 +139,13 @@ def test_a_shard_listed_under_two_names_is_refused(tiny_shards, tmp_path, link):
     (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigError, match=rf"shards '{first['name']}' and 'alias-000.tar' are the same file"):
         resolve_shards(str(data), vision())
+
+
+def test_no_inode_numbers_means_no_alias_check(tiny_shards, tmp_path, monkeypatch):
+    """Some FUSE and SMB mounts report inode 0 for every file: shards there are not taken for aliases of each other."""
+    import os
+    from data_prep import core
+    real = os.stat
+    monkeypatch.setattr(core.os, "stat", lambda p, *a, **k: os.stat_result((*real(p, *a, **k)[:1], 0,
+                                                                          *real(p, *a, **k)[2:10])))
+    assert len(resolve_shards(str(tiny_shards), vision())) == 8
