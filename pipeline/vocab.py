@@ -92,24 +92,35 @@ def of_config(model_cfg) -> dict:
     return {role: getattr(model_cfg, f"{role}_id") for role in FIXED_IDS}
 
 
+def manifest_identity(manifest: str | Path) -> Identity | None:
+    """What a data_prep manifest (its file or directory) records of its tokenizer, from the JSON alone (the shards
+    themselves are checked where they are read: resolve_shards)."""
+    where = Path(manifest)
+    where = where / "manifest.json" if where.is_dir() else where
+    try:
+        info = json.loads(where.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TokenizerMismatch(f"manifest {manifest} cannot be read: {exc}") from None
+    return of_manifest(info, str(manifest))
+
+
 def run_tokenizer(manifest: str) -> tuple[Identity | None, bytes | None]:
     """(identity, model bytes) of a run's text shards: the manifest's record, checked against the spm.model beside
     it (which a checkpoint copies). No model file there: (the record, None)."""
-    where = Path(manifest)
-    where = where / "manifest.json" if where.is_dir() else where
-    try:  # the JSON alone: the shards were checked before launch (resolve_shards)
-        info = json.loads(where.read_text("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise TokenizerMismatch(f"data.manifest={manifest} cannot be read: {exc}") from None
-    recorded = of_manifest(info, f"data.manifest={manifest}")
-    path = where.parent / MODEL_FILE  # a fixed name: nothing from the manifest names a file to read
-    if recorded is None or not path.is_file():
+    recorded = manifest_identity(manifest)
+    path = beside_manifest(manifest)  # a fixed name: nothing from the manifest names a file to read
+    if recorded is None or path is None:
         return recorded, None
     data = path.read_bytes()
     found = of_model_bytes(data, str(path))
     check(recorded, f"data.manifest={manifest}", found, str(path),
           "the shards were made with another model than the one now beside them: restore it, or re-run data_prep.text")
     return recorded, data
+
+
+def shard_dirs(paths) -> list[str]:
+    """The data_prep shard directories among input paths (the others are raw files or folders)."""
+    return [p for p in paths if Path(p).is_dir() and (Path(p) / "manifest.json").is_file()]
 
 
 def mismatch(a: Identity, a_name: str, b: Identity, b_name: str) -> str | None:
@@ -221,15 +232,13 @@ def check_run(cfg, resume: Path | None) -> None:
 
 
 def check_eval_inputs(cfg, run: Identity | None, shards: str) -> None:
-    from data_prep.core import read_manifest
     e = cfg.eval
     if e.spm_model:
         check(of_model_file(Path(e.spm_model)), f"eval.spm_model={e.spm_model}", run, shards,
               "set eval.spm_model to the shards' spm.model (or leave it empty)")
-    for path in [*e.train, *e.eval]:
-        if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
-            check(of_manifest(read_manifest(path), path), f"eval input {path}", run, shards,
-                  "make the eval shards with the training shards' model (python -m data_prep.text --spm-model ...)")
+    for path in shard_dirs([*e.train, *e.eval]):
+        check(manifest_identity(path), f"eval input {path}", run, shards,
+              "make the eval shards with the training shards' model (python -m data_prep.text --spm-model ...)")
 
 
 def source_model_hint(source: Path) -> str:
@@ -249,7 +258,6 @@ def model_for(cfg, source: Path, given: str | None, inputs: list[str] = ()) -> s
     records, as is every shard directory among ``inputs``. Other modalities: ``given``."""
     if cfg.modality != "text":
         return given
-    from data_prep.core import read_manifest
     source = Path(source)
     recorded = of_source(source)
     named = f"model {source}"
@@ -260,10 +268,9 @@ def model_for(cfg, source: Path, given: str | None, inputs: list[str] = ()) -> s
                  if not shipped else str(chosen))
         check(recorded, named, of_model_file(Path(chosen)), label,
               f"pass --spm-model with the model {source} was trained with" + (f" ({shipped})" if shipped else ""))
-    for path in inputs:
-        if Path(path).is_dir() and (Path(path) / "manifest.json").is_file():
-            check(recorded, named, of_manifest(read_manifest(path), path), f"the shards {path}",
-                  "give shards made with its model (python -m data_prep.text --spm-model ...)")
+    for path in shard_dirs(inputs):
+        check(recorded, named, manifest_identity(path), f"the shards {path}",
+              "give shards made with its model (python -m data_prep.text --spm-model ...)")
     return None if chosen is None else str(chosen)
 
 
